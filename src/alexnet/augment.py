@@ -1,0 +1,132 @@
+"""The paper's augmentation and test crops, applied to whole batches of 256x256 uint8 images.
+
+Every data path (an image folder decoded per image, a prepared dataset) hands batches of the same
+kind here, so training sees identical pixels whichever path produced them.
+
+Pixels are normalised as (x - mean) / std with x in [0, 1]. The paper fed raw 0-255 values minus
+the training mean, i.e. std = 1/255; torchvision's weights expect std = the ImageNet channel std.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Commonly used ImageNet constants (RGB, [0, 1]): REFERENCE.md section 4. The "eigenvalues" are the
+# standard deviations along the principal colour axes (square roots of the covariance eigenvalues),
+# which is the scale at which the paper's alpha ~ N(0, 0.1) gives a visible but mild shift.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
+
+
+@dataclass
+class PixelStats:
+    """What normalisation and lighting need: computed once over the training set, stored with the run."""
+
+    mean: torch.Tensor  # (3, S, S) mean image, or (3, 1, 1) mean colour
+    std: torch.Tensor  # (3, 1, 1)
+    eigval: torch.Tensor  # (3,) standard deviations along the principal colour axes
+    eigvec: torch.Tensor  # (3, 3) principal axes as columns
+
+    def to(self, device: torch.device | str) -> PixelStats:
+        return PixelStats(*(t.to(device) for t in (self.mean, self.std, self.eigval, self.eigvec)))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean, "std": self.std, "eigval": self.eigval, "eigvec": self.eigvec}
+
+
+def lighting_offsets(alpha: torch.Tensor, stats: PixelStats) -> torch.Tensor:
+    """The paper's PCA lighting: [p1 p2 p3] @ [a1 l1, a2 l2, a3 l3] per image. alpha: (B, 3) -> (B, 3)."""
+    return (alpha * stats.eigval) @ stats.eigvec.T
+
+
+def _gather_crops(
+    x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor, crop: int
+) -> torch.Tensor:
+    """x: (B, C, S, S); one crop x crop window per image at (top, left), mirrored where flip."""
+    steps = torch.arange(crop, device=x.device)
+    rows = top[:, None] + steps
+    cols = left[:, None] + steps
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    b = torch.arange(x.shape[0], device=x.device)
+    c = torch.arange(x.shape[1], device=x.device)
+    return x[b[:, None, None, None], c[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def _normalise(crops_u8: torch.Tensor, mean_crops: torch.Tensor, stats: PixelStats) -> torch.Tensor:
+    return (crops_u8.float().div_(255.0) - mean_crops) / stats.std
+
+
+def train_batch(
+    images: torch.Tensor,
+    stats: PixelStats,
+    generator: torch.Generator,
+    crop: int = 224,
+    lighting: float = 0.1,
+) -> torch.Tensor:
+    """Random crop, horizontal reflection, PCA lighting and mean subtraction for (B, 3, S, S) uint8.
+
+    All random numbers come from `generator` (on the CPU, in a fixed order), so a batch is a
+    function of the images and the generator's seed alone, on any device.
+    """
+    b, _, s, _ = images.shape
+    top = torch.randint(0, s - crop + 1, (b,), generator=generator).to(images.device)
+    left = torch.randint(0, s - crop + 1, (b,), generator=generator).to(images.device)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(images.device)
+    alpha = (torch.randn(b, 3, generator=generator) * lighting).to(images.device)
+
+    crops = _gather_crops(images, top, left, flip, crop)
+    mean = stats.mean.expand(b, 3, s, s) if stats.mean.shape[-1] > 1 else stats.mean
+    mean_crops = _gather_crops(mean, top, left, flip, crop) if stats.mean.shape[-1] > 1 else mean
+    out = _normalise(crops, mean_crops, stats)
+    if lighting > 0:
+        out += (lighting_offsets(alpha, stats)[:, :, None, None]) / stats.std
+    return out
+
+
+def crop_offsets(size: int, crop: int) -> list[tuple[int, int]]:
+    """(top, left) of the four corner crops and the centre crop, in that order."""
+    far, mid = size - crop, (size - crop) // 2
+    return [(0, 0), (0, far), (far, 0), (far, far), (mid, mid)]
+
+
+def _fixed_crop(images: torch.Tensor, stats: PixelStats, top: int, left: int, crop: int, flip: bool) -> torch.Tensor:
+    x = images[:, :, top : top + crop, left : left + crop]
+    m = stats.mean[:, top : top + crop, left : left + crop] if stats.mean.shape[-1] > 1 else stats.mean
+    out = _normalise(x, m, stats)
+    return out.flip(-1) if flip else out
+
+
+def center_batch(images: torch.Tensor, stats: PixelStats, crop: int = 224) -> torch.Tensor:
+    """The central crop of each image, normalised: (B, 3, S, S) uint8 -> (B, 3, crop, crop) float."""
+    top, left = crop_offsets(images.shape[-1], crop)[4]
+    return _fixed_crop(images, stats, top, left, crop, flip=False)
+
+
+def ten_crop_batch(images: torch.Tensor, stats: PixelStats, crop: int = 224) -> torch.Tensor:
+    """The paper's test views: four corners and centre, then the same five mirrored. -> (B, 10, 3, crop, crop)."""
+    offsets = crop_offsets(images.shape[-1], crop)
+    views = [_fixed_crop(images, stats, t, left, crop, flip) for flip in (False, True) for t, left in offsets]
+    return torch.stack(views, dim=1)
+
+
+def make_pixel_stats(
+    mean_image: torch.Tensor,
+    covariance: torch.Tensor,
+    mean: str = "pixel",
+    scale: str = "raw",
+    pca: str = "dataset",
+) -> PixelStats:
+    """Choose what to subtract ('pixel' image or 'channel' colour), divide by ('raw': 1/255, as the
+    paper's 0-255 inputs; 'imagenet': torchvision's std) and which colour axes lighting uses."""
+    m = mean_image if mean == "pixel" else mean_image.mean(dim=(1, 2), keepdim=True)
+    std = torch.full((3, 1, 1), 1 / 255) if scale == "raw" else torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    if pca == "dataset":
+        eigval, eigvec = torch.linalg.eigh(covariance.double())  # ascending; the paper lists largest first
+        eigval, eigvec = eigval.flip(0).clamp(min=0).sqrt().float(), eigvec.flip(1).float()
+    else:
+        eigval, eigvec = torch.tensor(IMAGENET_EIGVAL), torch.tensor(IMAGENET_EIGVEC)
+    return PixelStats(m.float().contiguous(), std.float(), eigval, eigvec)

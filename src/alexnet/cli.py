@@ -1,0 +1,237 @@
+"""The `alexnet` command: a thin layer over the library's functions.
+
+alexnet train     [--data DIR] ...     train (no --data: a synthetic demo dataset, no download)
+alexnet evaluate  --checkpoint C --data DIR
+alexnet predict   --checkpoint C IMAGE_OR_FOLDER ...
+alexnet info      [--preset P]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import RESUMABLE_OVERRIDES, SCHEDULES, TrainConfig
+from .errors import UserError
+from .model import INITS, PRESETS, build_model, layer_table
+
+DEMO_DATA = "alexnet-demo-data"
+# The demo: a few minutes on a laptop CPU, the paper's network and recipe otherwise.
+DEMO_SETTINGS = {"epochs": 6, "batch_size": 32, "schedule": "cosine"}
+
+HELP = {
+    "data": "ImageNet-layout folder with train/ and val/ (default: make and use a synthetic demo dataset)",
+    "run_dir": "where the run's files go (default: runs/<preset>-<time>)",
+    "preset": f"network: {', '.join(PRESETS)}",
+    "groups": "paper preset: 2 (two towers, the paper) or 1 (full connections)",
+    "init": f"initialisation: {', '.join(INITS)} (default: the preset's)",
+    "schedule": f"learning-rate schedule: {', '.join(SCHEDULES)}",
+    "mean": "subtract the mean 'pixel' image (paper) or the mean 'channel' colour",
+    "scale": "'raw' 0-255 pixels (paper) or 'imagenet' std (torchvision); default: the preset's",
+    "pca": "PCA lighting axes from the training set ('dataset') or the 'imagenet' constants",
+    "lighting": "standard deviation of the PCA lighting alphas (0: off)",
+    "device": "auto, cpu, cuda or cuda:N",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + message
+        raise UserError(f"{message} (see alexnet {self.prog.split()[-1]} --help)")
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field; defaults stay unset so we know what the user gave."""
+    for f in dataclasses.fields(TrainConfig):
+        kind = {int: int, float: float}.get(type(f.default), str)
+        if f.name == "groups":
+            kind = int
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=argparse.SUPPRESS, help=HELP.get(f.name))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if args.resume:
+        run_dir = Path(args.resume)
+        stored = TrainConfig.load(run_dir / "config.json") if (run_dir / "config.json").is_file() else None
+        if stored is None:
+            raise UserError(f"{run_dir} is not a run directory (no config.json) and cannot be resumed")
+        for k, v in given.items():
+            if k not in RESUMABLE_OVERRIDES and v != getattr(stored, k):
+                raise UserError(f"{run_dir} was made with {k}={getattr(stored, k)!r}; a resumed run cannot change it")
+        cfg = dataclasses.replace(stored, **given, run_dir=str(run_dir))
+    else:
+        if "data" not in given:
+            from .synthetic import make_demo_dataset
+
+            print(f"no --data: training on a synthetic demo dataset of rendered shapes in {DEMO_DATA}/", flush=True)
+            given = {**DEMO_SETTINGS, **given, "data": str(make_demo_dataset(DEMO_DATA))}
+        cfg = TrainConfig(**given)
+    run_dir = train(cfg, resume=bool(args.resume), progress=not args.no_progress)
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def _device(name: str) -> torch.device:
+    from .train import pick_device
+
+    return pick_device(name)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data import ImageDataset, make_loader, open_split
+    from .evaluate import evaluate, write_report
+    from .train import load_for_inference
+
+    device = _device(args.device)
+    model, stats, ckpt = load_for_inference(args.checkpoint, device)
+    split = open_split(args.data, args.split, classes=ckpt["classes"])
+    cfg = ckpt["config"]
+    loader = make_loader(ImageDataset(split.samples, cfg["image_size"]), args.batch_size, args.workers)
+    results = {}
+    for name, ten in (("center", False), ("ten_crop", True)):
+        if name == "center" or args.ten_crop:
+            results[name] = evaluate(model, loader, stats, len(ckpt["classes"]), device, cfg["crop"], ten_crop=ten)
+    for name, r in results.items():
+        print(f"{name}: top-1 error {r.top1_err:.4f}, top-5 error {r.top5_err:.4f} on {r.count} images")
+    bad = sorted({b for r in results.values() for b in r.bad})
+    if bad:
+        print(f"{len(bad)} unreadable images skipped: {', '.join(b.split(chr(9))[0] for b in bad[:5])}")
+    if args.out:
+        write_report(Path(args.out), results, ckpt["classes"], ckpt["names"])
+        print(f"report written to {args.out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .data import is_image, load_image
+    from .evaluate import class_probabilities
+    from .train import load_for_inference
+
+    device = _device(args.device)
+    model, stats, ckpt = load_for_inference(args.checkpoint, device)
+    files: list[Path] = []
+    for p in map(Path, args.images):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and is_image(f.name))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UserError(f"{p} does not exist")
+    if not files:
+        raise UserError("no image files given")
+    classes, names, k = ckpt["classes"], ckpt["names"], min(args.top, len(ckpt["classes"]))
+    stats, failures = stats.to(device), 0
+    results = []
+    with torch.no_grad():
+        for f in files:
+            try:
+                image = load_image(str(f), ckpt["config"]["image_size"])[None].to(device)
+            except Exception as e:  # noqa: BLE001 - report and go on with the other files
+                print(f"{f}: cannot read ({type(e).__name__})", file=sys.stderr)
+                failures += 1
+                continue
+            probs = class_probabilities(model, image, stats, ckpt["config"]["crop"], args.ten_crop)[0]
+            top = probs.topk(k)
+            preds = [
+                {"class": classes[i], "name": names[i], "probability": float(p)}
+                for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+            ]
+            results.append({"file": str(f), "top": preds})
+            if not args.json:
+                print(f"{f}")
+                for r in preds:
+                    print(f"  {r['probability']:7.2%}  {r['name']} ({r['class']})")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 1 if failures and not results else 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    model = build_model(args.preset, args.num_classes, args.groups)
+    size = args.input_size or model.preset.input_size
+    print(f"preset {model.preset.name}: input 3 x {size} x {size}, {args.num_classes} classes")
+    print(f"{'layer':<7} {'module':<18} {'output':>16} {'parameters':>13}")
+    total = 0
+    for label, kind, shape, params in layer_table(model, size):
+        total += params
+        print(f"{label:<7} {kind:<18} {' x '.join(map(str, shape)):>16} {params:>13,}")
+    print(f"{'total':<7} {'':<18} {'':>16} {total:>13,}")
+    print("deviations from the paper:" if model.preset.name != "paper" else "notes:")
+    for note in model.preset.notes:
+        print(f"  - {note}")
+    return 0
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="alexnet", description="AlexNet (Krizhevsky et al. 2012) in PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    p = sub.add_parser("train", help="train a model (no --data: a synthetic demo dataset)")
+    _add_config_options(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    for name, func, text in (
+        ("evaluate", cmd_evaluate, "top-1/top-5 error of a checkpoint"),
+        ("predict", cmd_predict, "top-5 classes of image files"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (its best.pt)")
+        p.add_argument("--ten-crop", action="store_true", help="average the 10 crops of the paper's test protocol")
+        p.add_argument("--device", default="auto")
+        p.set_defaults(func=func)
+        if name == "evaluate":
+            p.add_argument("--data", required=True, help="dataset folder holding the split")
+            p.add_argument("--split", default="val")
+            p.add_argument("--batch-size", type=int, default=64)
+            p.add_argument("--workers", type=int, default=2)
+            p.add_argument("--out", help="write eval.json, per_class.csv and confusion.csv here")
+        else:
+            p.add_argument("images", nargs="+", help="image files or folders")
+            p.add_argument("--top", type=int, default=5)
+            p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser("info", help="layer table, parameter counts and deviations from the paper")
+    p.add_argument("--preset", default="paper")
+    p.add_argument("--groups", type=int)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--input-size", type=int)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .train import Diverged, Interrupted
+
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except UserError as e:
+        print(f"alexnet: error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"alexnet: {e}; resume with: alexnet train --resume {e.run_dir}", file=sys.stderr)
+        return 128 + e.signum
+    except Diverged as e:
+        print(f"alexnet: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("alexnet: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into `head`: nothing left to say
+        return 0
+    except OSError as e:  # a full disk, a permission, a file that vanished: say which, in one line
+        print(f"alexnet: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""One config object for a training run: the paper's recipe is the default."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .model import INITS, PRESETS
+
+SCHEDULES = ("plateau", "inverse-time", "step", "cosine")
+# Settings a resumed run may change: they do not alter what is computed, or only extend it.
+RESUMABLE_OVERRIDES = ("epochs", "workers", "device")
+
+
+@dataclass
+class TrainConfig:
+    # data and run
+    data: str | None = None  # ImageNet-layout folder; None trains on the synthetic demo dataset
+    run_dir: str | None = None  # default: runs/<preset>-<time>
+    # model
+    preset: str = "paper"
+    groups: int | None = None  # paper preset: 2 towers (default) or 1
+    dropout: float = 0.5
+    init: str | None = None  # paper | kaiming | default; None = the preset's own
+    # optimisation (the paper: SGD, momentum 0.9, weight decay 5e-4, batch 128, lr 0.01, 90 epochs)
+    epochs: int = 90
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "plateau"
+    plateau_patience: int = 2  # epochs without a better validation error before dividing by 10
+    max_lr_drops: int = 3  # the paper divided the learning rate 3 times
+    step_epochs: int = 30  # 'step': divide by 10 every this many epochs
+    inverse_time_rate: float = 0.95  # the seed: lr / (1 + rate * floor(step / inverse_time_steps))
+    inverse_time_steps: int = 100_000
+    # data processing
+    image_size: int = 256  # images are scaled and centre-cropped to this once
+    crop: int = 224
+    mean: str = "pixel"  # subtract the mean 'pixel' image (the paper) or the mean 'channel' colour
+    scale: str | None = None  # 'raw' 0-255 pixels (paper) or 'imagenet' std; None = the preset's
+    pca: str = "dataset"  # lighting axes from the training set ('dataset') or 'imagenet' constants
+    lighting: float = 0.1  # std of the paper's alpha; 0 turns lighting off
+    # running
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 10  # steps between progress updates (and NaN checks)
+
+    def resolved(self) -> TrainConfig:
+        """Fill preset-dependent defaults and check every value; raises UserError with one line."""
+        c = dataclasses.replace(self)
+        if c.preset not in PRESETS:
+            raise UserError(f"unknown preset {c.preset!r}; choose one of {', '.join(PRESETS)}")
+        c.init = c.init or PRESETS[c.preset].default_init
+        c.scale = c.scale or ("imagenet" if c.preset == "torchvision" else "raw")
+        _choice("init", c.init, INITS)
+        _choice("schedule", c.schedule, SCHEDULES)
+        _choice("mean", c.mean, ("pixel", "channel"))
+        _choice("scale", c.scale, ("raw", "imagenet"))
+        _choice("pca", c.pca, ("dataset", "imagenet"))
+        for name in ("epochs", "batch_size", "step_epochs", "inverse_time_steps", "log_every"):
+            if getattr(c, name) < 1:
+                raise UserError(f"{name} must be at least 1, not {getattr(c, name)}")
+        for name in ("lr", "momentum", "weight_decay", "lighting", "inverse_time_rate"):
+            v = getattr(c, name)
+            if not (v == v and 0 <= v < float("inf")) or (name == "lr" and v == 0):
+                raise UserError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}, not {v}")
+        if c.momentum >= 1:
+            raise UserError(f"momentum must be below 1, not {c.momentum}")
+        if not 0 <= c.dropout < 1:
+            raise UserError(f"dropout must be in [0, 1), not {c.dropout}")
+        if c.groups is not None and (c.preset != "paper" or c.groups not in (1, 2)):
+            raise UserError("groups must be 1 or 2 and applies to the paper preset only")
+        if not 0 < c.crop <= c.image_size:
+            raise UserError(f"crop ({c.crop}) must be positive and at most image_size ({c.image_size})")
+        if c.workers < 0 or c.plateau_patience < 0 or c.max_lr_drops < 0:
+            raise UserError("workers, plateau_patience and max_lr_drops cannot be negative")
+        return c
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @staticmethod
+    def from_dict(d: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown config keys: {', '.join(unknown)}")
+        return TrainConfig(**d)
+
+    @staticmethod
+    def load(path: Path) -> TrainConfig:
+        try:
+            return TrainConfig.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read run config {path}: {e}") from e
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")

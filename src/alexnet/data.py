@@ -1,0 +1,251 @@
+"""Image datasets in ImageNet layout, decoded one image at a time (the simple, always-correct path).
+
+Layouts:
+  root/train/<class>/<image>, root/val/<class>/<image>    (ImageNet / Imagenette folders)
+  root/val/<image> + a label file                          (ILSVRC-2012 validation as distributed:
+      LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt with meta.mat)
+
+Each image is prepared as the paper did once ahead of training: shorter side scaled to 256, central
+256x256 kept. The dataset returns that as a uint8 tensor; augmentation happens per batch (augment.py).
+A file that cannot be decoded is returned as None and skipped by `collate`, never crashing an epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+ILSVRC_VAL_LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt")
+# Refuse decompression bombs outright instead of warning: a 20,000 x 20,000 photo is not ImageNet.
+Image.MAX_IMAGE_PIXELS = 200_000_000
+warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+@dataclass(frozen=True)
+class Split:
+    """The images of one split: (path, label) pairs and the class list they index into."""
+
+    samples: list[tuple[str, int]]
+    classes: list[str]  # folder names (wnids), in sorted order: label = position here
+    names: list[str]  # human-readable names, from classes.tsv when the dataset has one
+    empty_classes: list[str]
+
+
+def is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def read_class_names(root: Path, classes: list[str]) -> list[str]:
+    """Names from `root/classes.tsv` (index, wnid, name) when present, else the folder names."""
+    names = dict.fromkeys(classes, "")
+    tsv = root / "classes.tsv"
+    if tsv.is_file():
+        with open(tsv, newline="") as f:
+            for row in csv.DictReader(f, delimiter="\t"):
+                if row.get("wnid") in names:
+                    names[row["wnid"]] = row.get("name") or ""
+    return [names[c] or c for c in classes]
+
+
+def _list_images(folder: Path) -> list[str]:
+    files = []
+    for dirpath, _, filenames in os.walk(folder, followlinks=False):
+        files += [os.path.join(dirpath, f) for f in filenames if is_image(f)]
+    return sorted(files)
+
+
+def open_split(root: str | Path, split: str, classes: list[str] | None = None) -> Split:
+    """Find `split` under `root` in either layout. `classes` (from the training split) fixes the labels."""
+    root = Path(root)
+    folder = root / split
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist")
+    if not folder.is_dir():
+        raise UserError(f"{root} has no '{split}' folder (expected {folder}/<class>/<image>)")
+    subdirs = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    if subdirs:
+        if classes is not None and subdirs != classes:
+            missing, extra = sorted(set(classes) - set(subdirs)), sorted(set(subdirs) - set(classes))
+            raise UserError(
+                f"classes of {folder} differ from the training classes: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"extra {extra[:5]}{'...' if len(extra) > 5 else ''}"
+            )
+        samples, empty = [], []
+        for label, c in enumerate(subdirs):
+            files = _list_images(folder / c)
+            empty += [] if files else [c]
+            samples += [(f, label) for f in files]
+        classes = subdirs
+    else:
+        samples, classes = _flat_samples(root, folder, classes), classes
+        empty = []
+    if not samples:
+        raise UserError(f"no images found in {folder}")
+    return Split(samples, classes, read_class_names(root, classes), empty)
+
+
+def _flat_samples(root: Path, folder: Path, classes: list[str] | None) -> list[tuple[str, int]]:
+    """The ILSVRC-2012 validation layout: one flat folder of images and a label file."""
+    label_file = next((d / n for n in ILSVRC_VAL_LABEL_FILES for d in (folder, root) if (d / n).is_file()), None)
+    if label_file is None:
+        raise UserError(f"{folder} holds no class folders and no label file ({' or '.join(ILSVRC_VAL_LABEL_FILES)})")
+    if classes is None:
+        raise UserError(f"{folder} is a flat validation folder: its classes come from a training split")
+    wnid_of = read_ilsvrc_val_labels(label_file)
+    index = {c: i for i, c in enumerate(classes)}
+    samples = []
+    for f in _list_images(folder):
+        stem = Path(f).stem
+        if stem not in wnid_of:
+            raise UserError(f"{label_file.name} has no label for {Path(f).name}")
+        if wnid_of[stem] not in index:
+            raise UserError(f"{Path(f).name} is labelled {wnid_of[stem]}, which is not a training class")
+        samples.append((f, index[wnid_of[stem]]))
+    return samples
+
+
+def read_ilsvrc_val_labels(label_file: Path) -> dict[str, str]:
+    """Image stem -> wnid, from LOC_val_solution.csv or the devkit's ground truth (+ meta.mat beside it)."""
+    if label_file.suffix == ".csv":
+        with open(label_file, newline="") as f:
+            return {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f)}
+    meta = label_file.parent / "meta.mat"
+    if not meta.is_file():
+        raise UserError(f"{label_file.name} needs the devkit's meta.mat beside it to map class ids to wnids")
+    try:
+        from scipy.io import loadmat
+    except ImportError as e:
+        raise UserError("reading the devkit's meta.mat needs scipy: pip install scipy") from e
+    synsets = loadmat(meta, squeeze_me=True)["synsets"]
+    wnid_of_id = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
+    ids = [int(line) for line in label_file.read_text().split()]
+    # The devkit lists labels in file order: ILSVRC2012_val_00000001 first.
+    return {f"ILSVRC2012_val_{i:08d}": wnid_of_id[cid] for i, cid in enumerate(ids, start=1)}
+
+
+def load_image(path: str, size: int = 256) -> torch.Tensor:
+    """Decode, scale the shorter side to `size`, keep the central size x size: (3, size, size) uint8."""
+    with Image.open(path) as im:
+        im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is much larger
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale: keep the top 8 bits
+            im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8))
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if (nw, nh) != (w, h):
+            im = im.resize((nw, nh), Image.BILINEAR)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous()
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(uint8 image or None, label, path) per sample. None marks a file that could not be decoded."""
+
+    def __init__(self, samples: list[tuple[str, int]], size: int = 256) -> None:
+        self.samples, self.size = samples, size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str]:
+        path, label = self.samples[i]
+        try:
+            return load_image(path, self.size), label, path
+        except Exception as e:  # noqa: BLE001 - any decoder failure means: skip this file
+            return None, label, f"{path}\t{type(e).__name__}: {_one_line(str(e))}"
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()[:200]
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, S, S) uint8
+    labels: torch.Tensor  # (B,) int64
+    bad: list[str]  # "path<TAB>reason" for files skipped in this batch
+
+    def pin_memory(self) -> Batch:
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.bad)
+
+
+def collate(items: list[tuple[torch.Tensor | None, int, str]]) -> Batch:
+    good = [(x, y) for x, y, _ in items if x is not None]
+    bad = [p for x, _, p in items if x is None]
+    if not good:
+        return Batch(torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), bad)
+    return Batch(torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), bad)
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """One shuffled pass, a function of (seed, epoch) alone, optionally starting part-way through."""
+
+    def __init__(self, n: int, seed: int, epoch: int, start: int = 0, shuffle: bool = True) -> None:
+        self.n, self.seed, self.epoch, self.start, self.shuffle = n, seed, epoch, start, shuffle
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self):
+        return iter(self.order()[self.start :])
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+def make_loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    workers: int,
+    sampler: torch.utils.data.Sampler | None = None,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def image_moments(loader: torch.utils.data.DataLoader) -> tuple[torch.Tensor, torch.Tensor, int, list[str]]:
+    """One pass over a split: mean image (3, S, S), RGB covariance (3, 3) in [0, 1] units, count, bad files."""
+    total = pixel_sum = outer = None
+    count, bad = 0, []
+    for batch in loader:
+        bad += batch.bad
+        if not len(batch.labels):
+            continue
+        x = batch.images.double() / 255.0
+        total = x.sum(0) if total is None else total + x.sum(0)
+        pixels = x.permute(1, 0, 2, 3).reshape(3, -1)
+        pixel_sum = pixels.sum(1) if pixel_sum is None else pixel_sum + pixels.sum(1)
+        outer = pixels @ pixels.T if outer is None else outer + pixels @ pixels.T
+        count += len(batch.labels)
+    if count == 0:
+        raise UserError("no readable images in the training split")
+    n_pixels = count * total[0].numel()
+    mean_rgb = pixel_sum / n_pixels
+    cov = outer / n_pixels - torch.outer(mean_rgb, mean_rgb)
+    return (total / count).float(), cov.float(), count, bad

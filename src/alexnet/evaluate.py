@@ -1,0 +1,107 @@
+"""The paper's test protocol: top-1 and top-5 error, from the centre crop or from 10 crops
+(four corners and centre, each mirrored) with their softmax outputs averaged."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .augment import PixelStats, center_batch, ten_crop_batch
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    top1_err: float
+    top5_err: float
+    count: int
+    confusion: torch.Tensor  # (N, N): row = true class, column = predicted
+    bad: list[str] = field(default_factory=list)
+
+    def per_class_accuracy(self) -> torch.Tensor:
+        return self.confusion.diag().double() / self.confusion.sum(1).clamp(min=1).double()
+
+    def summary(self) -> dict[str, float]:
+        return {"loss": self.loss, "top1_err": self.top1_err, "top5_err": self.top5_err, "images": self.count}
+
+
+def class_probabilities(
+    model: torch.nn.Module, images: torch.Tensor, stats: PixelStats, crop: int, ten_crop: bool
+) -> torch.Tensor:
+    """Softmax over classes for (B, 3, S, S) uint8 images, averaged over the 10 views if ten_crop."""
+    if not ten_crop:
+        return F.softmax(model(center_batch(images, stats, crop)).float(), dim=1)
+    views = ten_crop_batch(images, stats, crop)  # (B, 10, 3, crop, crop)
+    probs = F.softmax(model(views.flatten(0, 1)).float(), dim=1)
+    return probs.view(images.shape[0], 10, -1).mean(1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    stats: PixelStats,
+    num_classes: int,
+    device: torch.device,
+    crop: int = 224,
+    ten_crop: bool = False,
+    progress: bool = True,
+) -> EvalResult:
+    model.eval()
+    stats = stats.to(device)
+    k = min(5, num_classes)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    top5_hits = torch.zeros((), dtype=torch.long, device=device)
+    bad: list[str] = []
+    desc = "eval 10-crop" if ten_crop else "eval"
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
+        bad += batch.bad
+        if not len(batch.labels):
+            continue
+        images, labels = (
+            batch.images.to(device, non_blocking=True),
+            batch.labels.to(device, non_blocking=True),
+        )
+        probs = class_probabilities(model, images, stats, crop, ten_crop)
+        nll += -probs.gather(1, labels[:, None]).clamp(min=1e-12).log().sum().double()
+        top = probs.topk(k, dim=1).indices
+        top5_hits += (top == labels[:, None]).any(1).sum()
+        confusion += torch.bincount((labels * num_classes + top[:, 0]).cpu(), minlength=num_classes * num_classes).view(
+            num_classes, num_classes
+        )
+    count = int(confusion.sum())
+    if count == 0:
+        return EvalResult(float("nan"), float("nan"), float("nan"), 0, confusion, bad)
+    return EvalResult(
+        loss=float(nll) / count,
+        top1_err=1.0 - float(confusion.diag().sum()) / count,
+        top5_err=1.0 - float(top5_hits) / count,
+        count=count,
+        confusion=confusion,
+        bad=bad,
+    )
+
+
+def write_report(out_dir: Path, results: dict[str, EvalResult], classes: list[str], names: list[str]) -> None:
+    """eval.json (each protocol's errors), per_class.csv and confusion.csv (of the last protocol given)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps({k: r.summary() for k, r in results.items()}, indent=2) + "\n")
+    last = list(results.values())[-1]
+    acc = last.per_class_accuracy()
+    with open(out_dir / "per_class.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "wnid", "name", "images", "accuracy"])
+        for i, (c, n) in enumerate(zip(classes, names, strict=True)):
+            w.writerow([i, c, n, int(last.confusion[i].sum()), f"{float(acc[i]):.4f}"])
+    with open(out_dir / "confusion.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["true\\predicted", *classes])
+        for c, row in zip(classes, last.confusion.tolist(), strict=True):
+            w.writerow([c, *row])

@@ -1,0 +1,292 @@
+"""AlexNet presets: the 2012 paper's network, the seed document's literal variant, and torchvision's.
+
+Each preset is a plain table of layers, read like the paper's Figure 2. One `AlexNet` module builds
+any of them as `features` (convolutions) + `classifier` (fully connected), so the `torchvision`
+preset has exactly torchvision's `state_dict` keys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+from .lrn import PAPER_LRN, LocalResponseNorm, LRNSpec, tensorflow_lrn
+
+
+@dataclass(frozen=True)
+class Conv:
+    name: str
+    out: int
+    kernel: int
+    stride: int = 1
+    pad: int = 0
+    groups: int = 1  # 2 = the paper's two-GPU towers: each half of the outputs sees half of the inputs
+    lrn: bool = False  # LRN after the ReLU
+    pool: bool = False  # overlapping 3x3 / stride 2 max pooling after the ReLU (and LRN)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    convs: tuple[Conv, ...]
+    hidden: int  # units in fc6 and fc7
+    lrn: LRNSpec | None
+    input_size: int
+    ceil_conv1: bool  # cuda-convnet's output size 1 + ceil((in - k) / s): 224 and 227 both give 55
+    dropout_first: bool  # torchvision: dropout before each hidden linear; paper: after its ReLU
+    adaptive_pool: bool  # torchvision's AdaptiveAvgPool2d(6) before the classifier
+    bias_one: tuple[str, ...]  # layers whose biases start at 1 under the paper's initialisation
+    default_init: str
+    notes: tuple[str, ...]  # how the preset departs from the paper, for `alexnet info`
+
+
+PAPER = Preset(
+    name="paper",
+    convs=(
+        Conv("conv1", 96, 11, stride=4, lrn=True, pool=True),
+        Conv("conv2", 256, 5, pad=2, groups=2, lrn=True, pool=True),
+        Conv("conv3", 384, 3, pad=1),  # the one layer whose kernels see both towers
+        Conv("conv4", 384, 3, pad=1, groups=2),
+        Conv("conv5", 256, 3, pad=1, groups=2, pool=True),
+    ),
+    hidden=4096,
+    lrn=PAPER_LRN,
+    input_size=224,
+    ceil_conv1=True,
+    dropout_first=False,
+    adaptive_pool=False,
+    bias_one=("conv2", "conv4", "conv5", "fc6", "fc7"),
+    default_init="paper",
+    notes=(
+        "224x224 input: conv1 uses cuda-convnet's output size 1 + ceil((224 - 11) / 4) = 55, "
+        "i.e. 3 zero pixels past the right and bottom edges; 227x227 input needs no padding",
+        "LRN as printed in the paper: s = alpha = 1e-4 (cuda-convnet divides alpha by 5)",
+        "one device: the two towers are grouped convolutions (groups=2), not two GPUs",
+    ),
+)
+
+SEED = Preset(
+    name="seed",
+    convs=(
+        Conv("conv1", 96, 11, stride=4, lrn=True),
+        Conv("conv2", 256, 5, pad=2, pool=True),
+        Conv("conv3", 384, 3, pad=1, pool=True),
+        Conv("conv4", 384, 3, pad=1),
+        Conv("conv5", 384, 3, pad=1),
+    ),
+    hidden=4098,
+    lrn=tensorflow_lrn(depth_radius=5, bias=2.0, alpha=1e-4, beta=0.75),
+    input_size=224,
+    ceil_conv1=True,
+    dropout_first=False,
+    adaptive_pool=False,
+    bias_one=("conv2", "conv4", "conv5", "fc6", "fc7", "fc8"),
+    default_init="paper",
+    notes=(
+        "literal to the seed README's layer list, not to the paper:",
+        "pooling after conv2 and conv3 (paper: after conv1, conv2, conv5), so fc6 sees 384x13x13",
+        "conv5 has 384 outputs (paper: 256); fc6 and fc7 have 4098 units (paper: 4096)",
+        "LRN in TensorFlow's convention: depth_radius 5 = an 11-channel window, alpha not divided, "
+        "bias 2 (paper: 5 channels)",
+        "no groups: every convolution is fully connected across channels (paper: groups=2 in conv2/4/5)",
+        "biases 1 in all fully connected layers, fc8 included (paper: the hidden ones only)",
+        "the seed lists no ReLU for fc2; it is kept, as in the paper",
+        "stride-1 convolutions pad to keep their size ('SAME'); conv1 as in the paper preset",
+        "learning rate schedule: use --schedule inverse-time for the seed's own decay",
+    ),
+)
+
+TORCHVISION = Preset(
+    name="torchvision",
+    convs=(
+        Conv("conv1", 64, 11, stride=4, pad=2, pool=True),
+        Conv("conv2", 192, 5, pad=2, pool=True),
+        Conv("conv3", 384, 3, pad=1),
+        Conv("conv4", 256, 3, pad=1),
+        Conv("conv5", 256, 3, pad=1, pool=True),
+    ),
+    hidden=4096,
+    lrn=None,
+    input_size=224,
+    ceil_conv1=False,
+    dropout_first=True,
+    adaptive_pool=True,
+    bias_one=(),
+    default_init="default",
+    notes=(
+        "torchvision.models.alexnet: Krizhevsky's 2014 'one weird trick' variant, not the 2012 paper",
+        "64-192-384-256-256 channels, no LRN, no groups, adaptive average pooling to 6x6",
+        "dropout before fc6 and fc7 instead of after; PyTorch's default initialisation",
+    ),
+)
+
+PRESETS = {p.name: p for p in (PAPER, SEED, TORCHVISION)}
+INITS = ("paper", "caffe", "kaiming", "default")
+
+
+class CeilConv2d(nn.Conv2d):
+    """A convolution with cuda-convnet's output size, 1 + ceil((in - k) / stride).
+
+    The missing rows and columns are read as zeros past the bottom and right edges, so a 224x224
+    image gives conv1 the paper's 55x55 output, and a 227x227 one (Caffe's input) gives the same
+    with no padding at all.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s = self.kernel_size[0], self.stride[0]
+        extra_h, extra_w = (-(x.shape[-2] - k)) % s, (-(x.shape[-1] - k)) % s
+        if extra_h or extra_w:
+            x = F.pad(x, (0, extra_w, 0, extra_h))
+        return super().forward(x)
+
+
+class AlexNet(nn.Module):
+    def __init__(self, preset: Preset, num_classes: int = 1000, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.preset = preset
+        self.labels: dict[str, str] = {}  # module path -> name in the paper's terms (conv1, lrn1, fc6...)
+        self.taps: dict[str, str] = {}  # layer -> module path whose output is that layer's activation
+
+        features: list[nn.Module] = []
+        in_ch = 3
+        for i, c in enumerate(preset.convs, start=1):
+            conv_type = CeilConv2d if (i == 1 and preset.ceil_conv1) else nn.Conv2d
+            self._add(
+                features,
+                "features",
+                c.name,
+                conv_type(in_ch, c.out, c.kernel, c.stride, c.pad, groups=c.groups),
+            )
+            self._add(features, "features", f"relu{i}", nn.ReLU(inplace=True), tap=c.name)
+            if c.lrn:
+                self._add(features, "features", f"lrn{i}", LocalResponseNorm(preset.lrn))
+            if c.pool:
+                self._add(features, "features", f"pool{i}", nn.MaxPool2d(3, 2))
+            in_ch = c.out
+        self.taps["pool5"] = f"features.{len(features) - 1}"  # what fc6 sees
+        self.features = nn.Sequential(*features)
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6)) if preset.adaptive_pool else nn.Identity()
+
+        side = feature_side(preset, preset.input_size)
+        widths = [in_ch * side * side, preset.hidden, preset.hidden]
+        classifier: list[nn.Module] = []
+        for j, name in enumerate(("fc6", "fc7")):
+            if preset.dropout_first:
+                self._add(classifier, "classifier", f"drop{6 + j}", nn.Dropout(dropout))
+            self._add(classifier, "classifier", name, nn.Linear(widths[j], widths[j + 1]))
+            self._add(classifier, "classifier", f"relu{6 + j}", nn.ReLU(inplace=True), tap=name)
+            if not preset.dropout_first:
+                self._add(classifier, "classifier", f"drop{6 + j}", nn.Dropout(dropout))
+        self._add(classifier, "classifier", "fc8", nn.Linear(preset.hidden, num_classes), tap="fc8")
+        self.classifier = nn.Sequential(*classifier)
+
+    def _add(self, seq: list[nn.Module], where: str, label: str, module: nn.Module, tap: str = "") -> None:
+        path = f"{where}.{len(seq)}"
+        seq.append(module)
+        self.labels[path] = label
+        if tap:
+            self.taps[tap] = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.avgpool(self.features(x))
+        return self.classifier(torch.flatten(x, 1))
+
+    def named_layers(self) -> dict[str, nn.Module]:
+        """conv1..conv5, fc6..fc8: the layers with weights, by their names in the paper."""
+        modules = dict(self.named_modules())
+        return {label: modules[p] for p, label in self.labels.items() if label.startswith(("conv", "fc"))}
+
+
+def feature_side(preset: Preset, input_size: int) -> int:
+    """Height (= width) of the last feature map for a square input of `input_size` pixels."""
+    if preset.adaptive_pool:
+        return 6
+    side = input_size
+    for i, c in enumerate(preset.convs):
+        if i == 0 and preset.ceil_conv1:
+            side = 1 + math.ceil((side - c.kernel) / c.stride)
+        else:
+            side = (side + 2 * c.pad - c.kernel) // c.stride + 1
+        if c.pool:
+            side = (side - 3) // 2 + 1
+    return side
+
+
+def init_weights(model: AlexNet, scheme: str) -> None:
+    """`paper`: weights N(0, 0.01), biases 1 in the preset's `bias_one` layers and 0 elsewhere.
+    `caffe`: bvlc_alexnet's fix for the flat loss that biases of 1 can give: those biases 0.1, and
+    fc6/fc7 weights N(0, 0.005). `kaiming`: He-normal convolutions, N(0, 0.01) linears, zero biases.
+    `default`: PyTorch's own (torchvision's AlexNet)."""
+    for name, layer in model.named_layers().items():
+        if scheme == "default":
+            layer.reset_parameters()
+        elif scheme in ("paper", "caffe"):
+            caffe = scheme == "caffe"
+            nn.init.normal_(layer.weight, 0.0, 0.005 if caffe and name in ("fc6", "fc7") else 0.01)
+            one = 0.1 if caffe else 1.0
+            nn.init.constant_(layer.bias, one if name in model.preset.bias_one else 0.0)
+        elif scheme == "kaiming":
+            if isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                nn.init.normal_(layer.weight, 0.0, 0.01)
+            nn.init.zeros_(layer.bias)
+        else:
+            raise UserError(f"unknown initialisation {scheme!r}; choose one of {', '.join(INITS)}")
+
+
+def build_model(
+    preset: str = "paper",
+    num_classes: int = 1000,
+    groups: int | None = None,
+    dropout: float = 0.5,
+    init: str | None = None,
+) -> AlexNet:
+    """Build an AlexNet preset. `groups` (paper only) sets conv2/conv4/conv5 to 1 or 2 towers."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    if groups is not None:
+        if p.name != "paper":
+            raise UserError(f"--groups applies to the paper preset only, not {p.name!r}")
+        if groups not in (1, 2):
+            raise UserError(f"groups must be 1 or 2, not {groups}")
+        p = replace(p, convs=tuple(replace(c, groups=groups) if c.groups > 1 else c for c in p.convs))
+    if num_classes < 2:
+        raise UserError(f"num_classes must be at least 2, not {num_classes}")
+    if not 0.0 <= dropout < 1.0:
+        raise UserError(f"dropout must be in [0, 1), not {dropout}")
+    model = AlexNet(p, num_classes, dropout)
+    init_weights(model, init or p.default_init)
+    return model
+
+
+def layer_table(model: AlexNet, input_size: int | None = None) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """(label, module type, output shape C x H x W, parameters) for every module, in order."""
+    size = input_size or model.preset.input_size
+    modules = dict(model.named_modules())
+    rows = []
+    x = torch.zeros(1, 3, size, size)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for path, label in model.labels.items():
+            if path == "classifier.0":
+                x = torch.flatten(model.avgpool(x), 1)
+            module = modules[path]
+            x = module(x)
+            rows.append(
+                (
+                    label,
+                    type(module).__name__,
+                    tuple(x.shape[1:]),
+                    sum(p.numel() for p in module.parameters()),
+                )
+            )
+    model.train(was_training)
+    return rows

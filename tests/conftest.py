@@ -1,0 +1,36 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+IMAGENETTE_CI = SHARED_DATA / "imagenette-ci"
+
+
+@pytest.fixture(scope="session")
+def imagenette_ci() -> Path:
+    if not IMAGENETTE_CI.is_dir():
+        pytest.skip(f"{IMAGENETTE_CI} not found")
+    return IMAGENETTE_CI
+
+
+def write_image(path: Path, size: tuple[int, int] = (40, 30), colour: tuple[int, int, int] = (200, 30, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
+    pixels = np.clip(np.array(colour) + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    """3 classes x (6 train + 2 val) small coloured JPEGs: a dataset that trains in seconds."""
+    root = tmp_path / "tiny"
+    colours = {"n001_red": (220, 40, 40), "n002_green": (40, 200, 40), "n003_blue": (40, 40, 220)}
+    for wnid, colour in colours.items():
+        for split, n in (("train", 6), ("val", 2)):
+            for i in range(n):
+                write_image(root / split / wnid / f"{wnid}_{i}.JPEG", colour=colour)
+    return root

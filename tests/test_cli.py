@@ -1,0 +1,144 @@
+"""The command line: bad input gets one clear line and a non-zero exit, never a traceback."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_image
+
+from alexnet.cli import main
+
+TINY_ARGS = [
+    "--preset",
+    "torchvision",
+    "--batch-size",
+    "4",
+    "--image-size",
+    "72",
+    "--crop",
+    "64",
+    "--workers",
+    "0",
+    "--no-progress",
+]
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "alexnet", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def assert_one_line_error(result, pattern):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("alexnet: error:") and pattern in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One trained tiny run shared by the evaluate and predict tests."""
+    from conftest import write_image as w
+
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "data"
+    for wnid, colour in {"n001_red": (220, 40, 40), "n002_green": (40, 200, 40)}.items():
+        for split, n in (("train", 6), ("val", 2)):
+            for i in range(n):
+                w(data / split / wnid / f"{i}.JPEG", colour=colour)
+    (data / "classes.tsv").write_text("index\twnid\tname\n0\tn001_red\tred thing\n1\tn002_green\tgreen thing\n")
+    assert main(["train", "--data", str(data), "--run-dir", str(root / "run"), "--epochs", "1", *TINY_ARGS]) == 0
+    return data, root / "run"
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["info", "--preset", "bogus"], "unknown preset 'bogus'"),
+        (["train", "--data", "/no/such/folder"], "does not exist"),
+        (["train", "--preset", "vgg", "--data", "."], "unknown preset"),
+        (["train", "--lr", "-1", "--data", "."], "lr must be"),
+        (["train", "--batch-size", "many", "--data", "."], "invalid int value"),
+        (["train", "--schedule", "linear", "--data", "."], "unknown schedule"),
+        (["train", "--no-such-option"], "unrecognized arguments"),
+        (["train", "--resume", "/no/such/run"], "cannot be resumed"),
+        (["evaluate", "--checkpoint", "/no/such.pt", "--data", "."], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line(args, pattern):
+    assert_one_line_error(run_cli(*args), pattern)
+
+
+def test_mismatched_classes_and_corrupt_checkpoint(tmp_path):
+    write_image(tmp_path / "d" / "train" / "a" / "1.JPEG")
+    write_image(tmp_path / "d" / "train" / "b" / "1.JPEG")
+    write_image(tmp_path / "d" / "val" / "a" / "1.JPEG")
+    assert_one_line_error(run_cli("train", "--data", tmp_path / "d"), "differ from the training classes")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    assert_one_line_error(
+        run_cli("predict", "--checkpoint", tmp_path / "bad.pt", tmp_path / "d"), "cannot read checkpoint"
+    )
+
+
+def test_info_prints_the_layer_table_and_deviations(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "96 x 55 x 55" in out and "256 x 6 x 6" in out and "60,965,224" in out
+    assert main(["info", "--preset", "seed"]) == 0
+    out = capsys.readouterr().out
+    assert "deviations from the paper" in out and "4098" in out and "11-channel window" in out
+
+
+def test_resume_refuses_a_different_config(tiny_run):
+    _, run = tiny_run
+    assert_one_line_error(run_cli("train", "--resume", run, "--lr", "0.5"), "cannot change it")
+
+
+def test_resume_can_extend_epochs(tiny_run, tmp_path):
+    import shutil
+
+    _, run = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert main(["train", "--resume", str(copy), "--epochs", "2", "--no-progress"]) == 0
+    epochs = [json.loads(line)["epoch"] for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+
+
+def test_existing_run_dir_is_refused(tiny_run):
+    data, run = tiny_run
+    assert_one_line_error(run_cli("train", "--data", data, "--run-dir", run), "already exists")
+
+
+def test_evaluate_writes_a_report(tiny_run, tmp_path, capsys):
+    data, run = tiny_run
+    assert main(["evaluate", "--checkpoint", str(run), "--data", str(data), "--ten-crop", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "center: top-1 error" in out and "ten_crop: top-1 error" in out and "on 4 images" in out
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["ten_crop"]["images"] == 4
+    assert (tmp_path / "confusion.csv").read_text().startswith("true\\predicted,n001_red,n002_green")
+
+
+def test_predict_shows_names_and_probabilities(tiny_run, tmp_path, capsys):
+    data, run = tiny_run
+    (tmp_path / "broken.jpg").write_bytes(b"nope")
+    files = [str(data / "val" / "n001_red" / "0.JPEG"), str(tmp_path / "broken.jpg")]
+    assert main(["predict", "--checkpoint", str(run / "best.pt"), "--json", *files]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert len(result) == 1 and len(result[0]["top"]) == 2
+    assert {p["name"] for p in result[0]["top"]} == {"red thing", "green thing"}
+    assert abs(sum(p["probability"] for p in result[0]["top"]) - 1) < 1e-5
+    assert "broken.jpg: cannot read" in captured.err
+
+
+def test_default_train_makes_the_synthetic_demo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # the real default, cut to one epoch at a small size so that the test stays short
+    assert main(["train", "--epochs", "1", "--run-dir", "demo", *TINY_ARGS]) == 0
+    assert (tmp_path / "alexnet-demo-data" / "train").is_dir()
+    assert json.loads((tmp_path / "demo" / "config.json").read_text())["data"] == "alexnet-demo-data"
+    assert (Path(tmp_path) / "demo" / "eval.json").is_file()

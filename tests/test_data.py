@@ -1,0 +1,157 @@
+import numpy as np
+import pytest
+import torch
+from conftest import write_image
+from PIL import Image
+
+from alexnet.data import (
+    EpochSampler,
+    ImageDataset,
+    collate,
+    image_moments,
+    load_image,
+    make_loader,
+    open_split,
+)
+from alexnet.errors import UserError
+
+
+def test_imagenet_layout_with_class_names(imagenette_ci):
+    train = open_split(imagenette_ci, "train")
+    val = open_split(imagenette_ci, "val", classes=train.classes)
+    assert len(train.classes) == 10 and train.classes == sorted(train.classes)
+    assert (len(train.samples), len(val.samples)) == (400, 100)
+    assert train.names[0] == "tench" and train.classes[0] == "n01440764"
+    # labels index the sorted wnid list, as torchvision's ImageFolder assigns them
+    for path, label in train.samples[::37]:
+        assert f"/{train.classes[label]}/" in path
+
+
+def test_class_mismatch_between_train_and_val(tiny_dataset):
+    train = open_split(tiny_dataset, "train")
+    (tiny_dataset / "val" / "n001_red").rename(tiny_dataset / "val" / "n009_other")
+    with pytest.raises(UserError, match="differ from the training classes.*n001_red.*n009_other"):
+        open_split(tiny_dataset, "val", classes=train.classes)
+
+
+def test_missing_and_empty_folders(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        open_split(tmp_path / "nowhere", "train")
+    (tmp_path / "d" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(UserError, match="no images found"):
+        open_split(tmp_path / "d", "train")
+    with pytest.raises(UserError, match="no 'val' folder"):
+        open_split(tmp_path / "d", "val")
+
+
+def test_empty_class_folder_is_reported(tiny_dataset):
+    (tiny_dataset / "train" / "n004_empty").mkdir()
+    split = open_split(tiny_dataset, "train")
+    assert split.empty_classes == ["n004_empty"] and len(split.classes) == 4
+
+
+def _flat_val(tmp_path, n=4):
+    root = tmp_path / "ilsvrc"
+    wnids = ["n01440764", "n01443537"]
+    for i in range(1, n + 1):
+        write_image(root / "val" / f"ILSVRC2012_val_{i:08d}.JPEG")
+    return root, wnids
+
+
+def test_ilsvrc_flat_validation_with_loc_solution(tmp_path):
+    root, wnids = _flat_val(tmp_path)
+    lines = ["ImageId,PredictionString"] + [
+        f"ILSVRC2012_val_{i:08d},{wnids[i % 2]} 1 2 3 4 {wnids[i % 2]} 5 6 7 8" for i in range(1, 5)
+    ]
+    (root / "LOC_val_solution.csv").write_text("\n".join(lines) + "\n")
+    split = open_split(root, "val", classes=wnids)
+    assert [label for _, label in split.samples] == [1, 0, 1, 0]
+
+
+def test_ilsvrc_flat_validation_with_devkit_ground_truth(tmp_path):
+    scipy_io = pytest.importorskip("scipy.io")
+    root, _ = _flat_val(tmp_path)
+    # devkit ids are not in sorted-wnid order: id 1 is n02119789 (kit fox) in the real devkit
+    synsets = np.array([(1, "n02119789"), (2, "n01440764")], dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O")])
+    scipy_io.savemat(root / "val" / "meta.mat", {"synsets": synsets})
+    (root / "val" / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n2\n2\n1\n")
+    split = open_split(root, "val", classes=["n01440764", "n02119789"])
+    assert [label for _, label in split.samples] == [1, 0, 0, 1]
+
+
+def test_flat_validation_without_labels_is_a_clear_error(tmp_path):
+    root, wnids = _flat_val(tmp_path)
+    with pytest.raises(UserError, match="no class folders and no label file"):
+        open_split(root, "val", classes=wnids)
+
+
+@pytest.mark.parametrize(
+    "mode,size",
+    [
+        ("L", (300, 200)),
+        ("RGBA", (200, 300)),
+        ("CMYK", (64, 64)),
+        ("P", (257, 256)),
+        ("RGB", (1, 1)),
+        ("RGB", (2000, 100)),
+    ],
+)
+def test_load_image_any_mode_and_shape(tmp_path, mode, size):
+    path = tmp_path / f"x.{'jpg' if mode == 'CMYK' else 'png'}"
+    Image.new(mode, size, color=100 if mode in ("L", "P") else None).save(path)
+    x = load_image(str(path))
+    assert x.shape == (3, 256, 256) and x.dtype == torch.uint8
+
+
+def test_load_image_16_bit_keeps_brightness(tmp_path):
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.full((50, 60), 40000, dtype=np.uint16)).save(path)
+    x = load_image(str(path))
+    assert abs(int(x[0, 100, 100]) - 40000 // 256) <= 1
+
+
+def test_load_image_short_side_256_then_centre(tmp_path):
+    # a 512x256 image whose left and right quarters are black, centre half white
+    pixels = np.zeros((256, 512, 3), dtype=np.uint8)
+    pixels[:, 128:384] = 255
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    x = load_image(str(tmp_path / "wide.png"))
+    assert x.shape == (3, 256, 256) and int(x.min()) == 255
+
+
+def test_bad_files_are_skipped_and_named(tmp_path):
+    good = write_image(tmp_path / "good.JPEG")
+    truncated = tmp_path / "truncated.JPEG"
+    truncated.write_bytes(good.read_bytes()[:200])
+    (tmp_path / "text.JPEG").write_text("not an image")
+    (tmp_path / "empty.JPEG").write_bytes(b"")
+    samples = [(str(p), 0) for p in (good, truncated, tmp_path / "text.JPEG", tmp_path / "empty.JPEG")]
+    batches = list(make_loader(ImageDataset(samples), batch_size=4, workers=0))
+    assert len(batches) == 1 and batches[0].images.shape == (1, 3, 256, 256)
+    assert sorted(b.split("\t")[0] for b in batches[0].bad) == sorted(s for s, _ in samples[1:])
+
+
+def test_collate_of_only_bad_files_is_an_empty_batch():
+    batch = collate([(None, 0, "a\tbroken"), (None, 1, "b\tbroken")])
+    assert len(batch.labels) == 0 and batch.bad == ["a\tbroken", "b\tbroken"]
+
+
+def test_epoch_sampler_is_a_function_of_seed_and_epoch():
+    a, b = EpochSampler(100, seed=1, epoch=0), EpochSampler(100, seed=1, epoch=0)
+    assert list(a) == list(b) and sorted(a) == list(range(100))
+    assert list(EpochSampler(100, seed=1, epoch=1)) != list(a)
+    assert list(EpochSampler(100, seed=1, epoch=0, start=30)) == list(a)[30:]
+
+
+def test_image_moments_of_constant_colours(tmp_path):
+    samples = []
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (300, 260), colour).save(path)
+        samples.append((str(path), i))
+    mean, cov, count, bad = image_moments(make_loader(ImageDataset(samples), 2, 0))
+    assert count == 2 and not bad
+    assert torch.allclose(mean[:, 0, 0], torch.tensor([0.5, 0.0, 0.5]))
+    # R and B are each 0 or 1 with equal weight: variance 1/4, covariance -1/4
+    expected = torch.tensor([[0.25, 0, -0.25], [0, 0, 0], [-0.25, 0, 0.25]])
+    assert torch.allclose(cov, expected, atol=1e-5)

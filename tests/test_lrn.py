@@ -1,0 +1,169 @@
+"""Local response normalization against naive references written here, one per convention
+(REFERENCE.md section 3), and its float32 computation under autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alexnet.lrn import (
+    CAFFE_LRN,
+    CUDA_CONVNET_LRN,
+    PAPER_LRN,
+    LocalResponseNorm,
+    LRNSpec,
+    tensorflow_lrn,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # small tensor ops on a shared, busy machine: intra-op threads only contend
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def naive_lrn(a: torch.Tensor, size: int, s: float, k: float, beta: float) -> torch.Tensor:
+    """b_i = a_i / (k + s * sum_{j=max(0, i-lo)}^{min(C-1, i+hi)} a_j^2) ^ beta, in float64, loop over channels."""
+    a = a.double()
+    c = a.shape[1]
+    lo, hi = size // 2, (size - 1) // 2
+    out = torch.empty_like(a)
+    for i in range(c):
+        total = torch.zeros_like(a[:, 0])
+        for j in range(max(0, i - lo), min(c - 1, i + hi) + 1):
+            total += a[:, j] ** 2
+        out[:, i] = a[:, i] / (k + s * total) ** beta
+    return out
+
+
+def tf_lrn_reference(x_nchw: torch.Tensor, depth_radius: int, bias: float, alpha: float, beta: float) -> torch.Tensor:
+    """TensorFlow's documented formula, on channels-last data:
+    sqr_sum[a, b, c, d] = sum(input[a, b, c, d - depth_radius : d + depth_radius + 1] ** 2)
+    output = input / (bias + alpha * sqr_sum) ** beta"""
+    inp = x_nchw.double().permute(0, 2, 3, 1)  # NHWC
+    depth = inp.shape[-1]
+    out = torch.empty_like(inp)
+    for d in range(depth):
+        window = inp[..., max(0, d - depth_radius) : d + depth_radius + 1]  # TF clips the window at 0
+        sqr_sum = (window**2).sum(dim=-1)
+        out[..., d] = inp[..., d] / (bias + alpha * sqr_sum) ** beta
+    return out.permute(0, 3, 1, 2)
+
+
+def _data(c: int = 16, scale: float = 30.0, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, c, 3, 4, generator=g) * scale
+
+
+def _check(spec: LRNSpec, x: torch.Tensor, want: torch.Tensor) -> None:
+    got = LocalResponseNorm(spec)(x)
+    assert got.dtype == x.dtype and got.shape == x.shape
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-6)
+    # the normalisation must actually matter for the comparison to mean something
+    assert (want - x.double()).abs().max() > 0.05 * x.abs().max()
+
+
+CASES = {
+    "paper": (PAPER_LRN, 5, 1e-4, 2.0),  # s = alpha, k = 2
+    "cuda-convnet": (CUDA_CONVNET_LRN, 5, 1e-4 / 5, 2.0),  # s = alpha / 5, k = 2
+    "caffe": (CAFFE_LRN, 5, 1e-4 / 5, 1.0),  # s = alpha / 5, k = 1
+    "tensorflow-r5": (tensorflow_lrn(5, 2.0, 1e-4, 0.75), 11, 1e-4, 2.0),  # 11 channels, s = alpha
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_conventions_against_naive(name: str) -> None:
+    spec, size, s, k = CASES[name]
+    assert spec.size == size
+    assert spec.scale == pytest.approx(s, rel=1e-12)
+    assert spec.k == k and spec.beta == 0.75
+    x = _data(scale=60.0)
+    _check(spec, x, naive_lrn(x, size, s, k, 0.75))
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 7, 11])
+@pytest.mark.parametrize("over_size", [True, False])
+def test_large_alpha_and_even_windows(size: int, over_size: bool) -> None:
+    spec = LRNSpec(size=size, alpha=1e-2, beta=0.75, k=2.0, alpha_over_size=over_size)
+    s = 1e-2 / size if over_size else 1e-2
+    x = _data(c=9, scale=30.0, seed=size)
+    _check(spec, x, naive_lrn(x, size, s, 2.0, 0.75))
+
+
+def test_window_is_per_channel_not_spatial() -> None:
+    # a single non-zero pixel: only channels within the window at that pixel feel it
+    x = torch.zeros(1, 12, 3, 3)
+    x[0, 6, 1, 1] = 100.0
+    x[0, :, 0, 0] = 1.0
+    out = LocalResponseNorm(LRNSpec(size=5, alpha=1.0, beta=1.0, k=1.0, alpha_over_size=False))(x)
+    # at pixel (1, 1) the only non-zero activation is channel 6: b_6 = 100 / (1 + 1e4)
+    assert out[0, 6, 1, 1].item() == pytest.approx(100 / (1 + 1e4), rel=1e-5)
+    # at pixel (0, 0): interior channels see 5 ones, edge channel 0 sees 3 (itself, 1 and 2)
+    assert out[0, 6, 0, 0].item() == pytest.approx(1 / 6, rel=1e-6)
+    assert out[0, 0, 0, 0].item() == pytest.approx(1 / 4, rel=1e-6)
+    assert out[0, 11, 0, 0].item() == pytest.approx(1 / 4, rel=1e-6)
+    assert out[0, 1, 0, 0].item() == pytest.approx(1 / 5, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "depth_radius, bias, alpha, beta", [(5, 2.0, 1e-4, 0.75), (2, 1.0, 1e-3, 0.5), (1, 0.5, 1e-2, 1.0)]
+)
+def test_tensorflow_convention_against_tf_formula(depth_radius: int, bias: float, alpha: float, beta: float) -> None:
+    x = _data(c=14, scale=40.0, seed=depth_radius)
+    spec = tensorflow_lrn(depth_radius=depth_radius, bias=bias, alpha=alpha, beta=beta)
+    _check(spec, x, tf_lrn_reference(x, depth_radius, bias, alpha, beta))
+
+
+def test_caffe_equals_torch_local_response_norm() -> None:
+    x = _data(c=16, scale=100.0)
+    want = torch.nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)(x)
+    got = LocalResponseNorm(CAFFE_LRN)(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (want - x).abs().max() > 1.0
+
+
+@pytest.mark.parametrize("size", [2, 4, 5])
+def test_torch_convention_even_sizes(size: int) -> None:
+    x = _data(c=10, scale=50.0)
+    want = torch.nn.LocalResponseNorm(size, alpha=1e-2, beta=0.75, k=2.0)(x)
+    got = LocalResponseNorm(LRNSpec(size=size, alpha=1e-2, beta=0.75, k=2.0, alpha_over_size=True))(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_under_autocast_is_float32_rounded() -> None:
+    x32 = _data(c=32, scale=60.0)
+    xb = x32.to(torch.bfloat16)
+    lrn = LocalResponseNorm(PAPER_LRN)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lrn(xb)
+    assert got.dtype == torch.bfloat16
+    want32 = lrn(xb.float())
+    assert want32.dtype == torch.float32
+    assert torch.equal(got, want32.to(torch.bfloat16))
+    # and the float32 result is right: against the naive float64 reference on the same bf16 values
+    torch.testing.assert_close(want32.double(), naive_lrn(xb.float(), 5, 1e-4, 2.0, 0.75), rtol=2e-5, atol=1e-6)
+
+
+def test_bf16_differs_from_naive_bf16_arithmetic() -> None:
+    # guard that the test above can tell: doing the arithmetic in bfloat16 gives other values
+    xb = _data(c=32, scale=60.0).to(torch.bfloat16)
+    sq = xb.square()
+    padded = torch.nn.functional.pad(sq, (0, 0, 0, 0, 2, 2))
+    window = sum(padded[:, j : j + 32] for j in range(5))
+    in_bf16 = xb / (2.0 + 1e-4 * window).pow(0.75)
+    assert in_bf16.dtype == torch.bfloat16
+    assert not torch.equal(in_bf16, LocalResponseNorm(PAPER_LRN)(xb.float()).to(torch.bfloat16))
+
+
+def test_fp16_does_not_overflow() -> None:
+    # squares of 300 overflow float16 (max 65504); computed in float32 they do not
+    x32 = _data(c=8, scale=300.0)
+    xh = x32.half()
+    assert torch.isinf(xh.square()).any()
+    got = LocalResponseNorm(CAFFE_LRN)(xh)
+    assert got.dtype == torch.float16
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, LocalResponseNorm(CAFFE_LRN)(xh.float()).half())

@@ -1,0 +1,373 @@
+"""The presets against REFERENCE.md: parameter counts, layer shapes, conv1's output size rule,
+torchvision equivalence, the paper's initialisation, argument checks and the two-tower grouping."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from alexnet.errors import UserError
+from alexnet.lrn import PAPER_LRN, LocalResponseNorm, tensorflow_lrn
+from alexnet.model import CeilConv2d, build_model, layer_table
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # small tensor ops on a shared, busy machine: intra-op threads only contend
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def conv_params(k: int, cin: int, cout: int, groups: int = 1) -> int:
+    return k * k * (cin // groups) * cout + cout
+
+
+def fc_params(n_in: int, n_out: int) -> int:
+    return n_in * n_out + n_out
+
+
+@pytest.fixture(scope="module")
+def paper() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("paper")
+
+
+# ---------------------------------------------------------------------------------------- counts
+
+
+def test_paper_parameter_count_groups2(paper: nn.Module) -> None:
+    assert n_params(paper) == 60_965_224  # REFERENCE.md section 2
+    assert n_params(build_model("paper", groups=2)) == 60_965_224
+
+
+def test_paper_parameter_count_groups1() -> None:
+    assert n_params(build_model("paper", groups=1)) == 62_378_344
+
+
+def test_torchvision_parameter_count() -> None:
+    ours = n_params(build_model("torchvision"))
+    assert ours == 61_100_840
+    assert ours == n_params(torchvision.models.alexnet(weights=None))
+
+
+def test_seed_parameter_count_and_shapes() -> None:
+    # The seed README's list as the seed preset implements it: pooling after conv2 and conv3,
+    # so fc6 sees 384 x 13 x 13; 4098 hidden units; every layer with biases.
+    expected = (
+        conv_params(11, 3, 96)
+        + conv_params(5, 96, 256)
+        + conv_params(3, 256, 384)
+        + conv_params(3, 384, 384)
+        + conv_params(3, 384, 384)
+        + fc_params(384 * 13 * 13, 4098)
+        + fc_params(4098, 4098)
+        + fc_params(4098, 1000)
+    )
+    model = build_model("seed")
+    assert n_params(model) == expected
+    shapes = {label: shape for label, _, shape, _ in layer_table(model, 224)}
+    assert shapes["conv1"] == (96, 55, 55)
+    assert shapes["conv2"] == (256, 55, 55)
+    assert shapes["pool2"] == (256, 27, 27)
+    assert shapes["conv3"] == (384, 27, 27)
+    assert shapes["pool3"] == (384, 13, 13)
+    assert shapes["conv5"] == (384, 13, 13)
+    assert shapes["fc6"] == (4098,)
+    assert shapes["fc7"] == (4098,)
+    assert shapes["fc8"] == (1000,)
+    assert "pool1" not in shapes and "pool5" not in shapes
+    # LRN in TensorFlow's convention: depth_radius 5 is an 11-channel window, alpha not divided
+    lrns = [m for m in model.modules() if isinstance(m, LocalResponseNorm)]
+    assert len(lrns) == 1
+    assert lrns[0].spec == tensorflow_lrn(5, 2.0, 1e-4, 0.75)
+    assert lrns[0].spec.size == 11 and lrns[0].spec.scale == 1e-4
+
+
+def test_layer_table_parameters_sum_to_total(paper: nn.Module) -> None:
+    rows = layer_table(paper, 224)
+    assert sum(r[3] for r in rows) == 60_965_224
+
+
+# ---------------------------------------------------------------------------------------- shapes
+
+PAPER_SHAPES = {
+    "conv1": (96, 55, 55),
+    "lrn1": (96, 55, 55),
+    "pool1": (96, 27, 27),
+    "conv2": (256, 27, 27),
+    "lrn2": (256, 27, 27),
+    "pool2": (256, 13, 13),
+    "conv3": (384, 13, 13),
+    "conv4": (384, 13, 13),
+    "conv5": (256, 13, 13),
+    "pool5": (256, 6, 6),
+    "fc6": (4096,),
+    "fc7": (4096,),
+    "fc8": (1000,),
+}
+
+
+@pytest.mark.parametrize("size", [224, 227])
+def test_paper_layer_shapes_layer_table(paper: nn.Module, size: int) -> None:
+    shapes = {label: shape for label, _, shape, _ in layer_table(paper, size)}
+    for label, shape in PAPER_SHAPES.items():
+        assert shapes[label] == shape, label
+    paper.train()  # layer_table puts submodules in eval mode; leave the fixture as built
+
+
+@pytest.mark.parametrize("size", [224, 227])
+def test_paper_layer_shapes_hooks(paper: nn.Module, size: int) -> None:
+    # Independent of layer_table: forward hooks on the real forward pass, labelled by module type.
+    seen: list[tuple[str, tuple[int, ...]]] = []
+    handles = []
+    for m in list(paper.features) + list(paper.classifier):
+        if isinstance(m, nn.Conv2d | nn.Linear | nn.MaxPool2d | LocalResponseNorm):
+            kind = type(m).__name__ if not isinstance(m, nn.Conv2d) else "Conv2d"
+            handles.append(m.register_forward_hook(lambda mod, i, o, k=kind: seen.append((k, tuple(o.shape[1:])))))
+    try:
+        paper.eval()
+        with torch.no_grad():
+            out = paper(torch.randn(2, 3, size, size))
+    finally:
+        for h in handles:
+            h.remove()
+        paper.train()
+    assert out.shape == (2, 1000)
+    assert seen == [
+        ("Conv2d", (96, 55, 55)),
+        ("LocalResponseNorm", (96, 55, 55)),
+        ("MaxPool2d", (96, 27, 27)),
+        ("Conv2d", (256, 27, 27)),
+        ("LocalResponseNorm", (256, 27, 27)),
+        ("MaxPool2d", (256, 13, 13)),
+        ("Conv2d", (384, 13, 13)),
+        ("Conv2d", (384, 13, 13)),
+        ("Conv2d", (256, 13, 13)),
+        ("MaxPool2d", (256, 6, 6)),
+        ("Linear", (4096,)),
+        ("Linear", (4096,)),
+        ("Linear", (1000,)),
+    ]
+
+
+def test_paper_weight_shapes(paper: nn.Module) -> None:
+    layers = paper.named_layers()
+    assert layers["conv1"].weight.shape == (96, 3, 11, 11)
+    assert layers["conv2"].weight.shape == (256, 48, 5, 5)
+    assert layers["conv3"].weight.shape == (384, 256, 3, 3)
+    assert layers["conv4"].weight.shape == (384, 192, 3, 3)
+    assert layers["conv5"].weight.shape == (256, 192, 3, 3)
+    assert layers["fc6"].weight.shape == (4096, 256 * 6 * 6)
+    assert layers["fc7"].weight.shape == (4096, 4096)
+    assert layers["fc8"].weight.shape == (1000, 4096)
+    strides = {name: layers[name].stride for name in ("conv1", "conv2", "conv3", "conv4", "conv5")}
+    assert strides == {"conv1": (4, 4), "conv2": (1, 1), "conv3": (1, 1), "conv4": (1, 1), "conv5": (1, 1)}
+    pads = {name: layers[name].padding for name in ("conv1", "conv2", "conv3", "conv4", "conv5")}
+    assert pads == {"conv1": (0, 0), "conv2": (2, 2), "conv3": (1, 1), "conv4": (1, 1), "conv5": (1, 1)}
+
+
+def test_paper_groups1_weight_shapes() -> None:
+    layers = build_model("paper", groups=1).named_layers()
+    assert layers["conv2"].weight.shape == (256, 96, 5, 5)
+    assert layers["conv4"].weight.shape == (384, 384, 3, 3)
+    assert layers["conv5"].weight.shape == (256, 384, 3, 3)
+
+
+def test_paper_lrn_and_classifier_order(paper: nn.Module) -> None:
+    lrns = [m for m in paper.features if isinstance(m, LocalResponseNorm)]
+    assert [m.spec for m in lrns] == [PAPER_LRN, PAPER_LRN]
+    # the paper: dropout after the ReLU of fc6 and fc7, none before fc6, none after fc8
+    kinds = [type(m) for m in paper.classifier]
+    assert kinds == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+    assert all(m.p == 0.5 for m in paper.classifier if isinstance(m, nn.Dropout))
+
+
+# ------------------------------------------------------------------------------------ CeilConv2d
+
+
+def test_ceil_conv1_224_pads_right_and_bottom(paper: nn.Module) -> None:
+    conv1 = paper.features[0]
+    assert isinstance(conv1, CeilConv2d)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        got = conv1(x)
+        want = F.conv2d(F.pad(x, (0, 3, 0, 3)), conv1.weight, conv1.bias, stride=4)
+        # not the same as padding top/left, nor as cropping: the extra zeros are past the far edges
+        other = F.conv2d(F.pad(x, (3, 0, 3, 0)), conv1.weight, conv1.bias, stride=4)
+    assert got.shape == (2, 96, 55, 55)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert not torch.allclose(got, other, atol=1e-3)
+    # 1 + ceil((224 - 11) / 4) = 55 (cuda-convnet), while floor gives 54
+    assert 1 + math.ceil((224 - 11) / 4) == 55
+
+
+def test_ceil_conv1_227_is_plain_conv(paper: nn.Module) -> None:
+    conv1 = paper.features[0]
+    x = torch.randn(2, 3, 227, 227)
+    with torch.no_grad():
+        got = conv1(x)
+        want = F.conv2d(x, conv1.weight, conv1.bias, stride=4)
+    assert got.shape == (2, 96, 55, 55)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- torchvision
+
+
+def test_torchvision_equivalence() -> None:
+    torch.manual_seed(1)
+    tv = torchvision.models.alexnet(weights=None, num_classes=10)
+    ours = build_model("torchvision", num_classes=10)
+    assert list(ours.state_dict().keys()) == list(tv.state_dict().keys())
+    for k, v in tv.state_dict().items():
+        assert ours.state_dict()[k].shape == v.shape, k
+    ours.load_state_dict(tv.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    tv.eval()
+    ours.eval()
+    with torch.no_grad():
+        a, b = tv(x), ours(x)
+    assert a.shape == (2, 10)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    # other input sizes go through the adaptive average pool the same way
+    x2 = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x2), tv(x2), rtol=0, atol=1e-6)
+    # training mode: dropout before fc6 and fc7 as in torchvision, so the same RNG gives the same masks
+    tv.train()
+    ours.train()
+    with torch.no_grad():
+        torch.manual_seed(7)
+        a = tv(x)
+        torch.manual_seed(7)
+        b = ours(x)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ init
+
+
+def _check_normal(t: torch.Tensor, std: float, name: str) -> None:
+    n = t.numel()
+    # sample mean ~ N(0, std^2 / n); sample std relative error ~ 1 / sqrt(2n): 6 sigma bounds
+    assert abs(t.mean().item()) < 6 * std / math.sqrt(n), name
+    assert abs(t.std().item() / std - 1) < max(6 / math.sqrt(2 * n), 1e-3), name
+
+
+def test_paper_init(paper: nn.Module) -> None:
+    layers = paper.named_layers()
+    assert set(layers) == {"conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"}
+    for name, layer in layers.items():
+        _check_normal(layer.weight.detach(), 0.01, name)
+    for name in ("conv2", "conv4", "conv5", "fc6", "fc7"):
+        assert torch.equal(layers[name].bias, torch.ones_like(layers[name].bias)), name
+    for name in ("conv1", "conv3", "fc8"):
+        assert torch.equal(layers[name].bias, torch.zeros_like(layers[name].bias)), name
+
+
+def test_seed_init_fc8_bias_one() -> None:
+    layers = build_model("seed").named_layers()
+    for name in ("conv2", "conv4", "conv5", "fc6", "fc7", "fc8"):
+        assert torch.equal(layers[name].bias, torch.ones_like(layers[name].bias)), name
+    for name in ("conv1", "conv3"):
+        assert torch.equal(layers[name].bias, torch.zeros_like(layers[name].bias)), name
+    _check_normal(layers["conv1"].weight.detach(), 0.01, "conv1")
+    _check_normal(layers["fc8"].weight.detach(), 0.01, "fc8")
+
+
+def test_kaiming_init() -> None:
+    torch.manual_seed(3)
+    layers = build_model("paper", init="kaiming").named_layers()
+    for name, layer in layers.items():
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias)), name
+        if name.startswith("conv"):
+            w = layer.weight.detach()
+            fan_out = w.shape[0] * w.shape[2] * w.shape[3]
+            _check_normal(w, math.sqrt(2.0 / fan_out), name)
+        else:
+            _check_normal(layer.weight.detach(), 0.01, name)
+
+
+def test_default_init_torchvision_matches_pytorch_default() -> None:
+    # PyTorch's default: kaiming_uniform(a=sqrt(5)) i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    layers = build_model("torchvision").named_layers()
+    for name, layer in layers.items():
+        w = layer.weight.detach()
+        bound = 1 / math.sqrt(w[0].numel())
+        assert w.abs().max().item() <= bound + 1e-7, name
+        assert w.abs().max().item() > 0.9 * bound, name
+        assert layer.bias.abs().max().item() <= bound + 1e-7, name
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"preset": "vgg"},
+        {"preset": "paper", "groups": 3},
+        {"preset": "paper", "groups": 0},
+        {"preset": "seed", "groups": 2},
+        {"preset": "torchvision", "groups": 1},
+        {"preset": "paper", "dropout": 1.0},
+        {"preset": "paper", "dropout": -0.1},
+        {"preset": "paper", "num_classes": 1},
+    ],
+)
+def test_build_model_user_errors(kwargs: dict) -> None:
+    with pytest.raises(UserError):
+        build_model(**kwargs)
+
+
+def test_build_model_unknown_init() -> None:
+    with pytest.raises(UserError):
+        build_model("torchvision", num_classes=2, init="xavier")
+
+
+# ----------------------------------------------------------------------------------- groups
+
+
+def _changed_outputs(conv: nn.Conv2d, in_lo: int, in_hi: int, side: int = 7) -> torch.Tensor:
+    """Which output channels change when input channels in_lo..in_hi-1 change."""
+    torch.manual_seed(5)
+    x = torch.randn(1, conv.in_channels, side, side)
+    y = x.clone()
+    y[:, in_lo:in_hi] = torch.randn(1, in_hi - in_lo, side, side)
+    with torch.no_grad():
+        diff = (conv(x) - conv(y)).abs().amax(dim=(0, 2, 3))
+    return diff > 1e-6
+
+
+@pytest.mark.parametrize("name, cin, cout", [("conv2", 96, 256), ("conv4", 384, 384), ("conv5", 384, 256)])
+def test_grouped_convs_are_two_towers(paper: nn.Module, name: str, cin: int, cout: int) -> None:
+    conv = paper.named_layers()[name]
+    assert (conv.in_channels, conv.out_channels) == (cin, cout)
+    first = _changed_outputs(conv, 0, cin // 2)
+    assert first[: cout // 2].all()  # the first tower's outputs see its inputs
+    assert not first[cout // 2 :].any()  # the second tower's outputs do not
+    second = _changed_outputs(conv, cin // 2, cin)
+    assert second[cout // 2 :].all()
+    assert not second[: cout // 2].any()
+
+
+def test_conv3_sees_both_towers(paper: nn.Module) -> None:
+    conv3 = paper.named_layers()["conv3"]
+    assert _changed_outputs(conv3, 0, 128).all()
+    assert _changed_outputs(conv3, 128, 256).all()
+
+
+def test_groups1_conv2_is_full() -> None:
+    conv2 = build_model("paper", groups=1).named_layers()["conv2"]
+    assert _changed_outputs(conv2, 0, 48).all()

@@ -1,0 +1,135 @@
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import alexnet.train as train_module
+from alexnet.checkpoint import load_checkpoint
+from alexnet.config import TrainConfig
+from alexnet.errors import UserError
+from alexnet.train import Interrupted, train
+
+# Small and quick: the paper network at a reduced input, few images. Still the real training loop.
+TINY = dict(preset="torchvision", batch_size=4, image_size=72, crop=64, workers=0, log_every=1)
+
+
+def tiny_config(data, run_dir, **kw) -> TrainConfig:
+    return TrainConfig(data=str(data), run_dir=str(run_dir), **{**TINY, "epochs": 2, **kw})
+
+
+def weights(run_dir, name="last.pt"):
+    return load_checkpoint(run_dir / name)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_run_directory_contents(tiny_dataset, tmp_path):
+    run = train(tiny_config(tiny_dataset, tmp_path / "run"), progress=False)
+    for name in (
+        "config.json",
+        "classes.tsv",
+        "stats.pt",
+        "metrics.jsonl",
+        "last.pt",
+        "best.pt",
+        "bad_files.txt",
+        "eval.json",
+        "per_class.csv",
+        "confusion.csv",
+    ):
+        assert (run / name).is_file(), name
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert set(json.loads((run / "eval.json").read_text())) == {"center", "ten_crop"}
+    assert (run / "classes.tsv").read_text().splitlines()[1] == "0\tn001_red\tn001_red"
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["run_state"]["epoch"] == 2 and ckpt["classes"] == ["n001_red", "n002_green", "n003_blue"]
+    assert {"optimizer", "scheduler", "rng", "stats", "config"} <= ckpt.keys()
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_resume_gives_identical_weights(tiny_dataset, tmp_path):
+    straight = train(tiny_config(tiny_dataset, tmp_path / "a"), progress=False)
+    half = train(tiny_config(tiny_dataset, tmp_path / "b", epochs=1), progress=False)
+    resumed = train(tiny_config(tiny_dataset, half, epochs=2), resume=True, progress=False)
+    assert_same_weights(weights(straight), weights(resumed))
+
+
+def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(tiny_dataset, tmp_path, monkeypatch):
+    straight = train(tiny_config(tiny_dataset, tmp_path / "a"), progress=False)
+
+    real_batch, calls = train_module.train_batch, []
+
+    def signalling_batch(*args, **kw):  # the signal arrives during the 3rd step (mid-epoch 1)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_batch(*args, **kw)
+
+    monkeypatch.setattr(train_module, "train_batch", signalling_batch)
+    with pytest.raises(Interrupted) as stopped:
+        train(tiny_config(tiny_dataset, tmp_path / "b"), progress=False)
+    assert stopped.value.signum == signal.SIGTERM
+    state = load_checkpoint(tmp_path / "b" / "last.pt")["run_state"]
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 3)  # the interrupted step was finished
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+    monkeypatch.setattr(train_module, "train_batch", real_batch)
+    resumed = train(tiny_config(tiny_dataset, tmp_path / "b"), resume=True, progress=False)
+    assert_same_weights(weights(straight), weights(resumed))
+
+
+def test_existing_run_directory_needs_resume(tiny_dataset, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "something").write_text("keep me")
+    with pytest.raises(UserError, match="already exists"):
+        train(tiny_config(tiny_dataset, tmp_path / "run"), progress=False)
+    assert (tmp_path / "run" / "something").read_text() == "keep me"
+
+
+def test_bad_images_are_skipped_listed_and_training_goes_on(tiny_dataset, tmp_path):
+    bad = tiny_dataset / "train" / "n001_red" / "broken.JPEG"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a whole jpeg")
+    run = train(tiny_config(tiny_dataset, tmp_path / "run"), progress=False)
+    listed = (run / "bad_files.txt").read_text().splitlines()
+    assert len(listed) == 1 and listed[0].startswith(str(bad))
+
+
+def test_mostly_bad_data_stops_with_a_clear_message(tiny_dataset, tmp_path):
+    for i, path in enumerate(sorted((tiny_dataset / "train").rglob("*.JPEG"))):
+        if i % 5:
+            path.write_bytes(b"garbage")
+    with pytest.raises(UserError, match="training images cannot be read"):
+        train(tiny_config(tiny_dataset, tmp_path / "run"), progress=False)
+
+
+def test_nan_loss_stops_training(tiny_dataset, tmp_path):
+    from alexnet.train import Diverged
+
+    with pytest.raises(Diverged, match="loss became nan"):
+        train(tiny_config(tiny_dataset, tmp_path / "run", lr=1e30), progress=False)
+
+
+def test_learns_on_real_images(imagenette_ci, tmp_path):
+    """A short CPU run on real photographs: the training loss falls and val accuracy beats chance (10%)."""
+    cfg = TrainConfig(
+        data=str(imagenette_ci),
+        run_dir=str(tmp_path / "run"),
+        preset="paper",
+        init="caffe",
+        epochs=4,
+        batch_size=32,
+        schedule="cosine",
+        workers=2,
+    )
+    run = train(cfg, progress=False)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["train_loss"] < 0.9 * metrics[0]["train_loss"]
+    result = json.loads((run / "eval.json").read_text())
+    assert result["center"]["top1_err"] < 0.8, result
