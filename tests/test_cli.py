@@ -138,7 +138,7 @@ def test_predict_shows_names_and_probabilities(tiny_run, tmp_path, capsys):
 def test_default_train_makes_the_synthetic_demo(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # the real default, cut to one epoch at a small size so that the test stays short
-    assert main(["train", "--epochs", "1", "--run-dir", "demo", *TINY_ARGS]) == 0
+    assert main(["train", "--epochs", "1", "--run-dir", "demo", *TINY_ARGS, "--batch-size", "50"]) == 0
     assert (tmp_path / "alexnet-demo-data" / "train").is_dir()
     assert json.loads((tmp_path / "demo" / "config.json").read_text())["data"] == "alexnet-demo-data"
     assert (Path(tmp_path) / "demo" / "eval.json").is_file()

@@ -52,6 +52,9 @@ def test_run_directory_contents(tiny_dataset, tmp_path):
     assert ckpt["run_state"]["epoch"] == 2 and ckpt["classes"] == ["n001_red", "n002_green", "n003_blue"]
     assert {"optimizer", "scheduler", "rng", "stats", "config"} <= ckpt.keys()
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    # best.pt holds the epoch with the lowest validation error (the first of equals)
+    errors = [m["val_top1_err"] for m in metrics]
+    assert load_checkpoint(run / "best.pt")["run_state"]["epoch"] == errors.index(min(errors)) + 1
 
 
 def test_resume_gives_identical_weights(tiny_dataset, tmp_path):
@@ -123,10 +126,10 @@ def test_learns_on_real_images(imagenette_ci, tmp_path):
         run_dir=str(tmp_path / "run"),
         preset="paper",
         init="caffe",
-        epochs=4,
-        batch_size=32,
+        epochs=5,
+        batch_size=16,
         schedule="cosine",
-        workers=2,
+        workers=1,
     )
     run = train(cfg, progress=False)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -52,6 +52,22 @@ def write_atomic(path: Path, write: Any) -> None:
         raise
 
 
+def link_atomic(src: Path, dst: Path) -> None:
+    """Make `dst` name the same file as `src` (a hard link: no copy), replacing `dst` atomically.
+
+    `src` is only ever replaced by rename, never rewritten in place, so `dst` keeps its content.
+    """
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # a filesystem without hard links: copy instead
+        write_atomic(dst, lambda f: f.write(Path(src).read_bytes()))
+        return
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     write_atomic(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 

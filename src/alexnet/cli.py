@@ -22,7 +22,7 @@ from .model import INITS, PRESETS, build_model, layer_table
 
 DEMO_DATA = "alexnet-demo-data"
 # The demo: a few minutes on a laptop CPU, the paper's network and recipe otherwise.
-DEMO_SETTINGS = {"epochs": 6, "batch_size": 32, "schedule": "cosine"}
+DEMO_SETTINGS = {"epochs": 6, "batch_size": 16, "schedule": "cosine", "init": "caffe"}
 
 HELP = {
     "data": "ImageNet-layout folder with train/ and val/ (default: make and use a synthetic demo dataset)",

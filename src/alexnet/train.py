@@ -22,6 +22,7 @@ from tqdm import tqdm
 from .augment import PixelStats, make_pixel_stats, train_batch
 from .checkpoint import (
     append_jsonl,
+    link_atomic,
     load_checkpoint,
     read_jsonl,
     save_checkpoint,
@@ -170,7 +171,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         torch.set_rng_state(ckpt["rng"])
         tqdm.write(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch}")
 
-    def checkpoint(path: Path, full: bool) -> None:
+    def checkpoint(path: Path) -> None:
         save_checkpoint(
             {
                 "config": cfg.__dict__,
@@ -180,15 +181,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 "model": model.state_dict(),
                 "run_state": state.__dict__,
                 "bad_files": sorted(bad_files),
-                **(
-                    {
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": torch.get_rng_state(),  # for completeness: each step reseeds from (seed, step)
-                    }
-                    if full
-                    else {}
-                ),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),  # for completeness: each step reseeds from (seed, step)
             },
             path,
         )
@@ -245,16 +240,19 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                     state.correct += correct
                     state.seen += seen_since
                     state.seconds += elapsed
+                    steps_left = (cfg.epochs - epoch) * steps_per_epoch - state.step_in_epoch
+                    run_eta = steps_left * cfg.batch_size * state.seconds / max(state.seen, 1)
                     bar.set_postfix(
                         loss=f"{state.loss_sum / max(state.seen, 1):.3f}",
                         img_s=f"{seen_since / max(elapsed, 1e-9):.0f}",
+                        run_eta=time.strftime("%H:%M:%S", time.gmtime(run_eta)),
                     )
                     loss_acc.zero_()
                     correct_acc.zero_()
                     seen_since, t_log = 0, time.perf_counter()
                 if stop.signum:
                     bar.close()
-                    checkpoint(run_dir / "last.pt", full=True)
+                    checkpoint(run_dir / "last.pt")
                     raise Interrupted(run_dir, stop.signum, epoch, state.step_in_epoch)
             bar.close()
 
@@ -283,9 +281,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             append_jsonl(run_dir / "metrics.jsonl", record)
             improved = val.top1_err < state.best_top1_err
             state = RunState(epoch=epoch + 1, best_top1_err=min(state.best_top1_err, val.top1_err))
+            checkpoint(run_dir / "last.pt")
             if improved:
-                checkpoint(run_dir / "best.pt", full=False)
-            checkpoint(run_dir / "last.pt", full=True)
+                link_atomic(run_dir / "last.pt", run_dir / "best.pt")
             write_text_atomic(run_dir / "bad_files.txt", "".join(f"{b}\n" for b in sorted(bad_files)))
 
     # --- the paper's test protocol on the best weights -------------------------------------------
