@@ -142,3 +142,45 @@ def test_default_train_makes_the_synthetic_demo(tmp_path, monkeypatch):
     assert (tmp_path / "alexnet-demo-data" / "train").is_dir()
     assert json.loads((tmp_path / "demo" / "config.json").read_text())["data"] == "alexnet-demo-data"
     assert (Path(tmp_path) / "demo" / "eval.json").is_file()
+
+
+def test_sigterm_to_the_process_group_stops_cleanly_and_resumes(tiny_dataset, tmp_path):
+    """Preemption signals the whole process group, data-loader workers included."""
+    import os
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = [
+        sys.executable,
+        "-m",
+        "alexnet",
+        "train",
+        "--data",
+        str(tiny_dataset),
+        "--run-dir",
+        str(run),
+        "--epochs",
+        "20",
+        "--log-every",
+        "1",
+        *TINY_ARGS[:-3],
+        "--workers",
+        "1",
+    ]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+    seen, deadline = b"", time.time() + 120
+    while b" 2/5 " not in seen and time.time() < deadline:  # the progress bar reached step 2
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, rest = proc.communicate(timeout=120)
+    err = (seen + rest).decode()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert "stopped by SIGTERM" in last and f"alexnet train --resume {run}" in last
+    assert main(["train", "--resume", str(run), "--epochs", "1", "--no-progress"]) == 0
+    assert (run / "eval.json").is_file()

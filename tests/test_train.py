@@ -136,3 +136,23 @@ def test_learns_on_real_images(imagenette_ci, tmp_path):
     assert metrics[-1]["train_loss"] < 0.9 * metrics[0]["train_loss"]
     result = json.loads((run / "eval.json").read_text())
     assert result["center"]["top1_err"] < 0.8, result
+
+
+def test_crash_after_a_mid_epoch_checkpoint_resumes_exactly(tiny_dataset, tmp_path, monkeypatch):
+    straight = train(tiny_config(tiny_dataset, tmp_path / "a", checkpoint_every=2), progress=False)
+    real_batch, calls = train_module.train_batch, []
+
+    def crashing_batch(*args, **kw):  # a crash (think kill -9) in the 4th step, after the step-2 checkpoint
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("simulated crash")
+        return real_batch(*args, **kw)
+
+    monkeypatch.setattr(train_module, "train_batch", crashing_batch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_config(tiny_dataset, tmp_path / "b", checkpoint_every=2), progress=False)
+    state = load_checkpoint(tmp_path / "b" / "last.pt")["run_state"]
+    assert (state["epoch"], state["step_in_epoch"]) == (0, 2)
+    monkeypatch.setattr(train_module, "train_batch", real_batch)
+    resumed = train(tiny_config(tiny_dataset, tmp_path / "b", checkpoint_every=2), resume=True, progress=False)
+    assert_same_weights(weights(straight), weights(resumed))

@@ -12,7 +12,7 @@ from .model import INITS, PRESETS
 
 SCHEDULES = ("plateau", "inverse-time", "step", "cosine")
 # Settings a resumed run may change: they do not alter what is computed, or only extend it.
-RESUMABLE_OVERRIDES = ("epochs", "workers", "device")
+RESUMABLE_OVERRIDES = ("epochs", "workers", "device", "log_every", "checkpoint_every")
 
 
 @dataclass
@@ -49,6 +49,7 @@ class TrainConfig:
     workers: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 10  # steps between progress updates (and NaN checks)
+    checkpoint_every: int = 0  # also write last.pt every this many steps within an epoch (0: at epoch ends)
 
     def resolved(self) -> TrainConfig:
         """Fill preset-dependent defaults and check every value; raises UserError with one line."""
@@ -77,8 +78,8 @@ class TrainConfig:
             raise UserError("groups must be 1 or 2 and applies to the paper preset only")
         if not 0 < c.crop <= c.image_size:
             raise UserError(f"crop ({c.crop}) must be positive and at most image_size ({c.image_size})")
-        if c.workers < 0 or c.plateau_patience < 0 or c.max_lr_drops < 0:
-            raise UserError("workers, plateau_patience and max_lr_drops cannot be negative")
+        if min(c.workers, c.plateau_patience, c.max_lr_drops, c.checkpoint_every) < 0:
+            raise UserError("workers, plateau_patience, max_lr_drops and checkpoint_every cannot be negative")
         return c
 
     def to_json(self) -> str:

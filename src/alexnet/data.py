@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +211,13 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return self.n - self.start
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Ctrl-C and SIGTERM reach the whole process group; only the main process acts on them (it
+    finishes the step, checkpoints and shuts the workers down), so a worker must not die of them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(
     dataset: ImageDataset,
     batch_size: int,
@@ -225,6 +233,7 @@ def make_loader(
         collate_fn=collate,
         pin_memory=pin_memory,
         persistent_workers=False,
+        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None,
     )
 

@@ -228,7 +228,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                     scheduler.step()
                 state.step_in_epoch += 1
                 bar.update(1)
-                if state.step_in_epoch % cfg.log_every == 0 or state.step_in_epoch == steps_per_epoch or stop.signum:
+                checkpoint_due = cfg.checkpoint_every and state.step_in_epoch % cfg.checkpoint_every == 0
+                at_end = state.step_in_epoch == steps_per_epoch
+                if state.step_in_epoch % cfg.log_every == 0 or at_end or stop.signum or checkpoint_due:
                     elapsed = time.perf_counter() - t_log
                     loss_sum, correct = float(loss_acc), int(correct_acc)  # one sync per interval
                     if not math.isfinite(loss_sum):
@@ -250,6 +252,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                     loss_acc.zero_()
                     correct_acc.zero_()
                     seen_since, t_log = 0, time.perf_counter()
+                if checkpoint_due and not at_end:
+                    checkpoint(run_dir / "last.pt")
                 if stop.signum:
                     bar.close()
                     checkpoint(run_dir / "last.pt")
