@@ -184,3 +184,13 @@ def test_sigterm_to_the_process_group_stops_cleanly_and_resumes(tiny_dataset, tm
     assert "stopped by SIGTERM" in last and f"alexnet train --resume {run}" in last
     assert main(["train", "--resume", str(run), "--epochs", "1", "--no-progress"]) == 0
     assert (run / "eval.json").is_file()
+
+
+def test_prepare_command_and_check(tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "prepared"
+    args = ["prepare", str(tiny_dataset), str(out), "--format", "jpeg", "--workers", "0", "--no-progress"]
+    assert main(args) == 0
+    assert "ok, jpeg 256x256, train 18, val 6 images, 3 classes" in capsys.readouterr().out
+    assert main(["prepare", "--check", str(out)]) == 0
+    (out / "manifest.json").unlink()
+    assert_one_line_error(run_cli("prepare", "--check", out), "not a finished prepared dataset")

@@ -156,3 +156,24 @@ def test_crash_after_a_mid_epoch_checkpoint_resumes_exactly(tiny_dataset, tmp_pa
     monkeypatch.setattr(train_module, "train_batch", real_batch)
     resumed = train(tiny_config(tiny_dataset, tmp_path / "b", checkpoint_every=2), resume=True, progress=False)
     assert_same_weights(weights(straight), weights(resumed))
+
+
+def test_training_from_a_prepared_dataset_matches_the_folder(tiny_dataset, tmp_path):
+    """Same samples, same batches, same augmentation: the two data paths train the same weights."""
+    from alexnet.prepare import prepare_dataset
+
+    prepare_dataset(tiny_dataset, tmp_path / "prepared", "raw", workers=0, size=72, progress=False)
+    folder = train(tiny_config(tiny_dataset, tmp_path / "a", epochs=1), progress=False)
+    prepared = train(tiny_config(tmp_path / "prepared", tmp_path / "b", epochs=1), progress=False)
+    a, b = weights(folder), weights(prepared)
+    for k in a:  # the statistics agree to float rounding, not bit for bit
+        assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k
+    assert (tmp_path / "b" / "classes.tsv").read_text() == (tmp_path / "a" / "classes.tsv").read_text()
+
+
+def test_prepared_dataset_of_another_size_is_refused(tiny_dataset, tmp_path):
+    from alexnet.prepare import prepare_dataset
+
+    prepare_dataset(tiny_dataset, tmp_path / "prepared", "raw", workers=0, size=80, progress=False)
+    with pytest.raises(UserError, match="80px images; pass --image-size 80"):
+        train(tiny_config(tmp_path / "prepared", tmp_path / "b"), progress=False)

@@ -153,6 +153,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failures and not results else 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .prepare import check_dataset, prepare_dataset
+
+    if not args.check:
+        if not args.src:
+            raise UserError("prepare needs SRC (an ImageNet-layout folder) and OUT, or --check OUT")
+        prepare_dataset(
+            args.src,
+            args.out,
+            args.fmt,
+            args.workers,
+            args.image_size,
+            not args.no_progress,
+            args.quality,
+            splits=args.splits,
+        )
+    print(check_dataset(args.out))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     model = build_model(args.preset, args.num_classes, args.groups)
     size = args.input_size or model.preset.input_size
@@ -198,6 +218,24 @@ def build_parser() -> Parser:
             p.add_argument("images", nargs="+", help="image files or folders")
             p.add_argument("--top", type=int, default=5)
             p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser("prepare", help="decode a dataset once into fixed 256x256 images for fast training")
+    p.add_argument("src", nargs="?", help="ImageNet-layout folder (train/ and/or val/)")
+    p.add_argument("out", help="folder for the prepared dataset; an interrupted prepare resumes")
+    p.add_argument(
+        "--format",
+        dest="fmt",
+        choices=["raw", "jpeg"],
+        default="raw",
+        help="raw uint8 arrays (fastest) or JPEG-packed (smaller)",
+    )
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality (--format jpeg)")
+    p.add_argument("--splits", nargs="+", choices=["train", "val"], help="default: all found")
+    p.add_argument("--check", action="store_true", help="only verify the finished dataset in OUT")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("info", help="layer table, parameter counts and deviations from the paper")
     p.add_argument("--preset", default="paper")

@@ -11,6 +11,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,11 @@ from .checkpoint import (
     write_text_atomic,
 )
 from .config import TrainConfig
-from .data import EpochSampler, ImageDataset, Split, image_moments, make_loader, open_split
+from .data import Batch, EpochSampler, ImageDataset, image_moments, make_loader, open_split
 from .errors import UserError
 from .evaluate import evaluate, write_report
 from .model import build_model
+from .prepared import PreparedLoader, is_prepared, open_prepared, read_manifest
 from .schedule import make_scheduler, steps_each_iteration
 
 
@@ -64,11 +66,13 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63)
 
 
-def write_classes(path: Path, split: Split) -> None:
-    rows = ["index\twnid\tname"] + [
-        f"{i}\t{c}\t{n}" for i, (c, n) in enumerate(zip(split.classes, split.names, strict=True))
-    ]
+def write_classes(path: Path, classes: list[str], names: list[str]) -> None:
+    rows = ["index\twnid\tname"] + [f"{i}\t{c}\t{n}" for i, (c, n) in enumerate(zip(classes, names, strict=True))]
     write_text_atomic(path, "\n".join(rows) + "\n")
+
+
+def write_bad_files(run_dir: Path, bad_files: set[str]) -> None:
+    write_text_atomic(run_dir / "bad_files.txt", "".join(f"{b}\n" for b in sorted(bad_files)))
 
 
 class StopSignals:
@@ -119,38 +123,67 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         raise UserError(f"run directory {run_dir} already exists; resume it with --resume {run_dir} or pick another")
     device = pick_device(cfg.device)
 
-    # --- data ------------------------------------------------------------------------------------
-    train_split = open_split(cfg.data, "train")
-    val_split = open_split(cfg.data, "val", classes=train_split.classes)
-    for c in train_split.empty_classes:
-        tqdm.write(f"warning: class folder {c} in {cfg.data}/train has no images")
-    num_classes = len(train_split.classes)
-    if num_classes < 2:
-        raise UserError(f"{cfg.data}/train needs at least 2 class folders, found {num_classes}")
-    train_set = ImageDataset(train_split.samples, cfg.image_size)
-    val_loader = make_loader(ImageDataset(val_split.samples, cfg.image_size), cfg.batch_size, cfg.workers)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-
+    # --- data: a prepared dataset (alexnet prepare) or an image folder decoded per image ---------
     run_dir.mkdir(parents=True, exist_ok=True)
     bad_files: set[str] = set()
+    moments = None
+    if is_prepared(cfg.data):
+        manifest = read_manifest(cfg.data)
+        if manifest["size"] != cfg.image_size:
+            raise UserError(f"{cfg.data} holds {manifest['size']}px images; pass --image-size {manifest['size']}")
+        train_data, val_data = open_prepared(cfg.data, "train"), open_prepared(cfg.data, "val")
+        classes, names = manifest["classes"], manifest["names"]
+        moments = torch.load(Path(cfg.data) / "stats.pt", weights_only=True)
+        bad_files.update((Path(cfg.data) / "bad.txt").read_text().splitlines())
+        pin = device.type == "cuda"
+
+        def train_loader(epoch: int, start_step: int) -> Iterable[Batch]:
+            return PreparedLoader(
+                train_data, cfg.batch_size, cfg.seed, epoch, start_step, device=device, pin_memory=pin
+            )
+
+        val_loader = PreparedLoader(val_data, cfg.batch_size, shuffle=False, device=device, pin_memory=pin)
+        tqdm.write(f"data: prepared {manifest['fmt']} dataset {cfg.data}")
+    else:
+        train_split = open_split(cfg.data, "train")
+        val_split = open_split(cfg.data, "val", classes=train_split.classes)
+        for c in train_split.empty_classes:
+            tqdm.write(f"warning: class folder {c} in {cfg.data}/train has no images")
+        classes, names = train_split.classes, train_split.names
+        train_data = ImageDataset(train_split.samples, cfg.image_size)
+        val_loader = make_loader(ImageDataset(val_split.samples, cfg.image_size), cfg.batch_size, cfg.workers)
+
+        def train_loader(epoch: int, start_step: int) -> Iterable[Batch]:
+            sampler = EpochSampler(len(train_data), cfg.seed, epoch, start=start_step * cfg.batch_size)
+            return make_loader(train_data, cfg.batch_size, cfg.workers, sampler, pin_memory=device.type == "cuda")
+
+        tqdm.write(f"data: image folder {cfg.data}, decoded per image (alexnet prepare makes it faster)")
+    num_classes = len(classes)
+    if num_classes < 2:
+        raise UserError(f"{cfg.data}/train needs at least 2 class folders, found {num_classes}")
+    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     if not resume:
         write_text_atomic(run_dir / "config.json", cfg.to_json() + "\n")
-        write_classes(run_dir / "classes.tsv", train_split)
+        write_classes(run_dir / "classes.tsv", classes, names)
 
     # --- statistics of the training set: mean image and colour covariance, once per run ------------
     stats_path = run_dir / "stats.pt"
     if stats_path.is_file():
         moments = torch.load(stats_path, weights_only=True)
-    else:
-        tqdm.write(f"computing the mean image and colour covariance of {len(train_set)} training images")
-        loader = make_loader(train_set, cfg.batch_size, cfg.workers)
+    elif moments is None:
+        tqdm.write(f"computing the mean image and colour covariance of {len(train_data)} training images")
+        loader = make_loader(train_data, cfg.batch_size, cfg.workers)
         mean_image, cov, count, bad = image_moments(tqdm(loader, desc="stats", leave=False, disable=not progress))
         moments = {"mean_image": mean_image, "covariance": cov, "images": count}
         bad_files.update(bad)
+        write_bad_files(run_dir, bad_files)
+        if len(bad_files) > 0.5 * len(train_data):
+            raise UserError(
+                f"{len(bad_files)} of {len(train_data)} training images cannot be read; see {run_dir / 'bad_files.txt'}"
+            )
+    if not stats_path.is_file():
         write_atomic(stats_path, lambda f: torch.save(moments, f))
     stats = make_pixel_stats(moments["mean_image"], moments["covariance"], cfg.mean, cfg.scale, cfg.pca)
-    if len(bad_files) > 0.5 * len(train_set):
-        raise UserError(f"{len(bad_files)} of {len(train_set)} training images cannot be read (see the list above)")
 
     # --- model and optimizer ---------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
@@ -175,8 +208,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         save_checkpoint(
             {
                 "config": cfg.__dict__,
-                "classes": train_split.classes,
-                "names": train_split.names,
+                "classes": classes,
+                "names": names,
                 "stats": stats.state_dict(),
                 "model": model.state_dict(),
                 "run_state": state.__dict__,
@@ -193,8 +226,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     with StopSignals() as stop:
         while state.epoch < cfg.epochs:
             epoch = state.epoch
-            sampler = EpochSampler(len(train_set), cfg.seed, epoch, start=state.step_in_epoch * cfg.batch_size)
-            loader = make_loader(train_set, cfg.batch_size, cfg.workers, sampler, pin_memory=device.type == "cuda")
+            loader = train_loader(epoch, state.step_in_epoch)
             model.train()
             bar = tqdm(
                 total=steps_per_epoch,
@@ -288,7 +320,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             checkpoint(run_dir / "last.pt")
             if improved:
                 link_atomic(run_dir / "last.pt", run_dir / "best.pt")
-            write_text_atomic(run_dir / "bad_files.txt", "".join(f"{b}\n" for b in sorted(bad_files)))
+            write_bad_files(run_dir, bad_files)
 
     # --- the paper's test protocol on the best weights -------------------------------------------
     best = load_checkpoint(run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt")
@@ -297,7 +329,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         "center": evaluate(model, val_loader, stats, num_classes, device, cfg.crop, progress=progress),
         "ten_crop": evaluate(model, val_loader, stats, num_classes, device, cfg.crop, ten_crop=True, progress=progress),
     }
-    write_report(run_dir, results, train_split.classes, train_split.names)
+    write_report(run_dir, results, classes, names)
     for name, r in results.items():
         tqdm.write(f"{name}: top-1 error {r.top1_err:.4f}, top-5 error {r.top5_err:.4f} on {r.count} val images")
     return run_dir

@@ -1,0 +1,214 @@
+"""Reading a prepared dataset (made by prepare.py): batches of 256x256 uint8 images, fast.
+
+A prepared dataset is a folder holding every image already decoded, scaled and centre-cropped, so an
+epoch is a pass over one file per split instead of a million JPEG decodes:
+
+  manifest.json         written last: a dataset is complete iff it exists (format, fmt, size, counts, classes)
+  classes.tsv           index, wnid, name
+  stats.pt              {"mean_image", "covariance", "images"} of the training split, as train.py stores it
+  bad.txt               source files that could not be decoded and were left out (path<TAB>reason)
+  <split>_labels.npy    (N,) int64
+  <split>_files.txt     the source file of each image, in order
+  fmt "raw":  <split>_images.u8    (N, 3, S, S) uint8, no header: np.memmap(path, np.uint8, "r", shape=...)
+  fmt "jpeg": <split>_jpegs.bin    the images re-encoded as JPEG, back to back
+              <split>_offsets.npy  (N + 1,) int64: image i is bytes offsets[i]:offsets[i + 1]
+
+PreparedLoader turns a split into the same Batch objects the folder pipeline (data.py) yields, in the
+same order (EpochSampler), so train.py and augment.train_batch cannot tell the two paths apart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from .data import Batch, EpochSampler
+from .errors import UserError
+
+FORMAT = "alexnet-prepared-1"
+MANIFEST = "manifest.json"
+# torchvision 0.29 marks its image codecs deprecated (in favour of TorchCodec); they still work and are
+# the only batched GPU JPEG decoder in the dependencies. Say so once here instead of on every batch.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
+
+
+def split_files(split: str, fmt: str) -> dict[str, str]:
+    """File names of one split's arrays, by role."""
+    files = {"labels": f"{split}_labels.npy", "files": f"{split}_files.txt"}
+    if fmt == "raw":
+        return {**files, "images": f"{split}_images.u8"}
+    return {**files, "images": f"{split}_jpegs.bin", "offsets": f"{split}_offsets.npy"}
+
+
+def is_prepared(root: str | Path) -> bool:
+    """A folder made by `alexnet prepare`, finished (its manifest) or not (its .progress folder)."""
+    return (Path(root) / MANIFEST).is_file() or (Path(root) / ".progress").is_dir()
+
+
+def read_manifest(root: str | Path) -> dict:
+    """The manifest of a finished prepared dataset; UserError if there is none."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise UserError(
+            f"{root} is not a finished prepared dataset (no {MANIFEST}); "
+            "run `alexnet prepare` on it (again: an interrupted prepare resumes)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {type(e).__name__}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path} is not an alexnet prepared-dataset manifest ({FORMAT})")
+    return manifest
+
+
+@dataclass
+class PreparedSplit:
+    """One split of a prepared dataset, memory-mapped: nothing is read until a batch asks for it."""
+
+    name: str
+    fmt: str  # "raw" or "jpeg"
+    size: int  # images are (3, size, size)
+    labels: np.ndarray  # (N,) int64
+    images: np.ndarray  # raw: (N, 3, S, S) uint8; jpeg: all the JPEG bytes, (total,) uint8
+    offsets: np.ndarray | None  # jpeg: (N + 1,) int64 byte offsets; raw: None
+    classes: list[str]  # wnids; a label indexes this list
+    names: list[str]  # human-readable class names
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def encoded(self, i: int) -> torch.Tensor:
+        """jpeg: the bytes of image i, as the 1-D uint8 tensor decode_jpeg takes (a copy: memmaps are read-only)."""
+        return torch.from_numpy(np.array(self.images[self.offsets[i] : self.offsets[i + 1]]))
+
+
+def open_prepared(root: str | Path, split: str) -> PreparedSplit:
+    """Open `split` ("train" or "val") of the prepared dataset in `root`."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    if split not in manifest["splits"]:
+        raise UserError(f"prepared dataset {root} has no '{split}' split (it has {', '.join(manifest['splits'])})")
+    fmt, size, n = manifest["fmt"], manifest["size"], manifest["splits"][split]["images"]
+    files = split_files(split, fmt)
+    labels = np.load(root / files["labels"], mmap_mode="r")
+    if fmt == "raw":
+        images = np.memmap(root / files["images"], np.uint8, "r", shape=(n, 3, size, size))
+        offsets = None
+    else:
+        images = np.memmap(root / files["images"], np.uint8, "r")
+        offsets = np.load(root / files["offsets"])
+    return PreparedSplit(split, fmt, size, labels, images, offsets, manifest["classes"], manifest["names"])
+
+
+class PreparedLoader:
+    """One epoch of Batch(images (B, 3, S, S) uint8, labels (B,) int64, bad=[]) from a prepared split.
+
+    Order: batch b holds order[b * batch_size:(b + 1) * batch_size] with order = EpochSampler(n, seed,
+    epoch).order(), exactly the batches the folder pipeline gives for the same seed and epoch. Iteration
+    starts at batch `start_step` (a mid-epoch resume).
+
+    Ranks (DDP): each global batch of `batch_size` images is cut into `world_size` contiguous, near-equal
+    shares and rank r gets share r. The shares are disjoint and together are exactly the one-process
+    batch, so steps per epoch, the schedule and resuming by step do not depend on the number of ranks.
+    With drop_last, the epoch's last, incomplete global batch is skipped (a rank never gets an empty share).
+
+    Batches are read in `threads` background threads, `prefetch` batches ahead (numpy copies out of the
+    memmap and JPEG decoding release the GIL); threads 0 reads in the caller's thread. Batches come on
+    `device`. With cuda, JPEGs are decoded on the GPU (nvjpeg, one batched call) and raw images are
+    copied asynchronously from pinned memory (pin_memory=True, which needs CUDA).
+    """
+
+    def __init__(
+        self,
+        split: PreparedSplit,
+        batch_size: int,
+        seed: int = 0,
+        epoch: int = 0,
+        start_step: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        device: str | torch.device = "cpu",
+        pin_memory: bool = False,
+        threads: int = 2,
+        prefetch: int = 4,
+    ) -> None:
+        if batch_size < 1:
+            raise UserError(f"batch size must be at least 1, not {batch_size}")
+        if not 0 <= rank < world_size:
+            raise UserError(f"rank {rank} is not in [0, world size {world_size})")
+        n = len(split)
+        self.steps = n // batch_size if drop_last else math.ceil(n / batch_size)
+        if not 0 <= start_step <= self.steps:
+            raise UserError(f"start step {start_step} is outside the epoch's {self.steps} steps")
+        self.split, self.batch_size, self.start_step = split, batch_size, start_step
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.pin_memory, self.threads, self.prefetch = pin_memory, threads, max(1, prefetch)
+        self.order = np.asarray(EpochSampler(n, seed, epoch, shuffle=shuffle).order(), dtype=np.int64)
+
+    def __len__(self) -> int:
+        """Batches left in this epoch, from start_step."""
+        return self.steps - self.start_step
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        """This rank's sample indices of batch `step`, in the permutation's order."""
+        batch = self.order[step * self.batch_size : (step + 1) * self.batch_size]
+        lo, hi = (len(batch) * self.rank) // self.world_size, (len(batch) * (self.rank + 1)) // self.world_size
+        return batch[lo:hi]
+
+    def __iter__(self) -> Iterator[Batch]:
+        steps = range(self.start_step, self.steps)
+        if self.threads == 0:  # everything in this thread: simplest to debug
+            yield from (self._finish(self._read(step)) for step in steps)
+            return
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="prepared-loader") as pool:
+            pending: deque = deque()
+            for step in steps:
+                pending.append(pool.submit(self._read, step))
+                if len(pending) > self.prefetch:
+                    yield self._finish(pending.popleft().result())
+            while pending:
+                yield self._finish(pending.popleft().result())
+
+    def _read(self, step: int) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
+        """Batch `step` from disk (background thread). Reads in file order for locality, returns in batch order."""
+        idx = self.batch_indices(step)
+        s, split = self.split.size, self.split
+        labels = torch.from_numpy(np.array(split.labels[idx]))
+        if split.fmt == "jpeg":
+            encoded = [split.encoded(i) for i in idx]  # small reads: their order matters little
+            if self.device.type == "cuda":
+                return encoded, labels  # decoded on the GPU by _finish, in the consumer's thread and stream
+            images = torch.empty((len(idx), 3, s, s), dtype=torch.uint8, pin_memory=self.pin_memory)
+            if len(idx):
+                torch.stack(decode_jpeg(encoded, mode=ImageReadMode.RGB), out=images)
+        else:
+            images = torch.empty((len(idx), 3, s, s), dtype=torch.uint8, pin_memory=self.pin_memory)
+            out = images.numpy()
+            for pos in np.argsort(idx, kind="stable"):
+                out[pos] = split.images[idx[pos]]
+        return images, labels.pin_memory() if self.pin_memory else labels
+
+    def _finish(self, item: tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]) -> Batch:
+        """Move (or, for JPEG on cuda, decode) the batch onto the device: in the consumer's thread."""
+        images, labels = item
+        if isinstance(images, list):  # JPEG bytes for nvjpeg
+            s = self.split.size
+            decoded = decode_jpeg(images, mode=ImageReadMode.RGB, device=self.device) if images else []
+            images = torch.stack(decoded) if decoded else torch.empty(0, 3, s, s, dtype=torch.uint8)
+        if self.device.type == "cpu":
+            return Batch(images, labels, [])
+        return Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), [])
