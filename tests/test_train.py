@@ -120,22 +120,24 @@ def test_nan_loss_stops_training(tiny_dataset, tmp_path):
 
 
 def test_learns_on_real_images(imagenette_ci, tmp_path):
-    """A short CPU run on real photographs: the training loss falls and val accuracy beats chance (10%)."""
+    """A short CPU run of the paper's network on real photographs: the training loss falls and the
+    validation accuracy beats chance (10 classes: 90% top-1 error, 50% top-5 error)."""
     cfg = TrainConfig(
         data=str(imagenette_ci),
         run_dir=str(tmp_path / "run"),
         preset="paper",
-        init="caffe",
-        epochs=5,
-        batch_size=16,
+        init="caffe",  # the paper's biases of 1 give a flat loss here, as Caffe found
+        epochs=8,
+        batch_size=32,
         schedule="cosine",
         workers=1,
     )
     run = train(cfg, progress=False)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    print(json.dumps(metrics, indent=1))
     assert metrics[-1]["train_loss"] < 0.9 * metrics[0]["train_loss"]
     result = json.loads((run / "eval.json").read_text())
-    assert result["center"]["top1_err"] < 0.8, result
+    assert result["center"]["top1_err"] < 0.8 and result["center"]["top5_err"] < 0.45, result
 
 
 def test_crash_after_a_mid_epoch_checkpoint_resumes_exactly(tiny_dataset, tmp_path, monkeypatch):

@@ -4,6 +4,8 @@ alexnet train     [--data DIR] ...     train (no --data: a synthetic demo datase
 alexnet evaluate  --checkpoint C --data DIR
 alexnet predict   --checkpoint C IMAGE_OR_FOLDER ...
 alexnet info      [--preset P]
+alexnet convert   --from caffe|caffe-npy|torchvision FILE --out CKPT
+alexnet export    --checkpoint C --format onnx|torchscript|export|safetensors --out FILE
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ HELP = {
     "pca": "PCA lighting axes from the training set ('dataset') or the 'imagenet' constants",
     "lighting": "standard deviation of the PCA lighting alphas (0: off)",
     "device": "auto, cpu, cuda or cuda:N",
+    "lrn": "LRN convention: paper, cuda-convnet or caffe (default: the preset's)",
+    "init_from": "start from these weights: a torchvision state_dict, an alexnet checkpoint or run directory",
+    "freeze": "layers not trained: 'features' (conv1..conv5), a range like conv1..conv3, or names conv1,fc6",
 }
 
 
@@ -189,6 +194,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .weights import convert
+
+    print(f"wrote {convert(args.source, args.file, args.out, args.mean, args.classes)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint, max_abs_difference
+
+    out = export_checkpoint(args.checkpoint, args.format, args.out, args.input_size)
+    print(f"wrote {out}")
+    if args.check:
+        diff, count = max_abs_difference(out, args.checkpoint, args.check, args.input_size, args.format)
+        print(f"largest absolute difference from PyTorch's logits on {count} images: {diff:.3g}")
+    return 0
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="alexnet", description="AlexNet (Krizhevsky et al. 2012) in PyTorch")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -243,6 +266,25 @@ def build_parser() -> Parser:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--input-size", type=int)
     p.set_defaults(func=cmd_info)
+
+    from .export import FORMATS
+    from .weights import SOURCES
+
+    p = sub.add_parser("convert", help="torchvision or Caffe (bvlc_alexnet) weights -> an alexnet checkpoint")
+    p.add_argument("--from", dest="source", required=True, choices=SOURCES, help="format of FILE")
+    p.add_argument("file", metavar="FILE", help="state_dict file, .caffemodel or bvlc_alexnet.npy")
+    p.add_argument("--out", required=True, help="checkpoint file to write")
+    p.add_argument("--mean", help="Caffe's mean image (.binaryproto or .npy); default: per channel [104, 117, 123] BGR")
+    p.add_argument("--classes", help="class list: synset_words.txt, one wnid per line, or classes.tsv")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="a checkpoint as ONNX, torch.export, TorchScript or safetensors")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (its best.pt)")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="file to write")
+    p.add_argument("--input-size", type=int, help="input height = width (default: the checkpoint's crop)")
+    p.add_argument("--check", nargs="+", metavar="IMAGE", help="compare the export with PyTorch on these images")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .lrn import LRN_CONVENTIONS
 from .model import INITS, PRESETS
 
 SCHEDULES = ("plateau", "inverse-time", "step", "cosine")
@@ -25,6 +26,12 @@ class TrainConfig:
     groups: int | None = None  # paper preset: 2 towers (default) or 1
     dropout: float = 0.5
     init: str | None = None  # paper | kaiming | default; None = the preset's own
+    lrn: str | None = None  # LRN convention (paper | cuda-convnet | caffe); None = the preset's own
+    # fine-tuning: start from these weights (a torchvision state_dict, an alexnet checkpoint or run
+    # directory); fc8 is replaced when the classes differ. `freeze`: layers kept fixed, e.g. 'features'
+    # or 'conv1..conv3' or 'conv1,conv2'
+    init_from: str | None = None
+    freeze: str | None = None
     # optimisation (the paper: SGD, momentum 0.9, weight decay 5e-4, batch 128, lr 0.01, 90 epochs)
     epochs: int = 90
     batch_size: int = 128
@@ -76,6 +83,14 @@ class TrainConfig:
             raise UserError(f"dropout must be in [0, 1), not {c.dropout}")
         if c.groups is not None and (c.preset != "paper" or c.groups not in (1, 2)):
             raise UserError("groups must be 1 or 2 and applies to the paper preset only")
+        if c.lrn is not None:
+            _choice("lrn", c.lrn, tuple(LRN_CONVENTIONS))
+            if PRESETS[c.preset].lrn is None:
+                raise UserError(f"the {c.preset} preset has no LRN layers; lrn does not apply to it")
+        if c.freeze:
+            from .weights import parse_freeze  # here, not at the top: weights.py imports this module
+
+            parse_freeze(c.freeze)
         if not 0 < c.crop <= c.image_size:
             raise UserError(f"crop ({c.crop}) must be positive and at most image_size ({c.image_size})")
         if min(c.workers, c.plateau_patience, c.max_lr_drops, c.checkpoint_every) < 0:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .lrn import PAPER_LRN, LocalResponseNorm, LRNSpec, tensorflow_lrn
+from .lrn import LRN_CONVENTIONS, PAPER_LRN, LocalResponseNorm, LRNSpec, tensorflow_lrn
 
 
 @dataclass(frozen=True)
@@ -246,11 +246,20 @@ def build_model(
     groups: int | None = None,
     dropout: float = 0.5,
     init: str | None = None,
+    lrn: str | None = None,
 ) -> AlexNet:
-    """Build an AlexNet preset. `groups` (paper only) sets conv2/conv4/conv5 to 1 or 2 towers."""
+    """Build an AlexNet preset. `groups` (paper only) sets conv2/conv4/conv5 to 1 or 2 towers; `lrn`
+    (presets with LRN) picks a convention of lrn.LRN_CONVENTIONS instead of the preset's own, e.g.
+    'caffe' to run weights converted from Caffe."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
+    if lrn is not None:
+        if p.lrn is None:
+            raise UserError(f"the {p.name} preset has no LRN layers; lrn does not apply to it")
+        if lrn not in LRN_CONVENTIONS:
+            raise UserError(f"unknown LRN convention {lrn!r}; choose one of {', '.join(LRN_CONVENTIONS)}")
+        p = replace(p, lrn=LRN_CONVENTIONS[lrn])
     if groups is not None:
         if p.name != "paper":
             raise UserError(f"--groups applies to the paper preset only, not {p.name!r}")

@@ -34,9 +34,11 @@ from .config import TrainConfig
 from .data import Batch, EpochSampler, ImageDataset, image_moments, make_loader, open_split
 from .errors import UserError
 from .evaluate import evaluate, write_report
+from .export import read_safetensors
 from .model import build_model
 from .prepared import PreparedLoader, is_prepared, open_prepared, read_manifest
 from .schedule import make_scheduler, steps_each_iteration
+from .weights import freeze_layers, load_pretrained, read_pretrained
 
 
 class Interrupted(Exception):
@@ -122,6 +124,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"run directory {run_dir} already exists; resume it with --resume {run_dir} or pick another")
     device = pick_device(cfg.device)
+    # --init-from: read and checked now, so a wrong file stops the run before its directory is made
+    pretrained = read_pretrained(cfg.init_from, cfg) if cfg.init_from and not resume else None
 
     # --- data: a prepared dataset (alexnet prepare) or an image folder decoded per image ---------
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -187,7 +191,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 
     # --- model and optimizer ---------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.preset, num_classes, cfg.groups, cfg.dropout, cfg.init).to(device)
+    model = build_model(cfg.preset, num_classes, cfg.groups, cfg.dropout, cfg.init, cfg.lrn).to(device)
+    if pretrained is not None:  # a resumed run loads its own weights below
+        tqdm.write(load_pretrained(model, pretrained, classes))
+    if cfg.freeze:
+        tqdm.write(f"frozen: {', '.join(freeze_layers(model, cfg.freeze))}")
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     state = RunState()
@@ -336,10 +344,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 
 
 def load_for_inference(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, PixelStats, dict]:
-    """Model (eval mode), pixel statistics and the checkpoint dict, from a checkpoint file or run directory."""
-    ckpt = load_checkpoint(checkpoint)
+    """Model (eval mode), pixel statistics and the checkpoint dict, from a checkpoint file, run directory
+    or .safetensors export."""
+    ckpt = read_safetensors(checkpoint) if str(checkpoint).endswith(".safetensors") else load_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(ckpt["config"])
-    model = build_model(cfg.preset, len(ckpt["classes"]), cfg.groups, cfg.dropout, cfg.init)
+    model = build_model(cfg.preset, len(ckpt["classes"]), cfg.groups, cfg.dropout, cfg.init, cfg.lrn)
     model.load_state_dict(ckpt["model"])
     stats = PixelStats(**ckpt["stats"])
     return model.to(device).eval(), stats, ckpt

@@ -1,0 +1,207 @@
+"""Weights out: a checkpoint as ONNX, torch.export (.pt2), TorchScript or safetensors.
+
+ONNX, .pt2 and TorchScript hold the bare network: input (N, 3, S, S) pixels normalised as the
+checkpoint says, (x / 255 - mean) / std of a centred S x S crop; output (N, classes) logits. The
+batch axis is dynamic, S is fixed at export (`--input-size`, default the checkpoint's crop): the
+paper preset takes 224 or 227, torchvision's any S >= 63. Each file also carries `alexnet.json`
+(classes, input size, normalisation, the run's config): ONNX metadata_props, the .pt2's and
+TorchScript's extra files, safetensors' metadata.
+
+safetensors holds the weights and the pixel statistics as tensors, and the JSON as metadata, so the
+project reads it back without pickle: `load_for_inference` accepts a .safetensors file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .augment import center_batch
+from .checkpoint import FORMAT
+from .data import is_image, load_image
+from .errors import UserError
+
+FORMATS = ("onnx", "torchscript", "export", "safetensors")
+SUFFIXES = {".onnx": "onnx", ".pt2": "export", ".torchscript": "torchscript", ".safetensors": "safetensors"}
+OPSET = 18  # ONNX opset: 17 or newer; 18 is well supported by onnxruntime
+META = "alexnet.json"
+
+
+def _require(module: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise UserError(f"{module.split('.')[0]} is not installed: pip install 'alexnet[export]'") from e
+
+
+def _save_atomic(out: Path, save: Callable[[str], Any]) -> None:
+    """save(temporary path) beside `out`, then rename: an interrupted export leaves no half file."""
+    tmp = out.with_name(f".tmp.{out.name}")  # same suffix: torch.export.save wants .pt2
+    try:
+        save(str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def describe(ckpt: dict[str, Any], size: int) -> str:
+    """The JSON every export carries: what goes in, what comes out, and the run's config."""
+    stats = ckpt["stats"]
+    return json.dumps(
+        {
+            "format": "alexnet-export-1",
+            "input": {
+                "shape": ["batch", 3, size, size],
+                "pixels": "RGB, (x / 255 - mean) / std; a centred crop of the image scaled to image_size",
+                "mean": stats["mean"].mean(dim=(1, 2)).tolist(),  # the mean image's average colour
+                "mean_image": stats["mean"].shape[-1] > 1,  # True: the checkpoint subtracts a whole image
+                "std": stats["std"].flatten().tolist(),
+                "image_size": ckpt["config"]["image_size"],
+            },
+            "output": "logits",
+            "classes": ckpt["classes"],
+            "names": ckpt["names"],
+            "config": ckpt["config"],
+        }
+    )
+
+
+def check_input_size(model: torch.nn.Module, size: int) -> None:
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    except RuntimeError as e:
+        raise UserError(f"the {model.preset.name} preset cannot take {size}x{size} inputs") from e
+
+
+def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, input_size: int | None = None) -> Path:
+    """Write `checkpoint` (a file or run directory) as `fmt` to `out`; returns `out`."""
+    from .train import load_for_inference  # here: train.py imports this module
+
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    model, _, ckpt = load_for_inference(checkpoint, torch.device("cpu"))
+    size = input_size or ckpt["config"]["crop"]
+    check_input_size(model, size)
+    meta = describe(ckpt, size)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(2, 3, size, size)  # batch 2: a size-1 axis would be fixed at 1
+    batch = ({0: torch.export.Dim("batch", min=1)},)
+    if fmt == "onnx":
+        _require("onnxscript")  # the torch.export-based ONNX exporter needs it
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes=batch,
+            verbose=False,
+        )
+        program.model.metadata_props[META] = meta
+        _save_atomic(out, lambda tmp: program.save(tmp, external_data=False))
+    elif fmt == "export":
+        program = torch.export.export(model, (example,), dynamic_shapes=batch)
+        _save_atomic(out, lambda tmp: torch.export.save(program, tmp, extra_files={META: meta}))
+    elif fmt == "torchscript":
+        with warnings.catch_warnings():
+            # torch.jit is deprecated in favour of torch.export but still works; the trace fixes
+            # CeilConv2d's padding for this input size, which is what the file promises anyway
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(model, example)
+            _save_atomic(out, lambda tmp: torch.jit.save(traced, tmp, _extra_files={META: meta}))
+    else:
+        st = _require("safetensors.torch")
+        tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+        tensors.update({f"stats.{k}": v.contiguous() for k, v in ckpt["stats"].items()})
+        _save_atomic(out, lambda tmp: st.save_file(tensors, tmp, metadata={META: meta}))
+    return out
+
+
+def read_safetensors(path: str | Path) -> dict[str, Any]:
+    """A .safetensors export as a checkpoint dict (config, classes, names, stats, model): no pickle."""
+    _require("safetensors")
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - not a safetensors file: one line
+        raise UserError(f"cannot read {path} as safetensors ({type(e).__name__})") from e
+    if META not in meta:
+        raise UserError(f"{path} was not written by alexnet export (no {META} metadata)")
+    info = json.loads(meta[META])
+    return {
+        "format": FORMAT,
+        "config": info["config"],
+        "classes": info["classes"],
+        "names": info["names"],
+        "model": {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
+        "stats": {k.removeprefix("stats."): v for k, v in tensors.items() if k.startswith("stats.")},
+    }
+
+
+def load_exported(path: str | Path, fmt: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function normalised images -> logits that runs an exported file (`fmt` default: from the suffix)."""
+    path = Path(path)
+    fmt = fmt or SUFFIXES.get(path.suffix)
+    if fmt not in FORMATS:
+        raise UserError(f"cannot tell the format of {path}; name it ({', '.join(FORMATS)})")
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    if fmt == "onnx":
+        ort = _require("onnxruntime")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: torch.from_numpy(session.run(None, {name: x.cpu().numpy()})[0])
+    if fmt == "export":
+        return torch.export.load(str(path)).module()
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
+            return torch.jit.load(str(path), map_location="cpu")
+    from .train import load_for_inference
+
+    return load_for_inference(path, torch.device("cpu"))[0]
+
+
+def max_abs_difference(
+    path: str | Path,
+    checkpoint: str | Path,
+    images: Sequence[str | Path],
+    input_size: int | None = None,
+    fmt: str | None = None,
+) -> tuple[float, int]:
+    """(largest |export logits - PyTorch logits|, number of images) over image files or folders."""
+    from .train import load_for_inference
+
+    files: list[Path] = []
+    for p in map(Path, images):
+        files += sorted(f for f in p.rglob("*") if is_image(f.name)) if p.is_dir() else [p]
+    if not files:
+        raise UserError("no image files to check with")
+    model, stats, ckpt = load_for_inference(checkpoint, torch.device("cpu"))
+    image_size, size = ckpt["config"]["image_size"], input_size or ckpt["config"]["crop"]
+    x = center_batch(torch.stack([load_image(str(f), image_size) for f in files]), stats, min(size, image_size))
+    if size > image_size:  # larger than the stored images: scale the crops up, any input will do
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    run = load_exported(path, fmt)
+    with torch.no_grad():
+        return float((run(x).float() - model(x)).abs().max()), len(files)

@@ -1,0 +1,125 @@
+"""Weights out: every export format, loaded back, gives PyTorch's logits on real images."""
+
+import json
+
+import onnxruntime
+import pytest
+import torch
+
+from alexnet.augment import make_pixel_stats
+from alexnet.checkpoint import save_checkpoint
+from alexnet.cli import main
+from alexnet.config import TrainConfig
+from alexnet.errors import UserError
+from alexnet.export import export_checkpoint, load_exported, max_abs_difference
+from alexnet.model import build_model
+from alexnet.train import load_for_inference
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_checkpoint(path, preset: str, mean: str) -> str:
+    """A checkpoint as training writes it (random weights, 10 classes), with a mean image or colour."""
+    torch.manual_seed(0)
+    model = build_model(preset, 10, init="kaiming" if preset == "paper" else None)
+    cfg = TrainConfig(preset=preset, mean=mean).resolved()
+    mean_image = torch.rand(3, 256, 256) * 0.2 + 0.4
+    stats = make_pixel_stats(mean_image, torch.eye(3) * 0.01, cfg.mean, cfg.scale, cfg.pca)
+    classes = [f"n{i:08d}" for i in range(10)]
+    save_checkpoint(
+        {
+            "config": cfg.__dict__,
+            "classes": classes,
+            "names": [f"class {i}" for i in range(10)],
+            "stats": stats.state_dict(),
+            "model": model.state_dict(),
+        },
+        path,
+    )
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    return {
+        "torchvision": make_checkpoint(folder / "torchvision.pt", "torchvision", "channel"),
+        "paper": make_checkpoint(folder / "paper.pt", "paper", "pixel"),  # a mean image, raw pixels
+    }
+
+
+@pytest.fixture(scope="module")
+def images(imagenette_ci):
+    folders = sorted((imagenette_ci / "val").iterdir())[:4]  # one photograph from each of 4 classes
+    return [str(sorted(f.glob("*.JPEG"))[0]) for f in folders]
+
+
+@pytest.mark.parametrize(
+    ("preset", "size"),
+    [("torchvision", 224), ("torchvision", 160), ("paper", 227), ("paper", 224)],
+)
+def test_onnx_matches_pytorch(checkpoints, images, tmp_path, preset, size):
+    out = export_checkpoint(checkpoints[preset], "onnx", tmp_path / "model.onnx", input_size=size)
+    diff, count = max_abs_difference(out, checkpoints[preset], images, size)
+    print(f"ONNX {preset} {size}x{size}: largest absolute difference {diff:.3g} over {count} images")
+    assert count == 4 and diff < 1e-4
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    shape = session.get_inputs()[0].shape
+    assert shape[1:] == [3, size, size] and not isinstance(shape[0], int)  # dynamic batch axis
+    meta = json.loads(session.get_modelmeta().custom_metadata_map["alexnet.json"])
+    assert meta["classes"][3] == "n00000003" and meta["input"]["shape"][2] == size
+
+
+@pytest.mark.parametrize(("fmt", "preset"), [("export", "torchvision"), ("export", "paper"), ("torchscript", "paper")])
+def test_torch_formats_round_trip(checkpoints, images, tmp_path, fmt, preset):
+    suffix = {"export": ".pt2", "torchscript": ".torchscript"}[fmt]
+    out = export_checkpoint(checkpoints[preset], fmt, tmp_path / f"model{suffix}")
+    diff, count = max_abs_difference(out, checkpoints[preset], images)
+    assert count == 4 and diff < 1e-4, diff
+    run = load_exported(out)
+    with torch.no_grad():  # another batch size than the export's example; the checkpoints' crop is 224
+        assert run(torch.zeros(3, 3, 224, 224)).shape == (3, 10)
+
+
+def test_safetensors_loads_back_without_pickle(checkpoints, images, tmp_path, capsys):
+    out = tmp_path / "paper.safetensors"
+    assert main(["export", "--checkpoint", checkpoints["paper"], "--format", "safetensors", "--out", str(out)]) == 0
+    model, stats, ckpt = load_for_inference(out, torch.device("cpu"))
+    reference, ref_stats, ref_ckpt = load_for_inference(checkpoints["paper"], torch.device("cpu"))
+    assert ckpt["classes"] == ref_ckpt["classes"] and ckpt["config"] == ref_ckpt["config"]
+    assert torch.equal(stats.mean, ref_stats.mean)  # the mean image travels as a tensor
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert max_abs_difference(out, checkpoints["paper"], images)[0] == 0
+    # the rest of the project takes it as a checkpoint
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(out), "--json", images[0]]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["top"]) == 5
+
+
+def test_cli_export_checks_against_pytorch(checkpoints, images, tmp_path, capsys):
+    out = tmp_path / "tv.pt2"
+    args = ["export", "--checkpoint", checkpoints["torchvision"], "--format", "export", "--out", str(out)]
+    assert main([*args, "--check", *images[:2]]) == 0
+    printed = capsys.readouterr().out
+    assert "largest absolute difference from PyTorch's logits on 2 images" in printed
+
+
+def test_bad_export_requests(checkpoints, tmp_path):
+    with pytest.raises(UserError, match="unknown export format"):
+        export_checkpoint(checkpoints["torchvision"], "tflite", tmp_path / "m.tflite")
+    with pytest.raises(UserError, match="cannot take 100x100"):
+        export_checkpoint(checkpoints["paper"], "onnx", tmp_path / "m.onnx", input_size=100)
+    with pytest.raises(UserError, match="cannot tell the format"):
+        load_exported(tmp_path / "model.bin")
+    not_safetensors = tmp_path / "x.safetensors"
+    not_safetensors.write_bytes(b"nope")
+    with pytest.raises(UserError, match="cannot read"):
+        load_for_inference(not_safetensors, torch.device("cpu"))
+    assert not list(tmp_path.glob("m.*"))
