@@ -34,3 +34,14 @@ def tiny_dataset(tmp_path: Path) -> Path:
             for i in range(n):
                 write_image(root / split / wnid / f"{wnid}_{i}.JPEG", colour=colour)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of many small tensor ops, where threads only contend."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

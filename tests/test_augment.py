@@ -20,16 +20,9 @@ from alexnet.augment import (
     train_batch,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small tensor ops: threads only contend
+
 S, CROP = 256, 224
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these are many small tensor ops: on a shared, busy machine intra-op threads only contend
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def coord_images(b: int, s: int = S) -> torch.Tensor:

@@ -15,13 +15,7 @@ from alexnet.export import export_checkpoint, load_exported, max_abs_difference
 from alexnet.model import build_model
 from alexnet.train import load_for_inference
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small tensor ops: threads only contend
 
 
 def make_checkpoint(path, preset: str, mean: str) -> str:

@@ -15,14 +15,7 @@ from alexnet.lrn import (
     tensorflow_lrn,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensor ops on a shared, busy machine: intra-op threads only contend
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small tensor ops: threads only contend
 
 
 def naive_lrn(a: torch.Tensor, size: int, s: float, k: float, beta: float) -> torch.Tensor:

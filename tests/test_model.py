@@ -15,14 +15,7 @@ from alexnet.errors import UserError
 from alexnet.lrn import PAPER_LRN, LocalResponseNorm, tensorflow_lrn
 from alexnet.model import CeilConv2d, build_model, layer_table
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensor ops on a shared, busy machine: intra-op threads only contend
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small tensor ops: threads only contend
 
 
 def n_params(model: nn.Module) -> int:

@@ -11,14 +11,7 @@ from torch import nn
 from alexnet.config import TrainConfig
 from alexnet.schedule import lr_factor, make_scheduler, steps_each_iteration
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensor ops on a shared, busy machine: intra-op threads only contend
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small tensor ops: threads only contend
 
 
 def _optimizer(lr: float) -> torch.optim.SGD:

@@ -24,6 +24,8 @@ from alexnet.model import build_model
 from alexnet.train import load_for_inference, train
 from alexnet.weights import convert, load_pretrained, parse_freeze, read_pretrained
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small tensor ops: threads only contend
+
 TINY = dict(preset="torchvision", batch_size=4, image_size=72, crop=64, workers=0, log_every=1)
 
 # bvlc_alexnet in Caffe's layout: (out, in / groups, kH, kW) and (out, in)
@@ -47,14 +49,6 @@ KEYS = {  # where each layer sits in the paper preset's state_dict
     "fc7": "classifier.3",
     "fc8": "classifier.6",
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
