@@ -24,16 +24,20 @@ def write_image(path: Path, size: tuple[int, int] = (40, 30), colour: tuple[int,
     return path
 
 
-@pytest.fixture
-def tiny_dataset(tmp_path: Path) -> Path:
+def make_tiny_dataset(root: Path) -> Path:
     """3 classes x (6 train + 2 val) small coloured JPEGs: a dataset that trains in seconds."""
-    root = tmp_path / "tiny"
     colours = {"n001_red": (220, 40, 40), "n002_green": (40, 200, 40), "n003_blue": (40, 40, 220)}
     for wnid, colour in colours.items():
         for split, n in (("train", 6), ("val", 2)):
             for i in range(n):
                 write_image(root / split / wnid / f"{wnid}_{i}.JPEG", colour=colour)
     return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    """3 classes x (6 train + 2 val) small coloured JPEGs: a dataset that trains in seconds."""
+    return make_tiny_dataset(tmp_path / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ alexnet predict   --checkpoint C IMAGE_OR_FOLDER ...
 alexnet info      [--preset P]
 alexnet convert   --from caffe|caffe-npy|torchvision FILE --out CKPT
 alexnet export    --checkpoint C --format onnx|torchscript|export|safetensors --out FILE
+alexnet features  --checkpoint C --layer L [--layer L2 ...] IMAGE_OR_FOLDER ... --out F.npz|F.npy
+alexnet figures   RUN_DIR [--data DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ HELP = {
     "lrn": "LRN convention: paper, cuda-convnet or caffe (default: the preset's)",
     "init_from": "start from these weights: a torchvision state_dict, an alexnet checkpoint or run directory",
     "freeze": "layers not trained: 'features' (conv1..conv5), a range like conv1..conv3, or names conv1,fc6",
+    "tensorboard": "also write TensorBoard event files to RUN_DIR/tensorboard (pip install tensorboard)",
 }
 
 
@@ -52,6 +55,10 @@ class Parser(argparse.ArgumentParser):
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field; defaults stay unset so we know what the user gave."""
     for f in dataclasses.fields(TrainConfig):
+        if isinstance(f.default, bool):  # a flag: --tensorboard
+            flag = f"--{f.name.replace('_', '-')}"
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=HELP.get(f.name))
+            continue
         kind = {int: int, float: float}.get(type(f.default), str)
         if f.name == "groups":
             kind = int
@@ -212,6 +219,45 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_features(args: argparse.Namespace) -> int:
+    from .features import check_layers, extract_samples, label_of, list_image_files, write_features
+    from .train import load_for_inference
+
+    out = Path(args.out)
+    if out.suffix not in (".npz", ".npy"):
+        raise UserError(f"--out must end in .npz or .npy, not {out.name!r}")
+    if out.suffix == ".npy" and len(args.layer) != 1:
+        raise UserError(f"a .npy file holds one layer, not {len(args.layer)}; write .npz")
+    model, stats, ckpt = load_for_inference(args.checkpoint, _device(args.device))
+    check_layers(model, args.layer)
+    files = list_image_files(args.images)
+    classes = ckpt["classes"]
+    samples = [(str(f), label_of(f, classes)) for f in files]
+    cfg = ckpt["config"]
+    size, crop, progress = cfg["image_size"], cfg["crop"], not args.no_progress
+    feats, kept, bad = extract_samples(
+        model, stats, samples, args.layer, size, crop, args.batch_size, args.workers, progress
+    )
+    for b in bad:
+        print(f"skipped (cannot read): {b}", file=sys.stderr)
+    if not kept:
+        raise UserError(f"none of the {len(files)} image files could be read")
+    write_features(out, feats, [samples[i][0] for i in kept], [samples[i][1] for i in kept], classes)
+    shapes = ", ".join(f"{name} {tuple(a.shape)}" for name, a in feats.items())
+    print(f"wrote {out}: {shapes}" + (f"; {len(bad)} unreadable files skipped" if bad else ""))
+    return 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    from .figures import make_figures
+
+    options = (args.neighbour_images, args.batch_size, args.workers, args.device, not args.no_progress)
+    written = make_figures(args.run_dir, args.data, args.out, *options)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="alexnet", description="AlexNet (Krizhevsky et al. 2012) in PyTorch")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -285,6 +331,31 @@ def build_parser() -> Parser:
     p.add_argument("--input-size", type=int, help="input height = width (default: the checkpoint's crop)")
     p.add_argument("--check", nargs="+", metavar="IMAGE", help="compare the export with PyTorch on these images")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("features", help="activations of named layers (conv1..conv5, pool5, fc6..fc8) for images")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (its best.pt)")
+    p.add_argument("--layer", action="append", required=True, help="a layer name; repeat for several")
+    p.add_argument("images", nargs="+", help="image files or folders (a class folder of the model gives the label)")
+    p.add_argument("--out", required=True, help=".npz (layers, files, labels, classes) or .npy (one layer)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_features)
+
+    text = "PNG figures of a run: conv1 filters, predictions, neighbours, curves, confusion"
+    p = sub.add_parser("figures", help=text)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+    p.add_argument("--data", help="dataset folder (default: the run's config.json data)")
+    p.add_argument("--out", help="folder for the PNG files (default: RUN_DIR/figures)")
+    p.add_argument(
+        "--neighbour-images", type=int, default=2000, help="training images searched for neighbours (0: all)"
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_figures)
     return parser
 
 

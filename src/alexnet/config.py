@@ -13,7 +13,7 @@ from .model import INITS, PRESETS
 
 SCHEDULES = ("plateau", "inverse-time", "step", "cosine")
 # Settings a resumed run may change: they do not alter what is computed, or only extend it.
-RESUMABLE_OVERRIDES = ("epochs", "workers", "device", "log_every", "checkpoint_every")
+RESUMABLE_OVERRIDES = ("epochs", "workers", "device", "log_every", "checkpoint_every", "tensorboard")
 
 
 @dataclass
@@ -57,6 +57,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 10  # steps between progress updates (and NaN checks)
     checkpoint_every: int = 0  # also write last.pt every this many steps within an epoch (0: at epoch ends)
+    tensorboard: bool = False  # also log metrics and conv1's filters to RUN_DIR/tensorboard (tblog.py)
 
     def resolved(self) -> TrainConfig:
         """Fill preset-dependent defaults and check every value; raises UserError with one line."""

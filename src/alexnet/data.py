@@ -13,11 +13,13 @@ A file that cannot be decoded is returned as None and skipped by `collate`, neve
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import re
 import signal
 import warnings
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,24 @@ def read_class_names(root: Path, classes: list[str]) -> list[str]:
                 if row.get("wnid") in names:
                     names[row["wnid"]] = row.get("name") or ""
     return [names[c] or c for c in classes]
+
+
+@functools.cache
+def imagenet_class_names() -> dict[str, str]:
+    """wnid -> name of the 1000 ILSVRC-2012 classes, from the copy shipped with the package."""
+    text = resources.files(__package__).joinpath("imagenet_classes.tsv").read_text()
+    return {row["wnid"]: row["name"] for row in csv.DictReader(text.splitlines(), delimiter="\t")}
+
+
+def display_names(classes: list[str], names: list[str] | None) -> list[str]:
+    """`names`, or the ILSVRC-2012 names when a model has none (its names are its wnids) and its
+    classes are ImageNet wnids, as in a checkpoint converted without a class list of names."""
+    names = list(names or classes)
+    if names == list(classes):
+        known = imagenet_class_names()
+        if all(c in known for c in classes):
+            return [known[c] for c in classes]
+    return names
 
 
 def _list_images(folder: Path) -> list[str]:

@@ -31,13 +31,14 @@ from .checkpoint import (
     write_text_atomic,
 )
 from .config import TrainConfig
-from .data import Batch, EpochSampler, ImageDataset, image_moments, make_loader, open_split
+from .data import Batch, EpochSampler, ImageDataset, display_names, image_moments, make_loader, open_split
 from .errors import UserError
 from .evaluate import evaluate, write_report
 from .export import read_safetensors
 from .model import build_model
 from .prepared import PreparedLoader, is_prepared, open_prepared, read_manifest
 from .schedule import make_scheduler, steps_each_iteration
+from .tblog import TensorBoardLog
 from .weights import freeze_layers, load_pretrained, read_pretrained
 
 
@@ -231,6 +232,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 
     # --- the epoch loop --------------------------------------------------------------------------
     dev_stats = stats.to(device)
+    tb = TensorBoardLog(run_dir / "tensorboard") if cfg.tensorboard else None
     with StopSignals() as stop:
         while state.epoch < cfg.epochs:
             epoch = state.epoch
@@ -282,6 +284,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                     state.correct += correct
                     state.seen += seen_since
                     state.seconds += elapsed
+                    if tb and seen_since:
+                        tb.interval(step + 1, loss_sum / seen_since, seen_since / max(elapsed, 1e-9))
                     steps_left = (cfg.epochs - epoch) * steps_per_epoch - state.step_in_epoch
                     run_eta = steps_left * cfg.batch_size * state.seconds / max(state.seen, 1)
                     bar.set_postfix(
@@ -323,12 +327,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 f"lr {record['lr']:.2g}"
             )
             append_jsonl(run_dir / "metrics.jsonl", record)
+            if tb:
+                tb.epoch(record, model)
             improved = val.top1_err < state.best_top1_err
             state = RunState(epoch=epoch + 1, best_top1_err=min(state.best_top1_err, val.top1_err))
             checkpoint(run_dir / "last.pt")
             if improved:
                 link_atomic(run_dir / "last.pt", run_dir / "best.pt")
             write_bad_files(run_dir, bad_files)
+
+    if tb:
+        tb.close()
 
     # --- the paper's test protocol on the best weights -------------------------------------------
     best = load_checkpoint(run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt")
@@ -351,4 +360,5 @@ def load_for_inference(checkpoint: str | Path, device: torch.device) -> tuple[to
     model = build_model(cfg.preset, len(ckpt["classes"]), cfg.groups, cfg.dropout, cfg.init, cfg.lrn)
     model.load_state_dict(ckpt["model"])
     stats = PixelStats(**ckpt["stats"])
+    ckpt["names"] = display_names(ckpt["classes"], ckpt.get("names"))  # ILSVRC-2012 names for bare wnids
     return model.to(device).eval(), stats, ckpt

@@ -1,0 +1,115 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from alexnet.cli import main
+from alexnet.config import TrainConfig
+from alexnet.figures import DPI, SIZES, conv1_figure, nearest_neighbours, spread, subset
+from alexnet.model import build_model
+from alexnet.train import train
+
+torch.set_num_threads(1)
+
+TINY = dict(preset="torchvision", batch_size=4, image_size=72, crop=64, workers=0, log_every=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Two epochs of the tiny run, with TensorBoard on: 18 training images, 5 steps an epoch."""
+    from conftest import make_tiny_dataset
+
+    root = tmp_path_factory.mktemp("figures")
+    data = make_tiny_dataset(root / "tiny")
+    cfg = TrainConfig(data=str(data), run_dir=str(root / "run"), epochs=2, tensorboard=True, **TINY)
+    return data, train(cfg, progress=False)
+
+
+def assert_picture(path, name):
+    assert path.is_file(), path
+    with Image.open(path) as im:
+        assert im.size == (round(SIZES[name][0] * DPI), round(SIZES[name][1] * DPI)), (name, im.size)
+        pixels = np.asarray(im.convert("RGB"))
+    assert pixels.std() > 0, name
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1, name
+
+
+def test_figures_of_a_run(tiny_run, tmp_path, capsys):
+    _, run = tiny_run
+    out = tmp_path / "figs"
+    assert main(["figures", str(run), "--out", str(out), "--workers", "0", "--no-progress"]) == 0
+    for name in SIZES:
+        assert_picture(out / f"{name}.png", name)
+    assert f"wrote {out / 'neighbours.png'}" in capsys.readouterr().out
+    assert not (run / "figures").exists()
+
+
+def test_figures_skip_what_is_missing(tiny_run, tmp_path, capsys):
+    _, run = tiny_run
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("config.json", "classes.tsv", "best.pt"):
+        (partial / name).write_bytes((run / name).read_bytes())
+    cfg = json.loads((partial / "config.json").read_text())
+    (partial / "config.json").write_text(json.dumps({**cfg, "data": str(tmp_path / "gone")}))
+    assert main(["figures", str(partial), "--no-progress"]) == 0
+    assert sorted(p.name for p in (partial / "figures").iterdir()) == ["conv1_filters.png"]
+    out = capsys.readouterr().out
+    assert "predictions and neighbours skipped" in out and "curves skipped" in out and "confusion skipped" in out
+
+
+def test_conv1_figure_paper_towers(tmp_path):
+    for groups in (2, 1):
+        model = build_model("paper", num_classes=10, groups=groups)
+        path = conv1_figure(model, tmp_path / f"conv1_g{groups}.png")
+        assert_picture(path, "conv1_filters")
+    with Image.open(tmp_path / "conv1_g2.png") as a, Image.open(tmp_path / "conv1_g1.png") as b:
+        assert np.asarray(a).shape == np.asarray(b).shape and not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nearest_neighbours_are_exact():
+    g = torch.Generator().manual_seed(0)
+    queries, database = torch.randn(7, 16, generator=g), torch.randn(50, 16, generator=g)
+    dist, idx = nearest_neighbours(queries, database, k=6, chunk=8)  # several chunks: merging is checked too
+    q, db = queries.double().numpy(), database.double().numpy()
+    for i in range(len(q)):
+        d = [float(np.sqrt(((q[i] - db[j]) ** 2).sum())) for j in range(len(db))]
+        order = sorted(range(len(db)), key=lambda j: d[j])[:6]
+        assert idx[i].tolist() == order
+        assert np.allclose(dist[i].numpy(), [d[j] for j in order], rtol=0, atol=1e-12)
+    assert nearest_neighbours(queries, database[:3], k=6)[1].shape == (7, 3)
+
+
+def test_deterministic_choices():
+    assert subset(10, 0) == list(range(10)) and subset(10, 20) == list(range(10))
+    assert subset(1000, 5) == subset(1000, 5) and len(subset(1000, 5)) == 5
+    assert spread(6, 8) == [0, 1, 2, 3, 4, 5] and spread(100, 5) == [0, 25, 50, 74, 99]
+
+
+def test_tensorboard_event_files(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run = tiny_run
+    assert json.loads((run / "config.json").read_text())["tensorboard"] is True
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for name in ("train_loss", "val_loss", "val_top1_err", "val_top5_err", "lr", "images_per_s"):
+        events = acc.Scalars(f"epoch/{name}")
+        assert [e.step for e in events] == [1, 2], name
+        assert np.allclose([e.value for e in events], [m[name] for m in metrics], rtol=1e-5), name
+    for name in ("train/loss", "train/images_per_s"):
+        assert [e.step for e in acc.Scalars(name)] == list(range(1, 11)), name  # log_every 1: every step
+    assert all(e.value > 0 for e in acc.Scalars("train/loss"))
+    images = acc.Images("conv1/filters")
+    assert [e.step for e in images] == [1, 2] and images[0].width > 0
+
+
+def test_tensorboard_flag_in_cli(tmp_path):
+    from alexnet.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--tensorboard", "--data", str(tmp_path)])
+    assert args.tensorboard is True
+    assert not hasattr(build_parser().parse_args(["train"]), "tensorboard")
