@@ -298,3 +298,19 @@ def test_make_pixel_stats_mean_and_scale() -> None:
         assert channel.mean[ch, 0, 0].item() == pytest.approx(mean_image[ch].mean().item(), rel=1e-5)
     torch.testing.assert_close(channel.std.flatten(), torch.tensor([0.229, 0.224, 0.225]))
     assert tuple(IMAGENET_STD) == (0.229, 0.224, 0.225)
+
+
+@pytest.mark.parametrize("per_pixel", [True, False])
+def test_gpu_gather_and_cpu_slicing_crop_alike(per_pixel):
+    """train_batch crops by one gather on CUDA and by slicing on the CPU: both must give the same pixels."""
+    from alexnet.augment import _crops_by_gather, _crops_by_slicing
+
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8, generator=g)
+    mean = torch.rand(3, 40, 40, generator=g) if per_pixel else torch.rand(3, 1, 1, generator=g)
+    stats = PixelStats(mean, torch.full((3, 1, 1), 0.2), torch.ones(3), torch.eye(3))
+    top, left = torch.randint(0, 9, (6,), generator=g), torch.randint(0, 9, (6,), generator=g)
+    flip = torch.tensor([True, False, True, True, False, False])
+    a = _crops_by_gather(images, stats, top, left, flip, 32)
+    b = _crops_by_slicing(images, stats, top, left, flip, 32)
+    assert a.shape == (6, 3, 32, 32) and torch.allclose(a, b, atol=1e-6)
