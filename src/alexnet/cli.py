@@ -122,22 +122,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .data import is_image, load_image
+    from .data import load_image
     from .evaluate import class_probabilities
+    from .features import list_image_files
     from .train import load_for_inference
 
     device = _device(args.device)
     model, stats, ckpt = load_for_inference(args.checkpoint, device)
-    files: list[Path] = []
-    for p in map(Path, args.images):
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and is_image(f.name))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise UserError(f"{p} does not exist")
-    if not files:
-        raise UserError("no image files given")
+    files = list_image_files(args.images)
     classes, names, k = ckpt["classes"], ckpt["names"], min(args.top, len(ckpt["classes"]))
     stats, failures = stats.to(device), 0
     results = []
