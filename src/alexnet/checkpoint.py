@@ -8,10 +8,12 @@ A run directory holds:
   last.pt, best.pt  checkpoints (best = lowest validation top-1 error)
   bad_files.txt     images that could not be decoded, with the reason
   eval.json, per_class.csv, confusion.csv   the final evaluation
+  lock              held (flock) by the training that is writing the directory
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -23,6 +25,7 @@ import torch
 from .errors import UserError
 
 FORMAT = "alexnet-checkpoint-1"
+TMP_SUFFIX = ".tmp"  # of files being written; never a finished file
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -38,10 +41,14 @@ def _fsync_dir(folder: Path) -> None:
 def write_atomic(path: Path, write: Any) -> None:
     """Call write(file) on a temporary file beside `path`, fsync it, then rename it over `path`.
 
-    Readers see the old file or the new one, never a mix; a failure (a full disk) leaves the old one.
+    Readers see the old file or the new one, never a mix; a failure (a full disk) leaves the old one
+    and no temporary file. A kill -9 mid-write can leave a temporary: remove_temporaries clears it.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    except OSError as e:
+        raise _failed_write(e, path) from e
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
@@ -50,9 +57,64 @@ def write_atomic(path: Path, write: Any) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        cause = _os_error(e)
+        if cause is not None:
+            raise _failed_write(cause, path) from e
         raise
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind `e`: torch.save reports a failed write (ENOSPC) as a RuntimeError of its own."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _failed_write(e: OSError, path: Path) -> OSError:
+    """The error of a failed write, naming the file meant (not its temporary) and what was kept."""
+    kept = f"the previous {path.name} is unchanged" if path.exists() else f"{path.name} was not written"
+    return OSError(e.errno, f"{e.strerror}; {kept}", str(path))
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporaries that a process killed in write_atomic or link_atomic left in `folder`."""
+    stale = [p for p in Path(folder).glob(f".*{TMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+class RunLock:
+    """An exclusive flock on RUN_DIR/lock for as long as a training writes the directory.
+
+    The kernel drops it when the process ends in any way (kill -9 included), so a lock is never stale.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / "lock"
+        self.fd = -1
+
+    def __enter__(self) -> RunLock:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise UserError(
+                f"{self.path.parent} is in use by another training (pid {holder}); wait for it or pick another"
+                " --run-dir"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)  # closing releases the flock; the file stays, harmless and reused
 
 
 def link_atomic(src: Path, dst: Path) -> None:
@@ -76,7 +138,8 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, lambda f: f.write(text.encode()))
+    # surrogateescape: file names that are not UTF-8 are written back as the bytes they were
+    write_atomic(path, lambda f: f.write(text.encode(errors="surrogateescape")))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -104,6 +167,15 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; a last line cut short by a crash mid-append is dropped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise UserError(f"{path} is damaged at line {i + 1}") from None
+    return records

@@ -44,6 +44,11 @@ HELP = {
     "init_from": "start from these weights: a torchvision state_dict, an alexnet checkpoint or run directory",
     "freeze": "layers not trained: 'features' (conv1..conv5), a range like conv1..conv3, or names conv1,fc6",
     "tensorboard": "also write TensorBoard event files to RUN_DIR/tensorboard (pip install tensorboard)",
+    "on_nan": "a NaN/inf loss: 'stop', or 'rollback' to the last checkpoint with a tenth of the learning rate",
+    "precision": "auto (bf16 on CUDA, fp32 on the CPU), fp32, bf16 or fp16 (CUDA, with loss scaling)",
+    "channels_last": "NHWC layout: auto (on for CUDA), on or off",
+    "compile": "torch.compile the model (slower start, faster steps)",
+    "checkpoint_every": "also write last.pt every this many steps (0: at the end of each epoch only)",
 }
 
 
@@ -66,9 +71,12 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed import restarted_by_torchrun
     from .train import train
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if not args.resume and restarted_by_torchrun() and Path(given.get("run_dir", ""), "config.json").is_file():
+        args.resume = given["run_dir"]  # torchrun restarted the workers after a failure: continue the run
     if args.resume:
         run_dir = Path(args.resume)
         stored = TrainConfig.load(run_dir / "config.json") if (run_dir / "config.json").is_file() else None
@@ -354,6 +362,9 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     from .train import Diverged, Interrupted
 
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print as escapes, not a traceback
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)

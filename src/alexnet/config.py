@@ -13,7 +13,17 @@ from .model import INITS, PRESETS
 
 SCHEDULES = ("plateau", "inverse-time", "step", "cosine")
 # Settings a resumed run may change: they do not alter what is computed, or only extend it.
-RESUMABLE_OVERRIDES = ("epochs", "workers", "device", "log_every", "checkpoint_every", "tensorboard")
+RESUMABLE_OVERRIDES = (
+    "epochs",
+    "workers",
+    "device",
+    "log_every",
+    "checkpoint_every",
+    "tensorboard",
+    "channels_last",
+    "compile",
+)
+NAN_POLICIES = ("stop", "rollback")
 
 
 @dataclass
@@ -58,6 +68,11 @@ class TrainConfig:
     log_every: int = 10  # steps between progress updates (and NaN checks)
     checkpoint_every: int = 0  # also write last.pt every this many steps within an epoch (0: at epoch ends)
     tensorboard: bool = False  # also log metrics and conv1's filters to RUN_DIR/tensorboard (tblog.py)
+    on_nan: str = "stop"  # a NaN/inf loss: 'stop', or 'rollback' to the last checkpoint with lr / 10 (3 times at most)
+    # speed (step.py): none of these changes the arithmetic beyond rounding
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    channels_last: str = "auto"  # auto (on for CUDA) | on | off
+    compile: bool = False  # torch.compile the model
 
     def resolved(self) -> TrainConfig:
         """Fill preset-dependent defaults and check every value; raises UserError with one line."""
@@ -71,6 +86,9 @@ class TrainConfig:
         _choice("mean", c.mean, ("pixel", "channel"))
         _choice("scale", c.scale, ("raw", "imagenet"))
         _choice("pca", c.pca, ("dataset", "imagenet"))
+        _choice("on_nan", c.on_nan, NAN_POLICIES)
+        _choice("precision", c.precision, ("auto", "fp32", "bf16", "fp16"))
+        _choice("channels_last", c.channels_last, ("auto", "on", "off"))
         for name in ("epochs", "batch_size", "step_epochs", "inverse_time_steps", "log_every"):
             if getattr(c, name) < 1:
                 raise UserError(f"{name} must be at least 1, not {getattr(c, name)}")

@@ -231,6 +231,29 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return self.n - self.start
 
 
+def rank_share(batch: list[int] | np.ndarray, rank: int, world_size: int) -> list[int] | np.ndarray:
+    """Rank `rank`'s contiguous, near-equal share of a global batch; the shares partition the batch."""
+    return batch[(len(batch) * rank) // world_size : (len(batch) * (rank + 1)) // world_size]
+
+
+class EpochBatches(torch.utils.data.Sampler[list[int]]):
+    """The sample indices of the epoch's batches (in EpochSampler's order) from `start_step` on, each
+    cut to this rank's share: PreparedLoader's batches, for the image-folder path."""
+
+    def __init__(
+        self, n: int, batch_size: int, seed: int, epoch: int, start_step: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
+        self.order = EpochSampler(n, seed, epoch).order()
+        self.batch_size, self.start_step, self.rank, self.world_size = batch_size, start_step, rank, world_size
+
+    def __iter__(self):
+        for start in range(self.start_step * self.batch_size, len(self.order), self.batch_size):
+            yield rank_share(self.order[start : start + self.batch_size], self.rank, self.world_size)
+
+    def __len__(self) -> int:
+        return max(0, -(-len(self.order) // self.batch_size) - self.start_step)
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """Ctrl-C and SIGTERM reach the whole process group; only the main process acts on them (it
     finishes the step, checkpoints and shuts the workers down), so a worker must not die of them."""
@@ -244,11 +267,14 @@ def make_loader(
     workers: int,
     sampler: torch.utils.data.Sampler | None = None,
     pin_memory: bool = False,
+    batch_sampler: torch.utils.data.Sampler | None = None,
 ) -> torch.utils.data.DataLoader:
+    """Batches of `dataset`: of `batch_size` in `sampler`'s order, or the index lists of `batch_sampler`."""
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=batch_size if batch_sampler is None else 1,
         sampler=sampler,
+        batch_sampler=batch_sampler,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .augment import PixelStats, center_batch, ten_crop_batch
+from .distributed import Ranks, sum_over_ranks
 
 
 @dataclass
@@ -52,7 +53,9 @@ def evaluate(
     crop: int = 224,
     ten_crop: bool = False,
     progress: bool = True,
+    ranks: Ranks | None = None,
 ) -> EvalResult:
+    """Errors over `loader`'s images; under DDP each rank passes a loader of its share of them."""
     model.eval()
     stats = stats.to(device)
     k = min(5, num_classes)
@@ -76,6 +79,12 @@ def evaluate(
         confusion += torch.bincount((labels * num_classes + top[:, 0]).cpu(), minlength=num_classes * num_classes).view(
             num_classes, num_classes
         )
+    if ranks is not None and ranks.distributed:  # one all-reduce of everything counted
+        sums = sum_over_ranks(
+            torch.cat([nll[None], top5_hits[None].double(), confusion.flatten().double().to(device)]), ranks
+        )
+        nll, top5_hits = sums[0], sums[1]
+        confusion = sums[2:].round().long().view(num_classes, num_classes).cpu()
     count = int(confusion.sum())
     if count == 0:
         return EvalResult(float("nan"), float("nan"), float("nan"), 0, confusion, bad)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .data import Batch, EpochSampler
+from .data import Batch, EpochSampler, rank_share
 from .errors import UserError
 
 FORMAT = "alexnet-prepared-1"
@@ -165,9 +165,7 @@ class PreparedLoader:
 
     def batch_indices(self, step: int) -> np.ndarray:
         """This rank's sample indices of batch `step`, in the permutation's order."""
-        batch = self.order[step * self.batch_size : (step + 1) * self.batch_size]
-        lo, hi = (len(batch) * self.rank) // self.world_size, (len(batch) * (self.rank + 1)) // self.world_size
-        return batch[lo:hi]
+        return rank_share(self.order[step * self.batch_size : (step + 1) * self.batch_size], self.rank, self.world_size)
 
     def __iter__(self) -> Iterator[Batch]:
         steps = range(self.start_step, self.steps)

@@ -47,3 +47,13 @@ def make_scheduler(
 
 def steps_each_iteration(scheduler: object) -> bool:
     return not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+def scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: object, factor: float) -> None:
+    """Multiply the learning rate, now and for the rest of the schedule, by `factor`."""
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.min_lrs = [lr * factor for lr in scheduler.min_lrs]
+    else:
+        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]

@@ -17,27 +17,42 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .augment import PixelStats, make_pixel_stats, train_batch
+from . import distributed
+from .augment import PixelStats, make_pixel_stats
 from .checkpoint import (
+    TMP_SUFFIX,
+    RunLock,
     append_jsonl,
     link_atomic,
     load_checkpoint,
     read_jsonl,
+    remove_temporaries,
     save_checkpoint,
     write_atomic,
     write_text_atomic,
 )
 from .config import TrainConfig
-from .data import Batch, EpochSampler, ImageDataset, display_names, image_moments, make_loader, open_split
+from .data import (
+    Batch,
+    EpochBatches,
+    ImageDataset,
+    display_names,
+    image_moments,
+    make_loader,
+    open_split,
+    rank_share,
+)
+from .distributed import Ranks
 from .errors import UserError
 from .evaluate import evaluate, write_report
 from .export import read_safetensors
 from .model import build_model
 from .prepared import PreparedLoader, is_prepared, open_prepared, read_manifest
-from .schedule import make_scheduler, steps_each_iteration
+from .schedule import make_scheduler, scale_learning_rate, steps_each_iteration
+from .step import TrainStep, resolve_channels_last, resolve_precision
 from .tblog import TensorBoardLog
 from .weights import freeze_layers, load_pretrained, read_pretrained
 
@@ -107,6 +122,7 @@ class RunState:
     epoch: int = 0  # epochs completed
     step_in_epoch: int = 0  # batches of the current epoch already done
     best_top1_err: float = math.inf
+    best_epoch: int = 0  # the epoch best.pt holds (0: none yet)
     # running sums of the current epoch's training metrics
     loss_sum: float = 0.0
     correct: int = 0
@@ -115,23 +131,62 @@ class RunState:
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Train as `cfg` says and return the run directory. `resume`: continue the run in cfg.run_dir."""
+    """Train as `cfg` says and return the run directory. `resume`: continue the run in cfg.run_dir.
+
+    Under torchrun (distributed.py) every process calls this; rank 0 alone writes the run directory.
+    """
     cfg = cfg.resolved()
     if cfg.data is None:
         raise UserError("no --data given")
-    run_dir = Path(cfg.run_dir or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    device = pick_device(cfg.device)
+    ranks, device = distributed.start(device)
+    try:
+        if ranks.distributed:
+            run_dir = Path(cfg.run_dir or "")
+            if not cfg.run_dir:
+                raise UserError("under torchrun, give every process the same --run-dir")
+        else:
+            run_dir = Path(cfg.run_dir or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if not ranks.is_main:
+            distributed.barrier(ranks)  # rank 0 checks and locks the run directory first
+            return _train(cfg, run_dir, resume, progress and ranks.is_main, device, ranks)
+        check_run_directory(run_dir, resume)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(run_dir):
+            check_run_directory(run_dir, resume)  # again: another process may have started it meanwhile
+            remove_temporaries(run_dir)  # of a process killed mid-write
+            distributed.barrier(ranks)
+            return _train(cfg, run_dir, resume, progress, device, ranks)
+    finally:
+        distributed.stop()
+
+
+def check_run_directory(run_dir: Path, resume: bool) -> None:
     if resume and not (run_dir / "config.json").is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.json) and cannot be resumed")
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"run directory {run_dir} already exists; resume it with --resume {run_dir} or pick another")
-    device = pick_device(cfg.device)
-    # --init-from: read and checked now, so a wrong file stops the run before its directory is made
+    if not resume and run_dir.exists():
+        if not run_dir.is_dir() or any(p.name != "lock" and not p.name.endswith(TMP_SUFFIX) for p in run_dir.iterdir()):
+            raise UserError(
+                f"run directory {run_dir} already exists; resume it with --resume {run_dir} or pick another"
+            )
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device: torch.device, ranks: Ranks) -> Path:
+    main = ranks.is_main
+
+    def say(text: str) -> None:
+        if main:
+            tqdm.write(text)
+
+    # --init-from: read and checked now, so a wrong file stops the run before its directory is filled
     pretrained = read_pretrained(cfg.init_from, cfg) if cfg.init_from and not resume else None
+    if ranks.distributed and cfg.batch_size < ranks.world_size:
+        raise UserError(f"batch size {cfg.batch_size} is smaller than the {ranks.world_size} processes")
 
     # --- data: a prepared dataset (alexnet prepare) or an image folder decoded per image ---------
-    run_dir.mkdir(parents=True, exist_ok=True)
     bad_files: set[str] = set()
     moments = None
+    share = {"rank": ranks.rank, "world_size": ranks.world_size}
     if is_prepared(cfg.data):
         manifest = read_manifest(cfg.data)
         if manifest["size"] != cfg.image_size:
@@ -144,39 +199,39 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 
         def train_loader(epoch: int, start_step: int) -> Iterable[Batch]:
             return PreparedLoader(
-                train_data, cfg.batch_size, cfg.seed, epoch, start_step, device=device, pin_memory=pin
+                train_data, cfg.batch_size, cfg.seed, epoch, start_step, device=device, pin_memory=pin, **share
             )
 
-        val_loader = PreparedLoader(val_data, cfg.batch_size, shuffle=False, device=device, pin_memory=pin)
-        tqdm.write(f"data: prepared {manifest['fmt']} dataset {cfg.data}")
+        val_loader = PreparedLoader(val_data, cfg.batch_size, shuffle=False, device=device, pin_memory=pin, **share)
+        say(f"data: prepared {manifest['fmt']} dataset {cfg.data}")
     else:
         train_split = open_split(cfg.data, "train")
         val_split = open_split(cfg.data, "val", classes=train_split.classes)
         for c in train_split.empty_classes:
-            tqdm.write(f"warning: class folder {c} in {cfg.data}/train has no images")
+            say(f"warning: class folder {c} in {cfg.data}/train has no images")
         classes, names = train_split.classes, train_split.names
         train_data = ImageDataset(train_split.samples, cfg.image_size)
-        val_loader = make_loader(ImageDataset(val_split.samples, cfg.image_size), cfg.batch_size, cfg.workers)
+        val_samples = rank_share(val_split.samples, ranks.rank, ranks.world_size)
+        val_loader = make_loader(ImageDataset(val_samples, cfg.image_size), cfg.batch_size, cfg.workers)
 
         def train_loader(epoch: int, start_step: int) -> Iterable[Batch]:
-            sampler = EpochSampler(len(train_data), cfg.seed, epoch, start=start_step * cfg.batch_size)
-            return make_loader(train_data, cfg.batch_size, cfg.workers, sampler, pin_memory=device.type == "cuda")
+            batches = EpochBatches(len(train_data), cfg.batch_size, cfg.seed, epoch, start_step, **share)
+            return make_loader(train_data, 0, cfg.workers, pin_memory=device.type == "cuda", batch_sampler=batches)
 
-        tqdm.write(f"data: image folder {cfg.data}, decoded per image (alexnet prepare makes it faster)")
+        say(f"data: image folder {cfg.data}, decoded per image (alexnet prepare makes it faster)")
     num_classes = len(classes)
     if num_classes < 2:
         raise UserError(f"{cfg.data}/train needs at least 2 class folders, found {num_classes}")
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
-    if not resume:
+    if main and not (run_dir / "config.json").is_file():
         write_text_atomic(run_dir / "config.json", cfg.to_json() + "\n")
+    if main and not (run_dir / "classes.tsv").is_file():
         write_classes(run_dir / "classes.tsv", classes, names)
 
     # --- statistics of the training set: mean image and colour covariance, once per run ------------
     stats_path = run_dir / "stats.pt"
-    if stats_path.is_file():
-        moments = torch.load(stats_path, weights_only=True)
-    elif moments is None:
-        tqdm.write(f"computing the mean image and colour covariance of {len(train_data)} training images")
+    if main and moments is None and not stats_path.is_file():
+        say(f"computing the mean image and colour covariance of {len(train_data)} training images")
         loader = make_loader(train_data, cfg.batch_size, cfg.workers)
         mean_image, cov, count, bad = image_moments(tqdm(loader, desc="stats", leave=False, disable=not progress))
         moments = {"mean_image": mean_image, "covariance": cov, "images": count}
@@ -186,34 +241,66 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             raise UserError(
                 f"{len(bad_files)} of {len(train_data)} training images cannot be read; see {run_dir / 'bad_files.txt'}"
             )
-    if not stats_path.is_file():
+    if main and not stats_path.is_file():
         write_atomic(stats_path, lambda f: torch.save(moments, f))
+    distributed.barrier(ranks)  # the other ranks wait for rank 0's stats.pt
+    moments = torch.load(stats_path, weights_only=True)
     stats = make_pixel_stats(moments["mean_image"], moments["covariance"], cfg.mean, cfg.scale, cfg.pca)
 
-    # --- model and optimizer ---------------------------------------------------------------------
+    # --- model, optimizer and the training step -----------------------------------------------------
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.preset, num_classes, cfg.groups, cfg.dropout, cfg.init, cfg.lrn).to(device)
     if pretrained is not None:  # a resumed run loads its own weights below
-        tqdm.write(load_pretrained(model, pretrained, classes))
+        say(load_pretrained(model, pretrained, classes))
     if cfg.freeze:
-        tqdm.write(f"frozen: {', '.join(freeze_layers(model, cfg.freeze))}")
+        say(f"frozen: {', '.join(freeze_layers(model, cfg.freeze))}")
+    precision = resolve_precision(cfg.precision, device)
+    channels_last = resolve_channels_last(cfg.channels_last, device)
+    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     state = RunState()
-    if resume:
-        ckpt = load_checkpoint(run_dir / "last.pt")
+    trained = model  # what forward and backward run: compiled and/or DDP-wrapped `model`
+    if cfg.compile:
+        trained = torch.compile(trained)
+    if ranks.distributed:
+        # gradients are all-reduced bucket by bucket while backward goes on (DDP overlaps the two)
+        trained = DistributedDataParallel(trained, device_ids=[device] if device.type == "cuda" else None)
+    dev_stats = stats.to(device)
+    step_fn = TrainStep(
+        trained, optimizer, dev_stats, cfg.crop, cfg.lighting, precision, channels_last, ranks.world_size
+    )
+    say(
+        f"device: {device}{f' x {ranks.world_size} processes' if ranks.distributed else ''}, precision {precision}"
+        f"{', channels_last' if channels_last else ''}{', compiled' if cfg.compile else ''}"
+    )
+
+    def restore(ckpt: dict) -> RunState:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        state = RunState(**ckpt["run_state"])
+        if "scaler" in ckpt:
+            step_fn.scaler.load_state_dict(ckpt["scaler"])
         bad_files.update(ckpt.get("bad_files", []))
+        return RunState(**ckpt["run_state"])
+
+    if resume and (run_dir / "last.pt").is_file():
+        ckpt = load_checkpoint(run_dir / "last.pt")
+        state = restore(ckpt)
+        torch.set_rng_state(ckpt["rng"])
+        say(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch}")
+        if main and state.epoch and not state.step_in_epoch and state.best_epoch == state.epoch:
+            link_atomic(run_dir / "last.pt", run_dir / "best.pt")  # in case a crash came between the two
+    elif resume:
+        say(f"{run_dir} has no checkpoint yet: starting it from the beginning")
+    if main:
         # drop metric lines of epochs the checkpoint does not contain (written just before a crash)
         kept = [m for m in read_jsonl(run_dir / "metrics.jsonl") if m["epoch"] <= state.epoch]
         write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
-        torch.set_rng_state(ckpt["rng"])
-        tqdm.write(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch}")
 
     def checkpoint(path: Path) -> None:
+        if not main:
+            return
         save_checkpoint(
             {
                 "config": cfg.__dict__,
@@ -226,13 +313,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(),  # for completeness: each step reseeds from (seed, step)
+                **({"scaler": step_fn.scaler.state_dict()} if step_fn.scaler.is_enabled() else {}),
             },
             path,
         )
 
+    if cfg.on_nan == "rollback" and not (run_dir / "last.pt").is_file():
+        checkpoint(run_dir / "last.pt")  # the state to roll back to if the first epoch diverges
+    rollbacks = 0
+
     # --- the epoch loop --------------------------------------------------------------------------
-    dev_stats = stats.to(device)
-    tb = TensorBoardLog(run_dir / "tensorboard") if cfg.tensorboard else None
+    tb = TensorBoardLog(run_dir / "tensorboard") if cfg.tensorboard and main else None
     with StopSignals() as stop:
         while state.epoch < cfg.epochs:
             epoch = state.epoch
@@ -246,66 +337,81 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 unit="step",
                 dynamic_ncols=True,
             )
-            loss_acc = torch.zeros((), device=device)
-            correct_acc = torch.zeros((), dtype=torch.long, device=device)
-            seen_since, t_log = 0, time.perf_counter()
+            # this interval's sums, on the device: [loss, correct, images]; read once per interval
+            sums = torch.zeros(3, dtype=torch.float64, device=device)
+            t_log = time.perf_counter()
+            diverged = False
             for batch in loader:
                 step = epoch * steps_per_epoch + state.step_in_epoch
                 bad_files.update(batch.bad)
                 if len(batch.labels):
-                    torch.manual_seed(step_seed(cfg.seed, step))  # dropout masks of this step
+                    # dropout masks of this step (each rank its own), then the augmentation's numbers
+                    torch.manual_seed((step_seed(cfg.seed, step) + ranks.rank * 2**40) % 2**63)
                     gen = torch.Generator().manual_seed(step_seed(cfg.seed, step))
+                    total = min(cfg.batch_size, len(train_data) - state.step_in_epoch * cfg.batch_size)
+                    first = total * ranks.rank // ranks.world_size
                     images = batch.images.to(device, non_blocking=True)
                     labels = batch.labels.to(device, non_blocking=True)
-                    x = train_batch(images, dev_stats, gen, cfg.crop, cfg.lighting)
-                    logits = model(x)
-                    loss = F.cross_entropy(logits, labels)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    loss_acc += loss.detach() * len(labels)
-                    correct_acc += (logits.argmax(1) == labels).sum()
-                    seen_since += len(labels)
+                    loss_sum, correct = step_fn(images, labels, gen, first, total if ranks.distributed else None)
+                    sums += torch.stack([loss_sum.double(), correct.double(), sums.new_tensor(len(labels))])
                 if steps_each_iteration(scheduler):
                     scheduler.step()
                 state.step_in_epoch += 1
                 bar.update(1)
                 checkpoint_due = cfg.checkpoint_every and state.step_in_epoch % cfg.checkpoint_every == 0
                 at_end = state.step_in_epoch == steps_per_epoch
-                if state.step_in_epoch % cfg.log_every == 0 or at_end or stop.signum or checkpoint_due:
+                # One process checks for a signal every step; several agree on it once per interval.
+                stopping = bool(stop.signum) and not ranks.distributed
+                if state.step_in_epoch % cfg.log_every == 0 or at_end or stopping or checkpoint_due:
                     elapsed = time.perf_counter() - t_log
-                    loss_sum, correct = float(loss_acc), int(correct_acc)  # one sync per interval
+                    stop_flag = sums.new_tensor([float(bool(stop.signum))])
+                    loss_sum, correct, seen, stopping = distributed.sum_over_ranks(
+                        torch.cat([sums, stop_flag]), ranks
+                    ).tolist()
                     if not math.isfinite(loss_sum):
+                        if cfg.on_nan == "rollback" and rollbacks < 3 and (run_dir / "last.pt").is_file():
+                            diverged = True
+                            break
                         raise Diverged(
                             f"loss became {loss_sum} at epoch {epoch + 1}, step {state.step_in_epoch}; "
-                            f"last good checkpoint: {run_dir / 'last.pt'} (try a lower --lr)"
+                            f"last good checkpoint: {run_dir / 'last.pt'} (try a lower --lr, or --on-nan rollback)"
                         )
                     state.loss_sum += loss_sum
-                    state.correct += correct
-                    state.seen += seen_since
+                    state.correct += int(correct)
+                    state.seen += int(seen)
                     state.seconds += elapsed
-                    if tb and seen_since:
-                        tb.interval(step + 1, loss_sum / seen_since, seen_since / max(elapsed, 1e-9))
+                    if tb and seen:
+                        tb.interval(step + 1, loss_sum / seen, seen / max(elapsed, 1e-9))
                     steps_left = (cfg.epochs - epoch) * steps_per_epoch - state.step_in_epoch
                     run_eta = steps_left * cfg.batch_size * state.seconds / max(state.seen, 1)
                     bar.set_postfix(
                         loss=f"{state.loss_sum / max(state.seen, 1):.3f}",
-                        img_s=f"{seen_since / max(elapsed, 1e-9):.0f}",
+                        img_s=f"{seen / max(elapsed, 1e-9):.0f}",
                         run_eta=time.strftime("%H:%M:%S", time.gmtime(run_eta)),
                     )
-                    loss_acc.zero_()
-                    correct_acc.zero_()
-                    seen_since, t_log = 0, time.perf_counter()
-                if checkpoint_due and not at_end:
+                    sums.zero_()
+                    t_log = time.perf_counter()
+                if checkpoint_due and not at_end and not stopping:
                     checkpoint(run_dir / "last.pt")
-                if stop.signum:
+                if stopping:
                     bar.close()
                     checkpoint(run_dir / "last.pt")
-                    raise Interrupted(run_dir, stop.signum, epoch, state.step_in_epoch)
+                    distributed.barrier(ranks)  # no rank exits before rank 0's checkpoint is whole
+                    raise Interrupted(run_dir, stop.signum or signal.SIGTERM, epoch, state.step_in_epoch)
             bar.close()
+            if diverged:  # --on-nan rollback: back to the last checkpoint, with a tenth of the learning rate
+                rollbacks += 1
+                state = restore(load_checkpoint(run_dir / "last.pt"))
+                scale_learning_rate(optimizer, scheduler, 0.1)
+                say(
+                    f"loss became NaN/inf at epoch {epoch + 1}: rolled back to epoch {state.epoch + 1}, step "
+                    f"{state.step_in_epoch}, learning rate now {optimizer.param_groups[0]['lr']:.3g} ({rollbacks}/3)"
+                )
+                continue
 
-            val = evaluate(model, val_loader, stats, num_classes, device, cfg.crop, progress=progress)
+            val = evaluate(model, val_loader, stats, num_classes, device, cfg.crop, progress=progress, ranks=ranks)
             bad_files.update(val.bad)
+            bad_files = distributed.union_over_ranks(bad_files, ranks)
             if not steps_each_iteration(scheduler):
                 scheduler.step(val.top1_err)
             record = {
@@ -321,34 +427,40 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 "epoch_seconds": state.seconds,
                 "bad_files": len(bad_files),
             }
-            tqdm.write(
+            say(
                 f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f}, val top-1 err "
                 f"{val.top1_err:.4f}, top-5 err {val.top5_err:.4f}, {record['images_per_s']:.0f} img/s, "
                 f"lr {record['lr']:.2g}"
             )
-            append_jsonl(run_dir / "metrics.jsonl", record)
-            if tb:
-                tb.epoch(record, model)
             improved = val.top1_err < state.best_top1_err
-            state = RunState(epoch=epoch + 1, best_top1_err=min(state.best_top1_err, val.top1_err))
-            checkpoint(run_dir / "last.pt")
-            if improved:
-                link_atomic(run_dir / "last.pt", run_dir / "best.pt")
-            write_bad_files(run_dir, bad_files)
+            best_epoch = epoch + 1 if improved else state.best_epoch
+            state = RunState(
+                epoch=epoch + 1, best_top1_err=min(state.best_top1_err, val.top1_err), best_epoch=best_epoch
+            )
+            if main:
+                append_jsonl(run_dir / "metrics.jsonl", record)
+                if tb:
+                    tb.epoch(record, model)
+                checkpoint(run_dir / "last.pt")
+                if improved:
+                    link_atomic(run_dir / "last.pt", run_dir / "best.pt")
+                write_bad_files(run_dir, bad_files)
 
     if tb:
         tb.close()
 
     # --- the paper's test protocol on the best weights -------------------------------------------
+    distributed.barrier(ranks)
     best = load_checkpoint(run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt")
     model.load_state_dict(best["model"])
     results = {
-        "center": evaluate(model, val_loader, stats, num_classes, device, cfg.crop, progress=progress),
-        "ten_crop": evaluate(model, val_loader, stats, num_classes, device, cfg.crop, ten_crop=True, progress=progress),
+        name: evaluate(model, val_loader, stats, num_classes, device, cfg.crop, ten, progress, ranks)
+        for name, ten in (("center", False), ("ten_crop", True))
     }
-    write_report(run_dir, results, classes, names)
+    if main:
+        write_report(run_dir, results, classes, names)
     for name, r in results.items():
-        tqdm.write(f"{name}: top-1 error {r.top1_err:.4f}, top-5 error {r.top5_err:.4f} on {r.count} val images")
+        say(f"{name}: top-1 error {r.top1_err:.4f}, top-5 error {r.top5_err:.4f} on {r.count} val images")
     return run_dir
 
 

@@ -1,0 +1,92 @@
+"""Data-parallel training with PyTorch's own engine: DDP under torchrun.
+
+    torchrun --nproc-per-node 2 -m alexnet train --data DIR ...                 # one machine
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
+             --rdzv-endpoint HOST:29500 -m alexnet train --data DIR ...         # several machines
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK for each process; without them training runs in one
+process. --batch-size stays the global batch: each rank takes a contiguous share of every batch, so
+the steps, the schedule and a resume are the same for any number of processes. Only rank 0 writes the
+run directory and prints. After torchrun restarts failed workers (--max-restarts), the run continues
+from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def restarted_by_torchrun() -> bool:
+    """True in the workers torchrun starts again after a failure (--max-restarts)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def start(device: torch.device) -> tuple[Ranks, torch.device]:
+    """Join the process group torchrun set up (NCCL for CUDA, gloo for the CPU); one GPU per process."""
+    if not launched_by_torchrun():
+        return Ranks(), device
+    ranks = Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        if ranks.local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {ranks.local_rank} has no GPU: {torch.cuda.device_count()} visible")
+        device = torch.device("cuda", ranks.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # Long timeout: rank 0 alone computes the dataset statistics while the others wait.
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, timeout=datetime.timedelta(hours=6), device_id=device if backend == "nccl" else None
+        )
+    return ranks, device
+
+
+def stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.distributed:
+        dist.barrier()
+
+
+def sum_over_ranks(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """In place: the sum of `tensor` over all ranks (no-op in one process)."""
+    if ranks.distributed:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def union_over_ranks(items: set[str], ranks: Ranks) -> set[str]:
+    """The union of every rank's `items` (the bad files each one met), on every rank."""
+    if not ranks.distributed:
+        return items
+    gathered: list[set[str] | None] = [None] * ranks.world_size
+    dist.all_gather_object(gathered, items)
+    return set().union(*gathered)

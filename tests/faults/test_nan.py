@@ -1,0 +1,56 @@
+"""A NaN or infinite loss is caught within one logging interval: training stops with a clear message and
+the last good checkpoint, or with --on-nan rollback goes back to it with a tenth of the learning rate."""
+
+import math
+
+import pytest
+import torch
+
+import alexnet.step as step_module
+from alexnet.checkpoint import load_checkpoint, read_jsonl
+from alexnet.config import TrainConfig
+from alexnet.train import Diverged, train
+
+from .conftest import TINY
+
+
+def poison_steps(monkeypatch, steps: set[int]) -> list[int]:
+    """Make the input of the given steps (counted from 1 in this process) NaN: a real NaN loss."""
+    real, calls = step_module.train_batch, []
+
+    def batch(*args, **kw):
+        calls.append(1)
+        x = real(*args, **kw)
+        return x * math.nan if len(calls) in steps else x
+
+    monkeypatch.setattr(step_module, "train_batch", batch)
+    return calls
+
+
+def test_nan_stops_within_one_logging_interval_keeping_the_last_good_checkpoint(fault_data, tmp_path, monkeypatch):
+    poison_steps(monkeypatch, set(range(7, 100)))  # from epoch 2, step 2 on
+    cfg = TrainConfig(data=str(fault_data), run_dir=str(tmp_path / "run"), **{**TINY, "log_every": 3})
+    with pytest.raises(Diverged, match=r"loss became nan at epoch 2, step 3; last good checkpoint: .*last.pt"):
+        train(cfg, progress=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["run_state"]["epoch"] == 1 and all(torch.isfinite(w).all() for w in ckpt["model"].values())
+    assert [m["epoch"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1]
+
+
+def test_rollback_lowers_the_learning_rate_and_goes_on(fault_data, tmp_path, monkeypatch, capsys):
+    poison_steps(monkeypatch, {7})  # one bad step in epoch 2
+    cfg = TrainConfig(data=str(fault_data), run_dir=str(tmp_path / "run"), on_nan="rollback", **TINY)
+    train(cfg, progress=False)
+    assert "rolled back to epoch 2, step 0, learning rate now 0.001 (1/3)" in capsys.readouterr().out
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["run_state"]["epoch"] == 2 and all(torch.isfinite(w).all() for w in ckpt["model"].values())
+    assert [m["lr"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [0.01, pytest.approx(0.001)]
+
+
+def test_rollback_gives_up_after_three_tries(fault_data, tmp_path, monkeypatch):
+    poison_steps(monkeypatch, set(range(1, 1000)))  # NaN from the first step: rolls back to the start
+    cfg = TrainConfig(data=str(fault_data), run_dir=str(tmp_path / "run"), on_nan="rollback", **TINY)
+    with pytest.raises(Diverged, match="loss became nan at epoch 1, step 1"):
+        train(cfg, progress=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")  # the initial weights, written for the rollback
+    assert ckpt["run_state"]["epoch"] == 0 and ckpt["optimizer"]["param_groups"][0]["lr"] == 0.01

@@ -1,0 +1,66 @@
+"""SIGTERM (preemption) and SIGINT (Ctrl-C): the current step finishes, a checkpoint is written, the
+resume command is printed and the exit is non-zero; a second signal ends the process at once without
+damaging what is on disk. (tests/test_cli.py sends SIGTERM to a whole process group, data workers
+included; tests/test_train.py checks the weights after a SIGTERM and resume.)"""
+
+import signal
+
+import pytest
+
+from .conftest import CHECKPOINTED, alexnet_process, assert_same_weights, checkpoint_weights, cli_args, wait_for
+
+from alexnet.checkpoint import load_checkpoint
+from alexnet.cli import main
+
+# Slow the steps down (so that a signal lands mid-epoch) and, with MARK set, announce each checkpoint
+# write in a file and take a second over it (so that a second signal lands inside it).
+SLOW = """
+import os, time, pathlib, torch
+import alexnet.step as s, alexnet.checkpoint as c
+real_batch, real_save = s.train_batch, torch.save
+def slow_batch(*a, **k):
+    if os.environ.get("STEP_MARK"):
+        pathlib.Path(os.environ["STEP_MARK"]).touch()
+    time.sleep(0.3)
+    return real_batch(*a, **k)
+def slow_save(obj, f):
+    if os.environ.get("MARK") and "run_state" in obj:
+        pathlib.Path(os.environ["MARK"]).write_text("writing")
+        time.sleep(1.0)
+    real_save(obj, f)
+s.train_batch, c.torch.save = slow_batch, slow_save
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT])  # SIGTERM: tests/test_train.py, tests/test_cli.py
+def test_signal_finishes_the_step_checkpoints_and_resumes(signum, fault_data, reference_run, tmp_path):
+    run_dir, step_mark = tmp_path / "run", tmp_path / "step"
+    settings = {**CHECKPOINTED, "checkpoint_every": 0}
+    proc = alexnet_process(cli_args(fault_data, run_dir, **settings), SLOW, env_extra={"STEP_MARK": str(step_mark)})
+    wait_for(step_mark.exists, proc=proc)  # inside the first step
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(f"resume with: alexnet train --resume {run_dir}")
+    state = load_checkpoint(run_dir / "last.pt")["run_state"]
+    assert (
+        f"stopped by {signal.Signals(signum).name} at epoch {state['epoch'] + 1}, step {state['step_in_epoch']}" in err
+    )
+    assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    assert_same_weights(checkpoint_weights(run_dir / "last.pt"), checkpoint_weights(reference_run / "last.pt"))
+
+
+def test_second_signal_exits_at_once_and_damages_nothing(fault_data, reference_run, tmp_path):
+    run_dir, mark = tmp_path / "run", tmp_path / "mark"
+    proc = alexnet_process(cli_args(fault_data, run_dir, **CHECKPOINTED), SLOW, env_extra={"MARK": str(mark)})
+    wait_for(mark.exists, proc=proc)  # the checkpoint after step 1 is being written
+    mark.unlink()
+    proc.send_signal(signal.SIGTERM)  # first signal: step 2 finishes, then the stop checkpoint begins
+    wait_for(mark.exists, proc=proc)
+    proc.send_signal(signal.SIGTERM)  # second signal, inside that checkpoint write: out at once
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM, err
+    assert load_checkpoint(run_dir / "last.pt")["run_state"]["step_in_epoch"] == 1  # the previous one, whole
+    assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    assert_same_weights(checkpoint_weights(run_dir / "last.pt"), checkpoint_weights(reference_run / "last.pt"))
