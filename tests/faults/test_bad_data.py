@@ -32,7 +32,7 @@ def png_header_only(width: int, height: int) -> bytes:
 def add_bad_and_odd_files(folder: Path) -> tuple[set[bytes], set[bytes]]:
     """Files of every kind in one class folder: returns (paths that must be skipped, paths read correctly)."""
     good_jpeg = next(folder.glob("*.JPEG")).read_bytes()
-    bad, odd = {}, {}
+    bad = {}
     bad["corrupt.JPEG"] = good_jpeg[:20] + bytes(range(256)) * 4
     bad["truncated.JPEG"] = good_jpeg[: len(good_jpeg) // 3]
     bad["zero-byte.JPEG"] = b""
@@ -42,7 +42,7 @@ def add_bad_and_odd_files(folder: Path) -> tuple[set[bytes], set[bytes]]:
         (folder / name).write_bytes(data)
     grey = np.random.default_rng(0).integers(0, 255, (40, 50), dtype=np.uint8)
     Image.fromarray(grey).save(folder / "grey.png")
-    Image.fromarray((grey.astype(np.uint16) * 257)).save(folder / "sixteen-bit.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "sixteen-bit.png")
     Image.fromarray(grey).convert("RGBA").save(folder / "rgba.png")
     Image.fromarray(grey).convert("CMYK").save(folder / "cmyk.jpg")
     Image.new("RGB", (1, 1), (200, 10, 10)).save(folder / "one-pixel.png")

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import TINY, alexnet_process, cli_args
-
 from alexnet.checkpoint import load_checkpoint
 from alexnet.cli import main
 from alexnet.model import build_model
+
+from .conftest import TINY, alexnet_process, cli_args
 
 
 def checkpoint_bytes() -> int:

@@ -5,6 +5,9 @@ the weights of an uninterrupted run."""
 import random
 import time
 
+from alexnet.checkpoint import load_checkpoint
+from alexnet.cli import main
+
 from .conftest import (
     CHECKPOINTED,
     alexnet_process,
@@ -14,9 +17,6 @@ from .conftest import (
     kill9,
     wait_for,
 )
-
-from alexnet.checkpoint import load_checkpoint
-from alexnet.cli import main
 
 
 def run_state(run_dir):
@@ -28,7 +28,7 @@ def test_kill_9_at_random_moments_then_resume(fault_data, reference_run, tmp_pat
     rng = random.Random(7)
     args = cli_args(fault_data, run_dir, **CHECKPOINTED)
     kills = 0
-    for attempt in range(4):
+    for _ in range(4):
         resume = ["--resume", str(run_dir)] if (run_dir / "config.json").is_file() else []
         proc = alexnet_process(args + resume)
         wait_for(lambda: (run_dir / "lock").is_file(), proc=proc)  # started: the import is over

@@ -7,10 +7,10 @@ import signal
 
 import pytest
 
-from .conftest import CHECKPOINTED, alexnet_process, assert_same_weights, checkpoint_weights, cli_args, wait_for
-
 from alexnet.checkpoint import load_checkpoint
 from alexnet.cli import main
+
+from .conftest import CHECKPOINTED, alexnet_process, assert_same_weights, checkpoint_weights, cli_args, wait_for
 
 # Slow the steps down (so that a signal lands mid-epoch) and, with MARK set, announce each checkpoint
 # write in a file and take a second over it (so that a second signal lands inside it).
