@@ -71,7 +71,7 @@ class TrainConfig:
     on_nan: str = "stop"  # a NaN/inf loss: 'stop', or 'rollback' to the last checkpoint with lr / 10 (3 times at most)
     # speed (step.py): none of these changes the arithmetic beyond rounding
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
-    channels_last: str = "auto"  # auto (on for CUDA) | on | off
+    channels_last: str = "on"  # on | off: NHWC layout
     compile: bool = False  # torch.compile the model
 
     def resolved(self) -> TrainConfig:
@@ -88,7 +88,7 @@ class TrainConfig:
         _choice("pca", c.pca, ("dataset", "imagenet"))
         _choice("on_nan", c.on_nan, NAN_POLICIES)
         _choice("precision", c.precision, ("auto", "fp32", "bf16", "fp16"))
-        _choice("channels_last", c.channels_last, ("auto", "on", "off"))
+        _choice("channels_last", c.channels_last, ("on", "off"))
         for name in ("epochs", "batch_size", "step_epochs", "inverse_time_steps", "log_every"):
             if getattr(c, name) < 1:
                 raise UserError(f"{name} must be at least 1, not {getattr(c, name)}")

@@ -1,0 +1,154 @@
+"""`alexnet benchmark`: training images/s of this project's step against plain torchvision, in one run.
+
+Measured, each in rounds that alternate between the candidates (so that a noisy machine slows all of
+them alike), the median round reported:
+  torchvision fp32 eager  torchvision.models.alexnet, fp32, NCHW, SGD, on ready float tensors: the baseline
+  model-only              this project's TrainStep (augmentation from uint8 256x256, forward, backward,
+                          SGD) in the chosen precision and layout, on images already in memory
+  end-to-end              the same step fed by PreparedLoader from a prepared dataset (--data)
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .augment import make_pixel_stats
+from .errors import UserError
+from .model import build_model
+from .prepared import PreparedLoader, is_prepared, open_prepared
+from .step import TrainStep, resolve_channels_last, resolve_precision
+
+
+@dataclass
+class Measure:
+    name: str
+    images_per_s: float
+    rounds: list[float]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(step: Callable[[], object], steps: int, batch: int, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def torchvision_step(batch: int, device: torch.device, num_classes: int = 1000) -> Callable[[], object]:
+    """The baseline: torchvision's AlexNet in fp32 eager mode, the plain loop of its reference script."""
+    from torchvision.models import alexnet
+
+    model = alexnet(num_classes=num_classes).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+
+    def step() -> None:
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def project_step(
+    preset: str, batch: int, device: torch.device, precision: str, channels_last: bool, compile: bool
+) -> tuple[TrainStep, Callable[[torch.Tensor, torch.Tensor], object]]:
+    model = build_model(preset, 1000).to(device)
+    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    stats = make_pixel_stats(torch.full((3, 256, 256), 0.45), torch.eye(3) * 0.05, scale="imagenet").to(device)
+    trained = torch.compile(model) if compile else model
+    step = TrainStep(trained, optimizer, stats, 224, 0.1, precision, channels_last)
+    gen = torch.Generator().manual_seed(0)
+    return step, lambda images, labels: step(images, labels, gen)
+
+
+def run_benchmark(
+    preset: str = "paper",
+    batch: int = 128,
+    device_name: str = "auto",
+    precision: str = "auto",
+    channels_last: str = "on",
+    compile: bool = False,
+    data: str | None = None,
+    steps: int = 10,
+    warmup: int = 3,
+    rounds: int = 3,
+    baseline: bool = True,
+) -> tuple[list[Measure], dict[str, str]]:
+    """Measure the candidates; returns them (baseline first) and the settings used."""
+    from .train import pick_device
+
+    device = pick_device(device_name)
+    precision = resolve_precision(precision, device)
+    layout = resolve_channels_last(channels_last, device)
+    if data is not None and not is_prepared(data):
+        raise UserError(f"{data} is not a prepared dataset (make one with alexnet prepare)")
+    images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+    _, ours = project_step(preset, batch, device, precision, layout, compile)
+    candidates: dict[str, Callable[[], object]] = {}
+    if baseline:
+        candidates["torchvision fp32 eager"] = torchvision_step(batch, device)
+    candidates[f"{preset} model-only"] = lambda: ours(images, labels)
+    if data is not None:
+        split = open_prepared(data, "train")
+        pin = device.type == "cuda"
+
+        def batches() -> Iterator:
+            epoch = 0
+            while True:  # epochs of the prepared split, as many as the benchmark takes
+                yield from PreparedLoader(split, batch, epoch=epoch, device=device, pin_memory=pin, drop_last=True)
+                epoch += 1
+
+        feed = batches()
+
+        def end_to_end() -> None:
+            b = next(feed)
+            ours(b.images, b.labels.remainder(1000))
+
+        candidates[f"{preset} end-to-end"] = end_to_end
+    for step in candidates.values():  # warm up: cuDNN autotuning, compilation, the loader's threads
+        for _ in range(warmup):
+            step()
+    measured: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, step in candidates.items():
+            measured[name].append(_timed(step, steps, batch, device))
+    results = [Measure(name, statistics.median(r), r) for name, r in measured.items()]
+    settings = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "batch": str(batch),
+        "precision": precision,
+        "channels_last": str(layout),
+        "compile": str(compile),
+        "torch": torch.__version__,
+    }
+    return results, settings
+
+
+def format_table(results: list[Measure], settings: dict[str, str]) -> str:
+    base = results[0].images_per_s if results[0].name.startswith("torchvision") else None
+    lines = [", ".join(f"{k} {v}" for k, v in settings.items())]
+    lines.append(f"{'candidate':<28} {'images/s':>10} {'vs baseline':>12}  rounds")
+    for m in results:
+        ratio = f"{m.images_per_s / base:.2f}x" if base else "-"
+        rounds = " ".join(f"{r:.0f}" for r in m.rounds)
+        lines.append(f"{m.name:<28} {m.images_per_s:>10.1f} {ratio:>12}  {rounds}")
+    return "\n".join(lines)

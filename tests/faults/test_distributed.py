@@ -1,0 +1,87 @@
+"""DDP under torchrun on the CPU (gloo): 2 processes compute what 1 process computes on the same global
+batch, only rank 0 writes and prints, and a worker killed mid-run is restarted by torchrun
+(--max-restarts) and the run continues from its last checkpoint to the same weights."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from alexnet.checkpoint import load_checkpoint
+from alexnet.config import TrainConfig
+from alexnet.train import train
+
+from .conftest import CHECKPOINTED, ROOT, assert_same_weights, checkpoint_weights, cli_args, wait_for
+
+# No dropout: each rank draws its own dropout masks, which one process cannot reproduce.
+DDP = {**CHECKPOINTED, "dropout": 0.0}
+
+DRIVER = """
+import os, sys, time
+if os.environ.get("SLOW_STEPS"):
+    import alexnet.step as s
+    real = s.train_batch
+    s.train_batch = lambda *a, **k: (time.sleep(float(os.environ["SLOW_STEPS"])), real(*a, **k))[1]
+from alexnet.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def torchrun(tmp_path, args: list[str], max_restarts: int = 0, slow: float = 0.0) -> subprocess.Popen:
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += [f"--max-restarts={max_restarts}", str(driver), *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "SLOW_STEPS": str(slow)}
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(fault_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    return train(TrainConfig(data=str(fault_data), run_dir=str(run_dir), **DDP), progress=False)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(fault_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two")
+    proc = torchrun(tmp, cli_args(fault_data, tmp / "run", **DDP))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return tmp / "run", out
+
+
+def test_two_processes_equal_one_on_the_same_global_batch(one_process_run, two_process_run):
+    run_dir, out = two_process_run
+    one, two = checkpoint_weights(one_process_run / "last.pt"), checkpoint_weights(run_dir / "last.pt")
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+    assert out.count("epoch 1/2: train loss") == 1  # rank 0 alone prints
+    assert "x 2 processes" in out
+    a, b = load_checkpoint(one_process_run / "last.pt"), load_checkpoint(run_dir / "last.pt")
+    assert a["run_state"] == pytest.approx(b["run_state"], rel=1e-5)  # losses and counts over all ranks
+    one_eval, two_eval = (json.loads((r / "eval.json").read_text()) for r in (one_process_run, run_dir))
+    assert two_eval["center"] == pytest.approx(one_eval["center"], rel=1e-5)  # evaluated in shares, summed
+    assert two_eval["ten_crop"] == pytest.approx(one_eval["ten_crop"], rel=1e-5)
+
+
+def test_a_killed_worker_is_restarted_and_the_run_continues(fault_data, two_process_run, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = torchrun(tmp_path, cli_args(fault_data, run_dir, **DDP), max_restarts=1, slow=0.3)
+
+    def past_step_2() -> bool:
+        last = run_dir / "last.pt"
+        return last.is_file() and load_checkpoint(last)["run_state"]["step_in_epoch"] >= 2
+
+    wait_for(past_step_2, proc=proc)
+    rank0 = int((run_dir / "lock").read_text())  # the lock file names the process that holds it
+    os.kill(rank0, signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resuming" in out and "at epoch 1, step" in out
+    assert_same_weights(checkpoint_weights(run_dir / "last.pt"), checkpoint_weights(two_process_run[0] / "last.pt"))

@@ -1,0 +1,95 @@
+"""The training step in each precision and layout, the DDP shares of a batch, and `alexnet benchmark`."""
+
+import pytest
+import torch
+
+from alexnet.augment import make_pixel_stats, train_batch
+from alexnet.bench import format_table, run_benchmark
+from alexnet.data import EpochBatches, rank_share
+from alexnet.errors import UserError
+from alexnet.model import build_model
+from alexnet.step import TrainStep, resolve_precision
+
+STATS = make_pixel_stats(torch.full((3, 240, 240), 0.4), torch.eye(3) * 0.02)
+
+
+def one_step(precision: str, channels_last: bool, images, labels) -> tuple[float, torch.Tensor]:
+    torch.manual_seed(0)
+    model = build_model("paper", 10, dropout=0.0, init="caffe")
+    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    step = TrainStep(model, optimizer, STATS, 224, 0.1, precision, channels_last)
+    loss_sum, correct = step(images, labels, torch.Generator().manual_seed(1))
+    assert loss_sum.dtype == torch.float32 and correct.dtype == torch.int64
+    return float(loss_sum), model.features[0].weight.detach().clone()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (6, 3, 240, 240), dtype=torch.uint8, generator=g), torch.randint(
+        0, 10, (6,), generator=g
+    )
+
+
+def test_bf16_and_channels_last_stay_close_to_fp32(batch):
+    loss32, w32 = one_step("fp32", False, *batch)
+    loss_nhwc, w_nhwc = one_step("fp32", True, *batch)
+    loss16, w16 = one_step("bf16", True, *batch)
+    assert loss_nhwc == pytest.approx(loss32, rel=1e-5)
+    torch.testing.assert_close(w_nhwc, w32, rtol=1e-4, atol=1e-6)
+    assert loss16 == pytest.approx(loss32, rel=2e-2)  # bf16 keeps 8 bits of mantissa
+    assert loss16 != loss32  # it did compute in bf16
+    update32, update16 = w32 - one_step_initial_conv1(), w16 - one_step_initial_conv1()
+    cosine = torch.nn.functional.cosine_similarity(update32.flatten(), update16.flatten(), dim=0)
+    assert cosine > 0.95  # measured 0.97; an unrelated update would be near 0
+
+
+def one_step_initial_conv1() -> torch.Tensor:
+    torch.manual_seed(0)
+    return build_model("paper", 10, dropout=0.0, init="caffe").features[0].weight.detach()
+
+
+def test_precision_choices():
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    with pytest.raises(UserError, match="fp16 training needs CUDA"):
+        resolve_precision("fp16", torch.device("cpu"))
+    with pytest.raises(UserError, match="unknown precision"):
+        resolve_precision("fp8", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_rank_shares_of_the_augmentation_make_up_the_whole_batch(batch, world_size):
+    images = batch[0]
+    whole = train_batch(images, STATS, torch.Generator().manual_seed(5), 64)
+    shares = []
+    for rank in range(world_size):
+        rows = rank_share(list(range(len(images))), rank, world_size)
+        gen = torch.Generator().manual_seed(5)
+        shares.append(train_batch(images[rows[0] : rows[-1] + 1], STATS, gen, 64, 0.1, rows[0], len(images)))
+    assert torch.equal(torch.cat(shares), whole)
+
+
+def test_epoch_batches_shares_are_disjoint_and_complete():
+    n, batch, world = 23, 4, 3
+    whole = list(EpochBatches(n, batch, seed=1, epoch=2))
+    per_rank = [list(EpochBatches(n, batch, seed=1, epoch=2, rank=r, world_size=world)) for r in range(world)]
+    assert len(whole) == 6 and all(len(p) == 6 for p in per_rank)
+    for step, indices in enumerate(whole):
+        assert sum((p[step] for p in per_rank), []) == indices
+    assert list(EpochBatches(n, batch, seed=1, epoch=2, start_step=4)) == whole[4:]
+
+
+def test_benchmark_measures_against_the_torchvision_baseline(tmp_path, tiny_dataset):
+    from alexnet.prepare import prepare_dataset
+
+    prepared = tmp_path / "prepared"
+    prepare_dataset(tiny_dataset, prepared, workers=0, progress=False)
+    results, settings = run_benchmark("paper", 2, "cpu", data=str(prepared), steps=1, warmup=1, rounds=2)
+    assert [m.name for m in results] == ["torchvision fp32 eager", "paper model-only", "paper end-to-end"]
+    assert all(m.images_per_s > 0 and len(m.rounds) == 2 for m in results)
+    table = format_table(results, settings)
+    assert "precision fp32" in table and "1.00x" in table.splitlines()[2]
+    with pytest.raises(UserError, match="not a prepared dataset"):
+        run_benchmark("paper", 2, "cpu", data=str(tiny_dataset))
