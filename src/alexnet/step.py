@@ -21,7 +21,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """'auto' is bf16 on CUDA and fp32 on the CPU (the paper's arithmetic; bf16 is fast only on CPUs with bf16 units)."""
+    """'auto' is bf16 on CUDA and fp32 on the CPU (the paper's arithmetic; bf16 pays only on CPUs with bf16 units)."""
     if name not in PRECISIONS:
         raise UserError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}")
     if name == "auto":
