@@ -33,13 +33,12 @@ class Ranks:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+    distributed: bool = False  # in a torchrun process group (of any size)
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """torchrun sets RANK and WORLD_SIZE, also for one process (which then runs DDP over one GPU)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def restarted_by_torchrun() -> bool:
@@ -51,19 +50,46 @@ def start(device: torch.device) -> tuple[Ranks, torch.device]:
     """Join the process group torchrun set up (NCCL for CUDA, gloo for the CPU); one GPU per process."""
     if not launched_by_torchrun():
         return Ranks(), device
-    ranks = Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    env = os.environ
+    ranks = Ranks(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0")), distributed=True)
     if device.type == "cuda":
         if ranks.local_rank >= torch.cuda.device_count():
             raise UserError(f"local rank {ranks.local_rank} has no GPU: {torch.cuda.device_count()} visible")
         device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        # Long timeout: rank 0 alone computes the dataset statistics while the others wait.
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
-            backend, timeout=datetime.timedelta(hours=6), device_id=device if backend == "nccl" else None
+            backend,
+            store=_attempt_store(ranks),
+            rank=ranks.rank,
+            world_size=ranks.world_size,
+            timeout=TIMEOUT,
+            device_id=device if backend == "nccl" else None,
         )
     return ranks, device
+
+
+# Long: rank 0 alone computes the dataset statistics while the others wait at a barrier.
+TIMEOUT = datetime.timedelta(hours=6)
+
+
+def _attempt_store(ranks: Ranks) -> dist.Store:
+    """The store at MASTER_ADDR:MASTER_PORT, its keys scoped to this attempt of the job.
+
+    torchrun's agent keeps one store for all its restarts. Without a scope, a restarted rank may read
+    the address that a dead process of the previous attempt published, and fail to connect to it.
+    """
+    env = os.environ
+    agent_hosts_it = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        env["MASTER_ADDR"],
+        int(env["MASTER_PORT"]),
+        ranks.world_size,
+        is_master=ranks.is_main and not agent_hosts_it,
+        timeout=TIMEOUT,
+    )
+    return dist.PrefixStore(f"alexnet/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def stop() -> None:

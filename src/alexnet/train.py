@@ -139,6 +139,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     if cfg.data is None:
         raise UserError("no --data given")
     device = pick_device(cfg.device)
+    # --init-from: read and checked now, so a wrong file stops the run before its directory is made
+    pretrained = read_pretrained(cfg.init_from, cfg) if cfg.init_from and not resume else None
     ranks, device = distributed.start(device)
     try:
         if ranks.distributed:
@@ -149,14 +151,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             run_dir = Path(cfg.run_dir or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
         if not ranks.is_main:
             distributed.barrier(ranks)  # rank 0 checks and locks the run directory first
-            return _train(cfg, run_dir, resume, progress and ranks.is_main, device, ranks)
+            return _train(cfg, run_dir, resume, progress and ranks.is_main, device, ranks, pretrained)
         check_run_directory(run_dir, resume)
         run_dir.mkdir(parents=True, exist_ok=True)
         with RunLock(run_dir):
             check_run_directory(run_dir, resume)  # again: another process may have started it meanwhile
             remove_temporaries(run_dir)  # of a process killed mid-write
             distributed.barrier(ranks)
-            return _train(cfg, run_dir, resume, progress, device, ranks)
+            return _train(cfg, run_dir, resume, progress, device, ranks, pretrained)
     finally:
         distributed.stop()
 
@@ -171,15 +173,21 @@ def check_run_directory(run_dir: Path, resume: bool) -> None:
             )
 
 
-def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device: torch.device, ranks: Ranks) -> Path:
+def _train(
+    cfg: TrainConfig,
+    run_dir: Path,
+    resume: bool,
+    progress: bool,
+    device: torch.device,
+    ranks: Ranks,
+    pretrained: dict | None,
+) -> Path:
     main = ranks.is_main
 
     def say(text: str) -> None:
         if main:
             tqdm.write(text)
 
-    # --init-from: read and checked now, so a wrong file stops the run before its directory is filled
-    pretrained = read_pretrained(cfg.init_from, cfg) if cfg.init_from and not resume else None
     if ranks.distributed and cfg.batch_size < ranks.world_size:
         raise UserError(f"batch size {cfg.batch_size} is smaller than the {ranks.world_size} processes")
 

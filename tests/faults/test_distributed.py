@@ -60,7 +60,7 @@ def test_two_processes_equal_one_on_the_same_global_batch(one_process_run, two_p
     one, two = checkpoint_weights(one_process_run / "last.pt"), checkpoint_weights(run_dir / "last.pt")
     assert one.keys() == two.keys()
     for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)  # weights ~0.01: 1e-3 of them
     assert out.count("epoch 1/2: train loss") == 1  # rank 0 alone prints
     assert "x 2 processes" in out
     a, b = load_checkpoint(one_process_run / "last.pt"), load_checkpoint(run_dir / "last.pt")
@@ -82,6 +82,7 @@ def test_a_killed_worker_is_restarted_and_the_run_continues(fault_data, two_proc
     rank0 = int((run_dir / "lock").read_text())  # the lock file names the process that holds it
     os.kill(rank0, signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
+    (tmp_path / "stderr.txt").write_text(err)
     assert proc.returncode == 0, err[-3000:]
     assert "resuming" in out and "at epoch 1, step" in out
     assert_same_weights(checkpoint_weights(run_dir / "last.pt"), checkpoint_weights(two_process_run[0] / "last.pt"))

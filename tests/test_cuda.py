@@ -1,0 +1,50 @@
+"""What only a GPU can check; skipped without CUDA. benchmarks/gpu_check.sh runs these on an H100/H200."""
+
+import pytest
+import torch
+
+from alexnet.augment import make_pixel_stats, ten_crop_batch, train_batch
+from alexnet.model import build_model
+from alexnet.step import TrainStep
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+STATS = make_pixel_stats(torch.rand(3, 256, 256), torch.eye(3) * 0.02 + 0.01)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randint(0, 256, (16, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def test_gpu_augmentation_equals_cpu(images):
+    cpu = train_batch(images, STATS, torch.Generator().manual_seed(3))
+    gpu = train_batch(images.cuda(), STATS.to("cuda"), torch.Generator().manual_seed(3))
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ten_crop_batch(images.cuda(), STATS.to("cuda")).cpu(), ten_crop_batch(images, STATS))
+
+
+@pytest.mark.parametrize("preset", ["paper", "torchvision"])
+def test_bf16_logits_close_to_fp32(images, preset):
+    model = build_model(preset, 1000, init="caffe" if preset == "paper" else None).cuda().eval()
+    x = train_batch(images.cuda(), STATS.to("cuda"), torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fp32 = model(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    assert bf16.dtype == torch.bfloat16
+    error = (bf16.float() - fp32).norm() / fp32.norm()
+    assert error < 0.02, float(error)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_step_follows_fp32(images, precision):
+    losses = {}
+    for p in ("fp32", precision):
+        torch.manual_seed(0)
+        model = build_model("paper", 10, dropout=0.0, init="caffe").cuda().to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        step = TrainStep(model, optimizer, STATS.to("cuda"), 224, 0.1, p, True)
+        labels = torch.arange(16, device="cuda") % 10
+        losses[p] = [float(step(images.cuda(), labels, torch.Generator().manual_seed(i))[0]) for i in range(5)]
+    assert losses[precision] == pytest.approx(losses["fp32"], rel=0.03)
