@@ -160,3 +160,34 @@ def test_fp16_does_not_overflow() -> None:
     assert got.dtype == torch.float16
     assert torch.isfinite(got).all()
     assert torch.equal(got, LocalResponseNorm(CAFFE_LRN)(xh.float()).half())
+
+
+@pytest.mark.parametrize(
+    "spec", [PAPER_LRN, CAFFE_LRN, LRNSpec(4, 0.5, 0.75, 1.0, True), LRNSpec(3, 2.0, 0.6, 1.5, False)]
+)
+def test_gradient_against_autograd_of_the_formula(spec: LRNSpec) -> None:
+    """The closed-form backward equals autograd through a direct float64 implementation (odd and even windows)."""
+    x = _data(c=9, scale=3.0 if spec.alpha > 1e-3 else 30.0, seed=4).double().requires_grad_()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def direct(a: torch.Tensor) -> torch.Tensor:
+        lo, hi = spec.size // 2, (spec.size - 1) // 2
+        padded = torch.nn.functional.pad(a * a, (0, 0, 0, 0, lo, hi))
+        window = sum(padded[:, j : j + a.shape[1]] for j in range(spec.size))
+        return a / (spec.k + spec.scale * window) ** spec.beta
+
+    (want,) = torch.autograd.grad(direct(x), x, g)
+    x32 = x.detach().float().requires_grad_()
+    (got,) = torch.autograd.grad(LocalResponseNorm(spec)(x32), x32, g.float())
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    assert (want - g).abs().max() > 1e-3 * g.abs().max()  # the normalisation's gradient is not the identity
+
+
+def test_channels_last_input_gives_channels_last_output_and_gradient() -> None:
+    x = _data(c=8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = LocalResponseNorm(PAPER_LRN)(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    y.sum().backward()
+    plain = _data(c=8).requires_grad_()
+    LocalResponseNorm(PAPER_LRN)(plain).sum().backward()
+    torch.testing.assert_close(x.grad, plain.grad)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -43,6 +42,50 @@ def tensorflow_lrn(depth_radius: int, bias: float, alpha: float, beta: float) ->
 LRN_CONVENTIONS = {"paper": PAPER_LRN, "cuda-convnet": CUDA_CONVNET_LRN, "caffe": CAFFE_LRN}
 
 
+def _window_sum(t: torch.Tensor, size: int, transposed: bool = False) -> torch.Tensor:
+    """sum_{j in window(i)} t_j over channels (dim 1): window(i) = [i - size//2, i + (size-1)//2], clipped.
+
+    Shifted adds: exact sums, no padded copy, cheap in either memory layout. `transposed`: the sum
+    over {j : i in window(j)}, the window mirrored (the same for odd sizes).
+    """
+    back, ahead = size // 2, (size - 1) // 2
+    if transposed:
+        back, ahead = ahead, back
+    total = t.clone(memory_format=torch.preserve_format)
+    for shift in range(1, ahead + 1):  # t_{i+shift}
+        total[:, :-shift] += t[:, shift:]
+    for shift in range(1, back + 1):  # t_{i-shift}
+        total[:, shift:] += t[:, :-shift]
+    return total
+
+
+class _LRNFunction(torch.autograd.Function):
+    """b = a * d^-beta with d = k + s * window_sum(a^2), in float32, and its gradient in closed form:
+
+        da_i = g_i d_i^-beta - 2 s beta a_i * window_sum^T(g_j b_j / d_j)
+
+    Autograd through the formula would store and recompute far more (pow's backward alone is a third
+    of the paper network's CPU step); this takes a few passes over the activations each way.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, spec: LRNSpec) -> torch.Tensor:
+        x32 = x.float()
+        d = _window_sum(x32 * x32, spec.size).mul_(spec.scale).add_(spec.k)
+        scale = d.pow(-spec.beta)
+        ctx.spec = spec
+        ctx.save_for_backward(x32, scale, d)
+        return (x32 * scale).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        x32, scale, d = ctx.saved_tensors
+        s = ctx.spec
+        g_scale = grad.float() * scale
+        t = _window_sum(g_scale * x32 / d, s.size, transposed=True)
+        return g_scale.sub_(x32 * t, alpha=2 * s.scale * s.beta).to(grad.dtype), None
+
+
 class LocalResponseNorm(nn.Module):
     """LRN across channels, always computed in float32 (squares overflow or lose bits in fp16/bf16)."""
 
@@ -51,14 +94,8 @@ class LocalResponseNorm(nn.Module):
         self.spec = spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.spec
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x32 = x.float()
-            squares = x32.square().unsqueeze(1)  # (N, 1, C, H, W): pool over C as a depth axis
-            squares = F.pad(squares, (0, 0, 0, 0, s.size // 2, (s.size - 1) // 2))
-            window_sum = F.avg_pool3d(squares, (s.size, 1, 1), stride=1).squeeze(1) * s.size
-            out = x32 / (s.k + s.scale * window_sum).pow(s.beta)
-        return out.to(x.dtype)
+            return _LRNFunction.apply(x, self.spec)
 
     def extra_repr(self) -> str:
         s = self.spec
