@@ -5,10 +5,15 @@
 
 For each dataset it measures, and prints as one markdown table:
   prepare   images/s of alexnet.prepare.prepare_dataset (raw, jpeg) and the size on disk
-  read      images/s of the loader alone (prepared raw, prepared jpeg, folder)
-  load      images/s of the loader followed by augment.train_batch (prepared raw, prepared jpeg, folder)
-  train     images/s of whole SGD steps of the paper network (the same three, and "model only":
+  read      images/s of the loader alone (prepared raw, prepared jpeg, folder, imagefolder)
+  load      images/s of the loader followed by augment.train_batch (prepared raw, prepared jpeg, folder),
+            or, for imagefolder, of its per-image transforms with the same augmentation
+  train     images/s of whole SGD steps of the paper network (the same four, and "model only":
             augmented tensors already on the device, the ceiling no data path can beat)
+Paths: "folder" is this project's ImageDataset + DataLoader; "imagefolder" the usual torchvision
+pipeline, ImageFolder + PIL transforms in DataLoader workers (Resize 256, CenterCrop 256, RandomCrop
+224, RandomHorizontalFlip, ToTensor, PCA lighting, Normalize: the paper's augmentation, with the mean
+colour for the mean image, which per-image transforms cannot crop along with the photo).
 and the peak memory of each (see MemoryPeak). Every measurement runs in a fresh process, so its peak
 memory is its own; the first batch or step (start-up, worker launch) is not timed.
 """
@@ -37,7 +42,7 @@ from alexnet.prepared import PreparedLoader, open_prepared, read_manifest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {"imagenet-sample-1000": "val", "imagenette-dev": "train"}  # the split each one is measured on
-PATHS = ("raw", "jpeg", "folder")
+PATHS = ("raw", "jpeg", "folder", "imagefolder")
 WORK = Path(tempfile.gettempdir()) / "alexnet-benchmark"
 
 
@@ -127,10 +132,14 @@ def run_case(case: dict) -> dict:
         model = build_model("paper", num_classes).to(device)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
+    buffer = None  # the augmented batch's memory, reused as TrainStep does
+
     def step(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> None:
+        nonlocal buffer
         if case["kind"] == "read":
             return
-        x = images if images.is_floating_point() else train_batch(images, stats, gen)
+        x = images if images.is_floating_point() else train_batch(images, stats, gen, out=buffer)
+        buffer = None if images.is_floating_point() else x
         if case["kind"] == "train":
             loss = F.cross_entropy(model(x), labels)
             optimizer.zero_grad(set_to_none=True)
@@ -162,6 +171,9 @@ def batches(case: dict, num_classes: int):
         y = torch.randint(0, num_classes, (size,), device=device)
         for _ in range(case["batches"] + 1):
             yield x, y
+    elif case["path"] == "imagefolder":
+        loader = torchvision_loader(case, size, augment=case["kind"] != "read", pin=pin)
+        yield from loader
     elif case["path"] == "folder":
         samples = open_split(case["src"], case["split"]).samples
         sampler = EpochSampler(len(samples), seed=0, epoch=0)
@@ -171,6 +183,29 @@ def batches(case: dict, num_classes: int):
         split = open_prepared(case["prepared"][case["path"]], case["split"])
         for b in PreparedLoader(split, size, device=device, pin_memory=pin, threads=case["threads"]):
             yield b.images, b.labels
+
+
+def torchvision_loader(case: dict, size: int, augment: bool, pin: bool) -> torch.utils.data.DataLoader:
+    """torchvision's ImageFolder + PIL transforms, per image in DataLoader workers: the common baseline."""
+    from torchvision import datasets, transforms
+
+    moments = torch.load(Path(case["prepared"]["raw"]) / "stats.pt", weights_only=True)
+    stats = make_pixel_stats(moments["mean_image"], moments["covariance"], mean="channel", scale="imagenet")
+    shape = [transforms.Resize(256), transforms.CenterCrop(256)]
+    if augment:
+
+        def lighting(x: torch.Tensor) -> torch.Tensor:  # the paper's PCA lighting, per image
+            return x + ((torch.randn(3) * 0.1 * stats.eigval) @ stats.eigvec.T)[:, None, None]
+
+        steps = [transforms.RandomCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
+        steps += [transforms.Lambda(lighting), transforms.Normalize(stats.mean.flatten(), stats.std.flatten())]
+    else:
+        steps = [transforms.PILToTensor()]
+    dataset = datasets.ImageFolder(Path(case["src"]) / case["split"], transforms.Compose(shape + steps))
+    generator = torch.Generator().manual_seed(0)
+    return torch.utils.data.DataLoader(
+        dataset, size, shuffle=True, generator=generator, num_workers=case["workers"], pin_memory=pin
+    )
 
 
 def sync(device: torch.device) -> None:

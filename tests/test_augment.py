@@ -311,6 +311,8 @@ def test_gpu_gather_and_cpu_slicing_crop_alike(per_pixel):
     stats = PixelStats(mean, torch.full((3, 1, 1), 0.2), torch.ones(3), torch.eye(3))
     top, left = torch.randint(0, 9, (6,), generator=g), torch.randint(0, 9, (6,), generator=g)
     flip = torch.tensor([True, False, True, True, False, False])
-    a = _crops_by_gather(images, stats, top, left, flip, 32)
-    b = _crops_by_slicing(images, stats, top, left, flip, 32)
-    assert a.shape == (6, 3, 32, 32) and torch.allclose(a, b, atol=1e-6)
+    shift = torch.randn(6, 3, generator=g) * 0.05
+    a = _crops_by_gather(images, stats, top, left, flip, 32) + shift[:, :, None, None] / stats.std
+    b = _crops_by_slicing(images, stats, top, left, flip, 32, shift)
+    assert a.shape == (6, 3, 32, 32)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -58,15 +58,37 @@ def _crops_by_gather(images: torch.Tensor, stats: PixelStats, top, left, flip, c
     return _normalise(images[bi, ci, rows, cols], mean, stats)
 
 
-def _crops_by_slicing(images: torch.Tensor, stats: PixelStats, top, left, flip, crop: int) -> torch.Tensor:
-    """The same, one image at a time: on a CPU about 6x faster than the gather."""
-    out = torch.empty(images.shape[0], 3, crop, crop, device=images.device)
-    per_pixel = stats.mean.shape[-1] > 1
+def _crops_by_slicing(
+    images: torch.Tensor,
+    stats: PixelStats,
+    top,
+    left,
+    flip,
+    crop: int,
+    shift: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The same with the lighting `shift` (B, 3) added, one image at a time in two fused passes:
+    out = x * 1/(255 std) - (mean - shift) / std. On a CPU about 10x faster than the gather."""
+    b, _, s, _ = images.shape
+    if out is None or out.shape != (b, 3, crop, crop):
+        out = torch.empty(b, 3, crop, crop, device=images.device)
+    scale = 1.0 / (255.0 * stats.std)
+    mean = stats.mean / stats.std
+    per_pixel = mean.shape[-1] > 1
+    mirrored = mean.flip(-1) if per_pixel else mean  # the mean image of mirrored crops, cut like them
+    shift = (shift / stats.std.view(1, 3))[:, :, None, None]
     for i, (t, le, f) in enumerate(zip(top.tolist(), left.tolist(), flip.tolist(), strict=True)):
-        mean = stats.mean[:, t : t + crop, le : le + crop] if per_pixel else stats.mean
-        x = images[i, :, t : t + crop, le : le + crop].float().div_(255.0).sub_(mean)
-        out[i] = x.flip(-1) if f else x
-    return out.div_(stats.std)
+        x = images[i, :, t : t + crop, le : le + crop]
+        if f:
+            x = x.flip(-1)  # flipping bytes is cheaper than flipping floats
+        if per_pixel:
+            m = mirrored[:, t : t + crop, s - le - crop : s - le] if f else mean[:, t : t + crop, le : le + crop]
+            torch.sub(shift[i], m, out=out[i])
+        else:
+            out[i].copy_(shift[i] - mean)
+        out[i].addcmul_(x, scale)
+    return out
 
 
 def _normalise(crops_u8: torch.Tensor, mean_crops: torch.Tensor, stats: PixelStats) -> torch.Tensor:
@@ -81,6 +103,7 @@ def train_batch(
     lighting: float = 0.1,
     first: int = 0,
     total: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Random crop, horizontal reflection, PCA lighting and mean subtraction for (B, 3, S, S) uint8.
 
@@ -88,6 +111,9 @@ def train_batch(
     function of the images and the generator's seed alone, on any device. `images` may be rows
     first..first+B of a larger batch of `total` images (a DDP rank's share): the numbers are drawn
     for all `total` and this share's are used, so the shares together equal the whole batch.
+
+    `out`: a (B, 3, crop, crop) float tensor to reuse on the CPU. A new 77 MB batch costs some 20,000
+    page faults each time (big blocks come from mmap), which is most of the augmentation's time.
     """
     b, _, s, _ = images.shape
     total = b if total is None else total
@@ -101,11 +127,10 @@ def train_batch(
     flip = draw(torch.rand(total, generator=generator) < 0.5)
     alpha = draw(torch.randn(total, 3, generator=generator) * lighting)
 
-    crops = _crops_by_gather if images.is_cuda else _crops_by_slicing
-    out = crops(images, stats, top, left, flip, crop)
-    if lighting > 0:
-        out += (lighting_offsets(alpha, stats)[:, :, None, None]) / stats.std
-    return out
+    shift = lighting_offsets(alpha, stats) if lighting > 0 else torch.zeros(b, 3, device=images.device)
+    if not images.is_cuda:
+        return _crops_by_slicing(images, stats, top, left, flip, crop, shift, out)
+    return _crops_by_gather(images, stats, top, left, flip, crop) + shift[:, :, None, None] / stats.std
 
 
 def crop_offsets(size: int, crop: int) -> list[tuple[int, int]]:

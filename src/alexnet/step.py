@@ -67,6 +67,7 @@ class TrainStep:
         self.device_type = device_type
         # fp16 needs loss scaling (its range is narrow); bf16 has fp32's range and does not
         self.scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
+        self.buffer: torch.Tensor | None = None
 
     def __call__(
         self,
@@ -77,7 +78,8 @@ class TrainStep:
         total: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         total = len(labels) if total is None else total
-        x = train_batch(images, self.stats, generator, self.crop, self.lighting, first, total)
+        x = train_batch(images, self.stats, generator, self.crop, self.lighting, first, total, self.buffer)
+        self.buffer = x  # reused next step: x is done with once this step's backward is
         x = x.contiguous(memory_format=self.memory_format)
         with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.autocast):
             logits = self.model(x)
