@@ -120,7 +120,9 @@ def train_batch(
     rows = slice(first, first + b)
 
     def draw(values: torch.Tensor) -> torch.Tensor:
-        return values[rows].to(images.device)
+        if images.is_cuda:  # from pinned memory, asynchronously: a pageable copy would wait for the GPU
+            return values[rows].pin_memory().to(images.device, non_blocking=True)
+        return values[rows]
 
     top = draw(torch.randint(0, s - crop + 1, (total,), generator=generator))
     left = draw(torch.randint(0, s - crop + 1, (total,), generator=generator))

@@ -361,7 +361,9 @@ def _train(
                     images = batch.images.to(device, non_blocking=True)
                     labels = batch.labels.to(device, non_blocking=True)
                     loss_sum, correct = step_fn(images, labels, gen, first, total if ranks.distributed else None)
-                    sums += torch.stack([loss_sum.double(), correct.double(), sums.new_tensor(len(labels))])
+                    sums[0] += loss_sum  # on the device, without waiting for it
+                    sums[1] += correct
+                    sums[2] += len(labels)
                 if steps_each_iteration(scheduler):
                     scheduler.step()
                 state.step_in_epoch += 1
