@@ -3,7 +3,7 @@
     python benchmarks/ddp.py [--processes 2] [--batch 32] [--steps 4]
 
 Starts N processes (gloo on the CPU; NCCL with --cuda, one GPU each) and measures, in the same run:
-  all-reduce of the fc6-fc8 gradients (58.6M floats) and of the conv gradients (3.7M) alone;
+  all-reduce of the fc6-fc8 gradients (58.6M floats) and of the conv gradients (2.3M) alone;
   a DDP training step of the paper preset (global batch --batch) with 25 MB buckets (DDP's default),
   100 MB buckets, fp16 and bf16 compression hooks, and without communication (no_sync) as the floor.
 """

@@ -73,6 +73,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     channels_last: str = "on"  # on | off: NHWC layout
     compile: bool = False  # torch.compile the model
+    ddp_bucket_mb: int = 25  # DDP's gradient bucket size (PyTorch's default); 100 was 1.3x faster on CPUs (gloo)
 
     def resolved(self) -> TrainConfig:
         """Fill preset-dependent defaults and check every value; raises UserError with one line."""
@@ -89,7 +90,7 @@ class TrainConfig:
         _choice("on_nan", c.on_nan, NAN_POLICIES)
         _choice("precision", c.precision, ("auto", "fp32", "bf16", "fp16"))
         _choice("channels_last", c.channels_last, ("on", "off"))
-        for name in ("epochs", "batch_size", "step_epochs", "inverse_time_steps", "log_every"):
+        for name in ("epochs", "batch_size", "step_epochs", "inverse_time_steps", "log_every", "ddp_bucket_mb"):
             if getattr(c, name) < 1:
                 raise UserError(f"{name} must be at least 1, not {getattr(c, name)}")
         for name in ("lr", "momentum", "weight_decay", "lighting", "inverse_time_rate"):

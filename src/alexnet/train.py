@@ -273,7 +273,9 @@ def _train(
         trained = torch.compile(trained)
     if ranks.distributed:
         # gradients are all-reduced bucket by bucket while backward goes on (DDP overlaps the two)
-        trained = DistributedDataParallel(trained, device_ids=[device] if device.type == "cuda" else None)
+        trained = DistributedDataParallel(
+            trained, device_ids=[device] if device.type == "cuda" else None, bucket_cap_mb=cfg.ddp_bucket_mb
+        )
     dev_stats = stats.to(device)
     step_fn = TrainStep(
         trained, optimizer, dev_stats, cfg.crop, cfg.lighting, precision, channels_last, ranks.world_size
