@@ -49,7 +49,7 @@ HELP = {
     "precision": "auto (bf16 on CUDA, fp32 on the CPU), fp32, bf16 or fp16 (CUDA, with loss scaling)",
     "channels_last": "NHWC layout, faster on CUDA and on the CPU: on (default) or off",
     "compile": "torch.compile the model (slower start, faster steps)",
-    "ddp_bucket_mb": "under torchrun: DDP's gradient bucket size in MB (default 25, PyTorch's; see benchmarks/README.md)",
+    "ddp_bucket_mb": "under torchrun: DDP's gradient bucket size in MB (default 25, as PyTorch's)",
     "checkpoint_every": "also write last.pt every this many steps (0: at the end of each epoch only)",
 }
 
