@@ -178,7 +178,9 @@ def test_gradient_against_autograd_of_the_formula(spec: LRNSpec) -> None:
 
     (want,) = torch.autograd.grad(direct(x), x, g)
     x32 = x.detach().float().requires_grad_()
-    (got,) = torch.autograd.grad(LocalResponseNorm(spec)(x32), x32, g.float())
+    y = LocalResponseNorm(spec)(x32)  # through the autograd function
+    assert y.grad_fn is not None and torch.equal(y.detach(), LocalResponseNorm(spec)(x32.detach()))  # = inference
+    (got,) = torch.autograd.grad(y, x32, g.float())
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
     assert (want - g).abs().max() > 1e-3 * g.abs().max()  # the normalisation's gradient is not the identity
 

@@ -59,6 +59,13 @@ def _window_sum(t: torch.Tensor, size: int, transposed: bool = False) -> torch.T
     return total
 
 
+def _lrn_terms(x: torch.Tensor, spec: LRNSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x in float32, d^-beta and d = k + s * window_sum(x^2)."""
+    x32 = x.float()
+    d = _window_sum(x32 * x32, spec.size).mul_(spec.scale).add_(spec.k)
+    return x32, d.pow(-spec.beta), d
+
+
 class _LRNFunction(torch.autograd.Function):
     """b = a * d^-beta with d = k + s * window_sum(a^2), in float32, and its gradient in closed form:
 
@@ -70,9 +77,7 @@ class _LRNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, spec: LRNSpec) -> torch.Tensor:
-        x32 = x.float()
-        d = _window_sum(x32 * x32, spec.size).mul_(spec.scale).add_(spec.k)
-        scale = d.pow(-spec.beta)
+        x32, scale, d = _lrn_terms(x, spec)
         ctx.spec = spec
         ctx.save_for_backward(x32, scale, d)
         return (x32 * scale).to(x.dtype)
@@ -95,7 +100,11 @@ class LocalResponseNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return _LRNFunction.apply(x, self.spec)
+            if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
+                return _LRNFunction.apply(x, self.spec)
+            # inference, and TorchScript tracing (which cannot record a Python autograd function)
+            x32, scale, _ = _lrn_terms(x, self.spec)
+            return (x32 * scale).to(x.dtype)
 
     def extra_repr(self) -> str:
         s = self.spec
