@@ -93,3 +93,16 @@ def test_benchmark_measures_against_the_torchvision_baseline(tmp_path, tiny_data
     assert "precision fp32" in table and "1.00x" in table.splitlines()[2]
     with pytest.raises(UserError, match="not a prepared dataset"):
         run_benchmark("paper", 2, "cpu", data=str(tiny_dataset))
+
+
+def test_compiled_step_follows_eager(batch):
+    """--compile: the same step through torch.compile (inductor; about half a minute to compile here)."""
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model("torchvision", 10, dropout=0.0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        step = TrainStep(torch.compile(model) if compiled else model, optimizer, STATS, 64, 0.1, "fp32", True)
+        losses[compiled] = [float(step(*batch, torch.Generator().manual_seed(i))[0]) for i in range(3)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    assert losses[False][2] != losses[False][0]  # the steps changed the weights
