@@ -280,8 +280,9 @@ def _train(
     step_fn = TrainStep(
         trained, optimizer, dev_stats, cfg.crop, cfg.lighting, precision, channels_last, ranks.world_size
     )
+    ddp = f", DDP over {ranks.world_size} processes" if ranks.distributed else ""
     say(
-        f"device: {device}{f' x {ranks.world_size} processes' if ranks.distributed else ''}, precision {precision}"
+        f"device: {device}{ddp}, precision {precision}"
         f"{', channels_last' if channels_last else ''}{', compiled' if cfg.compile else ''}"
     )
 

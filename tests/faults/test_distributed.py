@@ -62,7 +62,7 @@ def test_two_processes_equal_one_on_the_same_global_batch(one_process_run, two_p
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)  # weights ~0.01: 1e-3 of them
     assert out.count("epoch 1/2: train loss") == 1  # rank 0 alone prints
-    assert "x 2 processes" in out
+    assert "DDP over 2 processes" in out
     a, b = load_checkpoint(one_process_run / "last.pt"), load_checkpoint(run_dir / "last.pt")
     assert a["run_state"] == pytest.approx(b["run_state"], rel=1e-5)  # losses and counts over all ranks
     one_eval, two_eval = (json.loads((r / "eval.json").read_text()) for r in (one_process_run, run_dir))
