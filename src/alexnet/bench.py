@@ -65,8 +65,9 @@ def torchvision_step(batch: int, device: torch.device, num_classes: int = 1000) 
 
 
 def project_step(
-    preset: str, batch: int, device: torch.device, precision: str, channels_last: bool, compile: bool
-) -> tuple[TrainStep, Callable[[torch.Tensor, torch.Tensor], object]]:
+    preset: str, device: torch.device, precision: str, channels_last: bool, compile: bool
+) -> Callable[[torch.Tensor, torch.Tensor], object]:
+    """This project's TrainStep for `preset`, as step(images, labels)."""
     model = build_model(preset, 1000).to(device)
     model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -74,7 +75,7 @@ def project_step(
     trained = torch.compile(model) if compile else model
     step = TrainStep(trained, optimizer, stats, 224, 0.1, precision, channels_last)
     gen = torch.Generator().manual_seed(0)
-    return step, lambda images, labels: step(images, labels, gen)
+    return lambda images, labels: step(images, labels, gen)
 
 
 def run_benchmark(
@@ -95,12 +96,12 @@ def run_benchmark(
 
     device = pick_device(device_name)
     precision = resolve_precision(precision, device)
-    layout = resolve_channels_last(channels_last, device)
+    layout = resolve_channels_last(channels_last)
     if data is not None and not is_prepared(data):
         raise UserError(f"{data} is not a prepared dataset (make one with alexnet prepare)")
     images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
-    _, ours = project_step(preset, batch, device, precision, layout, compile)
+    ours = project_step(preset, device, precision, layout, compile)
     candidates: dict[str, Callable[[], object]] = {}
     if baseline:
         candidates["torchvision fp32 eager"] = torchvision_step(batch, device)

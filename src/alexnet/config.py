@@ -10,6 +10,7 @@ from pathlib import Path
 from .errors import UserError
 from .lrn import LRN_CONVENTIONS
 from .model import INITS, PRESETS
+from .step import PRECISIONS
 
 SCHEDULES = ("plateau", "inverse-time", "step", "cosine")
 # Settings a resumed run may change: they do not alter what is computed, or only extend it.
@@ -88,7 +89,7 @@ class TrainConfig:
         _choice("scale", c.scale, ("raw", "imagenet"))
         _choice("pca", c.pca, ("dataset", "imagenet"))
         _choice("on_nan", c.on_nan, NAN_POLICIES)
-        _choice("precision", c.precision, ("auto", "fp32", "bf16", "fp16"))
+        _choice("precision", c.precision, PRECISIONS)
         _choice("channels_last", c.channels_last, ("on", "off"))
         for name in ("epochs", "batch_size", "step_epochs", "inverse_time_steps", "log_every", "ddp_bucket_mb"):
             if getattr(c, name) < 1:

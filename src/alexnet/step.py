@@ -31,7 +31,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
-def resolve_channels_last(name: str, device: torch.device) -> bool:
+def resolve_channels_last(name: str) -> bool:
     """NHWC: faster on CUDA (cuDNN) and on the CPU too (oneDNN; 1.15x on 2 cores, benchmarks/README.md)."""
     if name not in ("on", "off"):
         raise UserError(f"channels_last must be on or off, not {name!r}")

@@ -143,15 +143,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     pretrained = read_pretrained(cfg.init_from, cfg) if cfg.init_from and not resume else None
     ranks, device = distributed.start(device)
     try:
-        if ranks.distributed:
-            run_dir = Path(cfg.run_dir or "")
-            if not cfg.run_dir:
-                raise UserError("under torchrun, give every process the same --run-dir")
-        else:
-            run_dir = Path(cfg.run_dir or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if ranks.distributed and not cfg.run_dir:  # a default name would differ between processes
+            raise UserError("under torchrun, give every process the same --run-dir")
+        run_dir = Path(cfg.run_dir or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
         if not ranks.is_main:
             distributed.barrier(ranks)  # rank 0 checks and locks the run directory first
-            return _train(cfg, run_dir, resume, progress and ranks.is_main, device, ranks, pretrained)
+            return _train(cfg, run_dir, resume, False, device, ranks, pretrained)
         check_run_directory(run_dir, resume)
         run_dir.mkdir(parents=True, exist_ok=True)
         with RunLock(run_dir):
@@ -263,7 +260,7 @@ def _train(
     if cfg.freeze:
         say(f"frozen: {', '.join(freeze_layers(model, cfg.freeze))}")
     precision = resolve_precision(cfg.precision, device)
-    channels_last = resolve_channels_last(cfg.channels_last, device)
+    channels_last = resolve_channels_last(cfg.channels_last)
     model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
