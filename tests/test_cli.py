@@ -40,17 +40,18 @@ def assert_one_line_error(result, pattern):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """One trained tiny run shared by the evaluate and predict tests."""
+    from conftest import scoped_folder
     from conftest import write_image as w
 
-    root = tmp_path_factory.mktemp("cli")
-    data = root / "data"
-    for wnid, colour in {"n001_red": (220, 40, 40), "n002_green": (40, 200, 40)}.items():
-        for split, n in (("train", 6), ("val", 2)):
-            for i in range(n):
-                w(data / split / wnid / f"{i}.JPEG", colour=colour)
-    (data / "classes.tsv").write_text("index\twnid\tname\n0\tn001_red\tred thing\n1\tn002_green\tgreen thing\n")
-    assert main(["train", "--data", str(data), "--run-dir", str(root / "run"), "--epochs", "1", *TINY_ARGS]) == 0
-    return data, root / "run"
+    with scoped_folder(tmp_path_factory, "cli") as root:
+        data = root / "data"
+        for wnid, colour in {"n001_red": (220, 40, 40), "n002_green": (40, 200, 40)}.items():
+            for split, n in (("train", 6), ("val", 2)):
+                for i in range(n):
+                    w(data / split / wnid / f"{i}.JPEG", colour=colour)
+        (data / "classes.tsv").write_text("index\twnid\tname\n0\tn001_red\tred thing\n1\tn002_green\tgreen thing\n")
+        assert main(["train", "--data", str(data), "--run-dir", str(root / "run"), "--epochs", "1", *TINY_ARGS]) == 0
+        yield data, root / "run"
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ import json
 import onnxruntime
 import pytest
 import torch
+from conftest import scoped_folder
 
 from alexnet.augment import make_pixel_stats
 from alexnet.checkpoint import save_checkpoint
@@ -41,11 +42,11 @@ def make_checkpoint(path, preset: str, mean: str) -> str:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ckpt")
-    return {
-        "torchvision": make_checkpoint(folder / "torchvision.pt", "torchvision", "channel"),
-        "paper": make_checkpoint(folder / "paper.pt", "paper", "pixel"),  # a mean image, raw pixels
-    }
+    with scoped_folder(tmp_path_factory, "ckpt") as folder:
+        yield {
+            "torchvision": make_checkpoint(folder / "torchvision.pt", "torchvision", "channel"),
+            "paper": make_checkpoint(folder / "paper.pt", "paper", "pixel"),  # a mean image, raw pixels
+        }
 
 
 @pytest.fixture(scope="module")

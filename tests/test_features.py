@@ -22,12 +22,11 @@ def plain_stats(size: int) -> PixelStats:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from conftest import make_tiny_dataset
+    from conftest import make_tiny_dataset, scoped_folder
 
-    root = tmp_path_factory.mktemp("features")
-    data = make_tiny_dataset(root / "tiny")
-    run = train(TrainConfig(data=str(data), run_dir=str(root / "run"), epochs=1, **TINY), progress=False)
-    return data, run
+    with scoped_folder(tmp_path_factory, "features") as root:
+        data = make_tiny_dataset(root / "tiny")
+        yield data, train(TrainConfig(data=str(data), run_dir=str(root / "run"), epochs=1, **TINY), progress=False)
 
 
 def test_paper_preset_shapes_at_224():

@@ -19,12 +19,12 @@ TINY = dict(preset="torchvision", batch_size=4, image_size=72, crop=64, workers=
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """Two epochs of the tiny run, with TensorBoard on: 18 training images, 5 steps an epoch."""
-    from conftest import make_tiny_dataset
+    from conftest import make_tiny_dataset, scoped_folder
 
-    root = tmp_path_factory.mktemp("figures")
-    data = make_tiny_dataset(root / "tiny")
-    cfg = TrainConfig(data=str(data), run_dir=str(root / "run"), epochs=2, tensorboard=True, **TINY)
-    return data, train(cfg, progress=False)
+    with scoped_folder(tmp_path_factory, "figures") as root:
+        data = make_tiny_dataset(root / "tiny")
+        cfg = TrainConfig(data=str(data), run_dir=str(root / "run"), epochs=2, tensorboard=True, **TINY)
+        yield data, train(cfg, progress=False)
 
 
 def assert_picture(path, name):

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import scoped_folder
 
 from alexnet.augment import center_batch
 from alexnet.caffe import V1_LAYER_TYPES, messages
@@ -95,20 +96,21 @@ def caffemodels(caffe_weights, tmp_path_factory):
     v1_types |= {"conv": "CONVOLUTION", "fc": "INNER_PRODUCT"}
     new_types = {"data": "Data", "relu": "ReLU", "norm": "LRN", "pool": "Pooling", "drop": "Dropout"}
     new_types |= {"conv": "Convolution", "fc": "InnerProduct"}
-    files = {}
-    for form in ("v1", "new"):
-        net = m["NetParameter"](name="AlexNet")
-        for name in order:
-            kind = name.rstrip("0123456789")
-            if form == "v1":
-                layer = net.layers.add(name=name, type=V1_LAYER_TYPES[v1_types[kind]])
-            else:
-                layer = net.layer.add(name=name, type=new_types[kind])
-            for blob in blobs.get((name, form), []):
-                layer.blobs.add().CopyFrom(blob)
-        files[form] = tmp_path_factory.mktemp("caffe") / f"bvlc_alexnet_{form}.caffemodel"
-        files[form].write_bytes(net.SerializeToString())
-    return files
+    with scoped_folder(tmp_path_factory, "caffe") as folder:
+        files = {}
+        for form in ("v1", "new"):
+            net = m["NetParameter"](name="AlexNet")
+            for name in order:
+                kind = name.rstrip("0123456789")
+                if form == "v1":
+                    layer = net.layers.add(name=name, type=V1_LAYER_TYPES[v1_types[kind]])
+                else:
+                    layer = net.layer.add(name=name, type=new_types[kind])
+                for blob in blobs.get((name, form), []):
+                    layer.blobs.add().CopyFrom(blob)
+            files[form] = folder / f"bvlc_alexnet_{form}.caffemodel"
+            files[form].write_bytes(net.SerializeToString())
+        yield files
 
 
 def expected_state(caffe_weights):
@@ -261,9 +263,9 @@ def torchvision_file(tmp_path_factory):
     """A torchvision AlexNet state_dict file, randomly initialised, saved as people save them."""
     torch.manual_seed(0)
     net = torchvision.models.alexnet(weights=None).eval()
-    path = tmp_path_factory.mktemp("tv") / "alexnet-owt.pth"
-    torch.save(net.state_dict(), path)
-    return path, net
+    with scoped_folder(tmp_path_factory, "tv") as folder:
+        torch.save(net.state_dict(), folder / "alexnet-owt.pth")
+        yield folder / "alexnet-owt.pth", net
 
 
 def test_torchvision_state_dict_gives_identical_logits(torchvision_file, imagenette_ci, tmp_path):

@@ -6,11 +6,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_dataset
+from conftest import make_tiny_dataset, scoped_folder
 
 from alexnet.checkpoint import load_checkpoint
 from alexnet.config import TrainConfig
@@ -77,7 +78,7 @@ def fault_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="package")
-def reference_run(fault_data, tmp_path_factory) -> Path:
+def reference_run(fault_data, tmp_path_factory) -> Iterator[Path]:
     """The uninterrupted run every interrupted one must end up equal to."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    return train(TrainConfig(data=str(fault_data), run_dir=str(run_dir), **CHECKPOINTED), progress=False)
+    with scoped_folder(tmp_path_factory, "reference") as root:
+        yield train(TrainConfig(data=str(fault_data), run_dir=str(root / "run"), **CHECKPOINTED), progress=False)
