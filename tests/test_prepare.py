@@ -231,6 +231,36 @@ def test_mid_epoch_start_gives_the_remaining_batches(prepared, fmt):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
 
 
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("threads", [0, 2])
+def test_batch_memory_is_reused_only_once_no_tensor_uses_it(prepared, fmt, threads):
+    split = open_prepared(prepared[fmt], "train")
+    expected = [b.images.clone() for b in PreparedLoader(split, batch_size=2, seed=4, threads=0)]
+    kept, views, addresses = {}, {}, set()
+    for step, batch in enumerate(PreparedLoader(split, batch_size=2, seed=4, threads=threads, prefetch=2)):
+        addresses.add(batch.images.data_ptr())
+        if step % 3 == 0:
+            kept[step] = batch.images  # still in use: must never be overwritten
+        elif step % 3 == 1:
+            views[step] = batch.images[:, 1:].numpy()  # a view keeps it in use too
+        # else dropped: its memory may hold a later batch
+    assert len(expected) == 10
+    for step, images in kept.items():
+        assert torch.equal(images, expected[step]), step
+    for step, view in views.items():
+        assert np.array_equal(view, expected[step][:, 1:].numpy()), step
+    assert len(addresses) < 10  # the dropped batches' memory was used again
+
+
+def test_a_raw_file_cut_short_while_open_is_a_user_error(prepared, tmp_path):
+    shutil.copytree(prepared["raw"], tmp_path / "copy")
+    split = open_prepared(tmp_path / "copy", "train")
+    with open(split.path, "r+b") as f:
+        f.truncate(split.path.stat().st_size // 2)
+    with pytest.raises(UserError, match=r"train_images\.u8 ends before image \d+; check it with alexnet prepare"):
+        list(PreparedLoader(split, batch_size=4, threads=0))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("fmt", FMTS)
 def test_loader_on_the_gpu(prepared, fmt):
