@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=50, help="loader batches timed (at most one epoch)")
     p.add_argument("--steps", type=int, default=20, help="training steps timed")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="prepare processes, folder loader workers")
-    p.add_argument("--threads", type=int, default=2, help="prepared loader threads")
+    p.add_argument("--threads", type=int, help="prepared loader threads (default: PreparedLoader's own)")
     p.add_argument("--device", default="auto")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one measurement, print its JSON
     args = p.parse_args()
@@ -266,9 +266,11 @@ def descendants(root: int) -> list[int]:
 def table(rows: list[dict], device: str, args: argparse.Namespace) -> str:
     cpu = f"{os.cpu_count()} CPUs"
     gpu = f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""
+    threads = args.threads if args.threads is not None else "default (raw on the CPU: 0; else 2)"
     lines = [
-        f"device {device} ({cpu}{gpu}), batch {args.batch_size}, {args.workers} workers, {args.threads} loader "
-        f"threads, {'all' if not args.limit else args.limit} images a dataset{' (--quick)' if args.quick else ''}",
+        f"device {device} ({cpu}{gpu}), batch {args.batch_size}, {args.workers} workers, "
+        f"{threads} prepared-loader threads, {'all' if not args.limit else args.limit} images a dataset"
+        f"{' (--quick)' if args.quick else ''}",
         "",
         "| dataset | measure | path | images/s | peak memory MiB: PSS / anonymous | disk MiB |",
         "|---|---|---|---:|---:|---:|",

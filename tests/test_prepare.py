@@ -222,10 +222,11 @@ def test_ranks_take_disjoint_shares_that_make_up_each_batch(prepared):
 
 
 @pytest.mark.parametrize("fmt", FMTS)
-def test_mid_epoch_start_gives_the_remaining_batches(prepared, fmt):
+@pytest.mark.parametrize("threads", [0, 2])
+def test_mid_epoch_start_gives_the_remaining_batches(prepared, fmt, threads):
     split = open_prepared(prepared[fmt], "train")
-    full = list(PreparedLoader(split, batch_size=4, seed=3, epoch=1))
-    rest = list(PreparedLoader(split, batch_size=4, seed=3, epoch=1, start_step=2, pin_memory=False, prefetch=1))
+    full = list(PreparedLoader(split, batch_size=4, seed=3, epoch=1, threads=threads))
+    rest = list(PreparedLoader(split, batch_size=4, seed=3, epoch=1, start_step=2, threads=threads, prefetch=1))
     assert len(full) == 5 and len(rest) == 3
     for a, b in zip(full[2:], rest, strict=True):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)

@@ -128,8 +128,11 @@ class PreparedLoader:
     batch, so steps per epoch, the schedule and resuming by step do not depend on the number of ranks.
     With drop_last, the epoch's last, incomplete global batch is skipped (a rank never gets an empty share).
 
-    Batches are read in `threads` background threads, `prefetch` batches ahead (numpy copies out of the
-    memmap and JPEG decoding release the GIL); threads 0 reads in the caller's thread. Batches come on
+    Batches are read in `threads` background threads, `prefetch` batches ahead (reads and JPEG decoding
+    release the GIL); threads 0 reads in the caller's thread. The default, None, is 0 for raw data on the
+    CPU and 2 otherwise: a raw batch reads at some 60,000 images/s on one core, far faster than a CPU
+    consumes it, and background threads would only compete with its OpenMP threads for the cores
+    (benchmarks/README.md). Batches come on
     `device`. With cuda, JPEGs are decoded on the GPU (nvjpeg, one batched call) and raw images are
     copied asynchronously from pinned memory (pin_memory=True, which needs CUDA).
     """
@@ -147,7 +150,7 @@ class PreparedLoader:
         drop_last: bool = False,
         device: str | torch.device = "cpu",
         pin_memory: bool = False,
-        threads: int = 2,
+        threads: int | None = None,
         prefetch: int = 4,
     ) -> None:
         if batch_size < 1:
@@ -161,6 +164,8 @@ class PreparedLoader:
         self.split, self.batch_size, self.start_step = split, batch_size, start_step
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
+        if threads is None:
+            threads = 0 if split.fmt == "raw" and self.device.type == "cpu" else 2
         self.pin_memory, self.threads, self.prefetch = pin_memory, threads, max(1, prefetch)
         # Batch memory, reused: a new 25 MB batch faults in 6,000 pages, which took longer than reading
         # the images into it (benchmarks/README.md). Each buffer is lent as a numpy view that the batch
