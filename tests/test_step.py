@@ -106,3 +106,20 @@ def test_compiled_step_follows_eager(batch):
         losses[compiled] = [float(step(*batch, torch.Generator().manual_seed(i))[0]) for i in range(3)]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
     assert losses[False][2] != losses[False][0]  # the steps changed the weights
+
+
+def test_the_augmented_batch_memory_is_kept_across_a_smaller_last_batch():
+    """An epoch's last batch is smaller: it uses the start of the buffer, which stays for the next epoch."""
+    torch.manual_seed(0)
+    model = build_model("torchvision", 10, dropout=0.0)
+    stats = make_pixel_stats(torch.full((3, 72, 72), 0.4), torch.eye(3) * 0.02)
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.0), stats, 64, 0.1, "fp32", False)
+    images = torch.randint(0, 256, (6, 3, 72, 72), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    step(images, torch.zeros(6, dtype=torch.int64), torch.Generator().manual_seed(1))
+    memory = step.buffer.data_ptr()
+    for b in (4, 6):
+        step(images[:b], torch.zeros(b, dtype=torch.int64), torch.Generator().manual_seed(2))
+        assert step.buffer.data_ptr() == memory and len(step.buffer) == 6
+        fresh = train_batch(images[:b], stats, torch.Generator().manual_seed(2), 64)
+        reused = train_batch(images[:b], stats, torch.Generator().manual_seed(2), 64, out=step.buffer)
+        assert reused.data_ptr() == memory and torch.equal(reused, fresh)

@@ -71,8 +71,9 @@ def _crops_by_slicing(
     """The same with the lighting `shift` (B, 3) added, one image at a time in two fused passes:
     out = x * 1/(255 std) - (mean - shift) / std. On a CPU about 10x faster than the gather."""
     b, _, s, _ = images.shape
-    if out is None or out.shape != (b, 3, crop, crop):
+    if out is None or len(out) < b or out.shape[1:] != (3, crop, crop):
         out = torch.empty(b, 3, crop, crop, device=images.device)
+    out = out[:b]  # an epoch's last, smaller batch takes the start of the buffer
     scale = 1.0 / (255.0 * stats.std)
     mean = stats.mean / stats.std
     per_pixel = mean.shape[-1] > 1
@@ -112,8 +113,9 @@ def train_batch(
     first..first+B of a larger batch of `total` images (a DDP rank's share): the numbers are drawn
     for all `total` and this share's are used, so the shares together equal the whole batch.
 
-    `out`: a (B, 3, crop, crop) float tensor to reuse on the CPU. A new 77 MB batch costs some 20,000
-    page faults each time (big blocks come from mmap), which is most of the augmentation's time.
+    `out`: a (B' >= B, 3, crop, crop) float tensor to reuse on the CPU; the batch is its first B rows. A
+    new 77 MB batch costs some 20,000 page faults each time (big blocks come from mmap), which is most
+    of the augmentation's time.
     """
     b, _, s, _ = images.shape
     total = b if total is None else total

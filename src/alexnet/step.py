@@ -79,7 +79,8 @@ class TrainStep:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         total = len(labels) if total is None else total
         x = train_batch(images, self.stats, generator, self.crop, self.lighting, first, total, self.buffer)
-        self.buffer = x  # reused next step: x is done with once this step's backward is
+        if self.buffer is None or len(x) >= len(self.buffer):  # an epoch's last batch may be smaller
+            self.buffer = x  # reused next step: x is done with once this step's backward is
         x = x.contiguous(memory_format=self.memory_format)
         with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.autocast):
             logits = self.model(x)
