@@ -28,12 +28,11 @@ class Ranks:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    distributed: bool = False  # in a torchrun process group (of any size)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    distributed: bool = False  # in a torchrun process group (of any size)
 
 
 def launched_by_torchrun() -> bool:

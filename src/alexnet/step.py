@@ -63,11 +63,10 @@ class TrainStep:
         self.dtype = DTYPES[precision]
         self.autocast = precision != "fp32"
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        device_type = stats.mean.device.type
-        self.device_type = device_type
+        self.device_type = stats.mean.device.type
         # fp16 needs loss scaling (its range is narrow); bf16 has fp32's range and does not
-        self.scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
-        self.buffer: torch.Tensor | None = None
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
+        self.buffer: torch.Tensor | None = None  # the augmented batch's memory, reused on the CPU
 
     def __call__(
         self,
@@ -79,8 +78,10 @@ class TrainStep:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         total = len(labels) if total is None else total
         x = train_batch(images, self.stats, generator, self.crop, self.lighting, first, total, self.buffer)
-        if self.buffer is None or len(x) >= len(self.buffer):  # an epoch's last batch may be smaller
-            self.buffer = x  # reused next step: x is done with once this step's backward is
+        # reused next step (x is done with once this step's backward is); an epoch's last batch may be
+        # smaller. On CUDA train_batch makes its own, and holding it would only keep it allocated.
+        if self.device_type == "cpu" and (self.buffer is None or len(x) >= len(self.buffer)):
+            self.buffer = x
         x = x.contiguous(memory_format=self.memory_format)
         with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.autocast):
             logits = self.model(x)
