@@ -165,8 +165,10 @@ def test_fp16_does_not_overflow() -> None:
 @pytest.mark.parametrize(
     "spec", [PAPER_LRN, CAFFE_LRN, LRNSpec(4, 0.5, 0.75, 1.0, True), LRNSpec(3, 2.0, 0.6, 1.5, False)]
 )
-def test_gradient_against_autograd_of_the_formula(spec: LRNSpec) -> None:
-    """The closed-form backward equals autograd through a direct float64 implementation (odd and even windows)."""
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_gradient_against_autograd_of_the_formula(spec: LRNSpec, fused: bool) -> None:
+    """The closed-form backward equals autograd through a direct float64 implementation (odd and even windows),
+    eager and in torch.compile's fused kernels (the default on CUDA; here compiled for the CPU)."""
     x = _data(c=9, scale=3.0 if spec.alpha > 1e-3 else 30.0, seed=4).double().requires_grad_()
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
 
@@ -178,8 +180,10 @@ def test_gradient_against_autograd_of_the_formula(spec: LRNSpec) -> None:
 
     (want,) = torch.autograd.grad(direct(x), x, g)
     x32 = x.detach().float().requires_grad_()
-    y = LocalResponseNorm(spec)(x32)  # through the autograd function
-    assert y.grad_fn is not None and torch.equal(y.detach(), LocalResponseNorm(spec)(x32.detach()))  # = inference
+    lrn = LocalResponseNorm(spec, fused=fused)
+    y = lrn(x32)  # through the autograd function
+    assert y.grad_fn is not None and torch.equal(y.detach(), lrn(x32.detach()))  # = inference
+    torch.testing.assert_close(y.detach().double(), direct(x).detach(), rtol=1e-5, atol=1e-6)
     (got,) = torch.autograd.grad(y, x32, g.float())
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
     assert (want - g).abs().max() > 1e-3 * g.abs().max()  # the normalisation's gradient is not the identity

@@ -10,8 +10,10 @@ Here each convention is a set of explicit arguments.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -91,19 +93,83 @@ class _LRNFunction(torch.autograd.Function):
         return g_scale.sub_(x32 * t, alpha=2 * s.scale * s.beta).to(grad.dtype), None
 
 
-class LocalResponseNorm(nn.Module):
-    """LRN across channels, always computed in float32 (squares overflow or lose bits in fp16/bf16)."""
+# --- CUDA: the same formulas, each direction fused into one or two kernels by torch.compile ---------
+# In eager mode LRN takes some 60 passes over its activations in float32 per step, the paper network's
+# largest cost on a GPU (benchmarks/RESULTS.md). Fused, the forward reads x once and writes b, and the
+# backward recomputes d from x instead of storing three float32 copies of the activations.
 
-    def __init__(self, spec: LRNSpec) -> None:
+
+def _padded_window_sum(t: torch.Tensor, size: int, transposed: bool = False) -> torch.Tensor:
+    """_window_sum as a pure function (zero padding, then `size` shifted slices): what a compiler fuses."""
+    back, ahead = size // 2, (size - 1) // 2
+    if transposed:
+        back, ahead = ahead, back
+    padded = F.pad(t, (0, 0, 0, 0, back, ahead))  # channels: back zeros before, ahead after
+    channels = t.shape[1]
+    return sum(padded[:, j : j + channels] for j in range(size))
+
+
+def _fused_forward(x: torch.Tensor, size: int, scale: float, k: float, beta: float) -> torch.Tensor:
+    x32 = x.float()
+    d = _padded_window_sum(x32 * x32, size) * scale + k
+    return (x32 * d.pow(-beta)).to(x.dtype)
+
+
+def _fused_backward(
+    x: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float
+) -> torch.Tensor:
+    x32, g = x.float(), grad.float()
+    d = _padded_window_sum(x32 * x32, size) * scale + k
+    g_scale = g * d.pow(-beta)
+    t = _padded_window_sum(g_scale * x32 / d, size, transposed=True)
+    return (g_scale - (2 * scale * beta) * x32 * t).to(grad.dtype)
+
+
+@cache
+def _compiled(fn):  # compiled on first use only: importing the package stays fast
+    return torch.compile(fn)
+
+
+class _FusedLRNFunction(torch.autograd.Function):
+    """_LRNFunction's arithmetic in compiled kernels; saves only the input."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, spec: LRNSpec) -> torch.Tensor:
+        ctx.spec = spec
+        ctx.save_for_backward(x)
+        return _compiled(_fused_forward)(x, spec.size, spec.scale, spec.k, spec.beta)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (x,) = ctx.saved_tensors
+        s = ctx.spec
+        return _compiled(_fused_backward)(x, grad, s.size, s.scale, s.k, s.beta), None
+
+
+class LocalResponseNorm(nn.Module):
+    """LRN across channels, always computed in float32 (squares overflow or lose bits in fp16/bf16).
+
+    `fused`: compute it with torch.compile's fused kernels; None (the default) does so on CUDA only.
+    On the CPU the eager formulas are as fast and need no compiler at start-up.
+    """
+
+    def __init__(self, spec: LRNSpec, fused: bool | None = None) -> None:
         super().__init__()
-        self.spec = spec
+        self.spec, self.fused = spec, fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        tracing = torch.jit.is_tracing()  # export: tracing records neither autograd functions nor compiled ones
+        fused = (x.is_cuda if self.fused is None else self.fused) and not tracing
+        learning = torch.is_grad_enabled() and x.requires_grad and not tracing
         with torch.autocast(device_type=x.device.type, enabled=False):
-            if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
-                return _LRNFunction.apply(x, self.spec)
-            # inference, and TorchScript tracing (which cannot record a Python autograd function)
-            x32, scale, _ = _lrn_terms(x, self.spec)
+            if torch.compiler.is_compiling():  # inside a compiled model, which fuses the formula and its gradient
+                return _fused_forward(x, s.size, s.scale, s.k, s.beta)
+            if learning:
+                return (_FusedLRNFunction if fused else _LRNFunction).apply(x, s)
+            if fused:
+                return _compiled(_fused_forward)(x, s.size, s.scale, s.k, s.beta)
+            x32, scale, _ = _lrn_terms(x, s)
             return (x32 * scale).to(x.dtype)
 
     def extra_repr(self) -> str:
