@@ -1,34 +1,88 @@
 #!/usr/bin/env bash
-# On one NVIDIA H100 or H200 (about 5 minutes): the tests that need CUDA, a one-GPU torchrun run (DDP
-# over NCCL), and `alexnet benchmark` for the paper and torchvision presets at batch 256 and 512,
-# model-only and end-to-end from a prepared dataset. Appends everything to benchmarks/RESULTS.md.
+# On one NVIDIA H100 or H200 (about 5 minutes): the tests that need CUDA, the prepared loader's rate on
+# the GPU, a one-GPU torchrun run (DDP over NCCL), and `alexnet benchmark` for the paper and torchvision
+# presets at batch 256 and 512, model-only and end-to-end from prepared data. Appends everything, with
+# the device's name and the date, to benchmarks/RESULTS.md.
 #
-#   bash benchmarks/gpu_check.sh            # DATA=folder to prepare another dataset than the default
+#   bash benchmarks/gpu_check.sh                # data: ../shared/data/imagenette-dev
+#   DATA=folder bash benchmarks/gpu_check.sh    # any ImageNet-layout folder with train/ and val/
+#   QUICK=1 bash benchmarks/gpu_check.sh        # a smoke test of this script, on any machine (CPU too)
+#   BATCHES="512" PRESETS=paper EXTRAS=0 ...     # fewer runs: EXTRAS=0 skips JPEG, fp16 and --compile
+#
+# Python: the project's .venv where there is one, else python3 with src/ on PYTHONPATH (a GPU machine
+# with PyTorch installed and no network). The training images are listed COPIES times (5; links, under
+# new names) before they are prepared, so that an epoch is long enough for the loader to reach its pace.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then python3 -m venv .venv && .venv/bin/pip install -q -e '.[dev]'; fi
-PY=.venv/bin/python
+if [ -x .venv/bin/python ]; then PY=$PWD/.venv/bin/python; else PY=python3; export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}; fi
+export PYTHONUNBUFFERED=1
+DATA=$(realpath "${DATA:-../shared/data/imagenette-dev}")
+if [ -n "${QUICK:-}" ]; then COPIES=1 BATCHES=16 STEPS=1 ROUNDS=1 PRESETS=paper EXTRAS=0; fi
+COPIES=${COPIES:-5} BATCHES=${BATCHES:-256 512} STEPS=${STEPS:-20} ROUNDS=${ROUNDS:-3} PRESETS=${PRESETS:-paper torchvision}
+EXTRAS=${EXTRAS:-1}
+FORMATS=raw; if [ "$EXTRAS" = 1 ]; then FORMATS="raw jpeg"; fi
+SMALL=${BATCHES%% *}  # the first batch size: the torchrun run, the loader and JPEG measurements
+LARGE=${BATCHES##* }
 WORK=$(mktemp -d)
-DATA=${DATA:-../shared/data/imagenette-dev}
-if [ ! -d "$DATA" ]; then DATA=$WORK/demo; $PY -c "from alexnet.synthetic import make_demo_dataset as m; m('$DATA')"; fi
+trap 'rm -rf "$WORK"' EXIT
 RESULTS=benchmarks/RESULTS.md
 log() { echo "$@" | tee -a "$RESULTS"; }
-run() {  # a command, its output into RESULTS.md as a code block
+run() {  # a command, its output into RESULTS.md as a code block, with its wall time
+  local start=$SECONDS
   log ""; log "\`$*\`"; log '```'
-  "$@" 2>&1 | grep -v -e '^W[0-9]' -e 'Warning' | tail -n 25 | tee -a "$RESULTS"
-  log '```'
+  "$@" 2>&1 | grep -v -e '^W[0-9]' -e 'Warning' | tail -n 45 | tee -a "$RESULTS"
+  log "exit ${PIPESTATUS[0]}, $((SECONDS - start)) s"; log '```'
 }
 
+gpu=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)
 log ""
-log "## $(date -u '+%Y-%m-%d %H:%M UTC'), $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)"
+log "## $(date -u '+%Y-%m-%d %H:%M UTC'), ${gpu:-no GPU}, $($PY -c 'import torch, sys; print(f"torch {torch.__version__}, Python {sys.version.split()[0]}, {torch.get_num_threads()} CPU threads")')"
+log ""
+log "Data: $(basename "$DATA"), its training images listed $COPIES times. QUICK=${QUICK:-}"
+
 run $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_prepare.py -k "cuda or gpu or bf16 or fp16"
-run $PY -m alexnet prepare "$DATA" "$WORK/prepared" --no-progress
-run timeout 120 $PY -m torch.distributed.run --standalone --nproc-per-node 1 -m alexnet train --data "$WORK/prepared" \
-    --run-dir "$WORK/run" --epochs 1 --batch-size 256 --no-progress
-for preset in paper torchvision; do
-  for batch in 256 512; do
-    run timeout 90 $PY -m alexnet benchmark --preset $preset --batch-size $batch --data "$WORK/prepared" --steps 20 --rounds 3
+run timeout 240 $PY benchmarks/step_profile.py --batch-size "$LARGE" --steps "$STEPS" --rounds "$ROUNDS"
+
+# the source folder: train/ with every image linked COPIES times under new names, val/ as it is
+mkdir -p "$WORK/src/train"
+ln -s "$DATA/val" "$WORK/src/val"
+for cls in "$DATA"/train/*/; do
+  c=$(basename "$cls"); mkdir "$WORK/src/train/$c"
+  for k in $(seq "$COPIES"); do for f in "$cls"*; do ln -s "$f" "$WORK/src/train/$c/$k-$(basename "$f")"; done; done
+done
+for fmt in $FORMATS; do run $PY -m alexnet prepare "$WORK/src" "$WORK/$fmt" --format $fmt --no-progress; done
+
+# the loader alone: batches on the device, per second, by format and threads (second pass: page cache warm)
+run $PY - "$WORK" "$SMALL" $FORMATS <<'EOF'
+import sys, time, torch
+from alexnet.prepared import PreparedLoader, open_prepared
+work, batch = sys.argv[1], int(sys.argv[2])
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+for fmt in sys.argv[3:]:
+    split = open_prepared(f"{work}/{fmt}", "train")
+    last = max(0, len(split) // batch - 30)  # the epoch's last 30 batches at most
+    for threads in (2, 4, 8):
+        for epoch in range(2):
+            start, n = time.perf_counter(), 0
+            for b in PreparedLoader(split, batch, epoch=epoch, start_step=last, device=device,
+                                    pin_memory=device.type == "cuda", threads=threads, drop_last=True):
+                n += len(b.labels)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        print(f"loader {fmt:4} threads {threads}: {n / (time.perf_counter() - start):8.0f} images/s on {device}")
+EOF
+
+run timeout 180 $PY -m torch.distributed.run --standalone --nproc-per-node 1 -m alexnet train --data "$WORK/raw" \
+    --run-dir "$WORK/run" --epochs 2 --batch-size "$SMALL" --no-progress
+
+for preset in $PRESETS; do
+  for batch in $BATCHES; do
+    run timeout 120 $PY -m alexnet benchmark --preset $preset --batch-size $batch --data "$WORK/raw" --steps $STEPS --rounds $ROUNDS
   done
 done
-run timeout 120 $PY -m alexnet benchmark --preset paper --batch-size 512 --compile --steps 20 --rounds 3 --no-baseline
-rm -rf "$WORK"
+if [ "$EXTRAS" = 1 ]; then
+  run timeout 120 $PY -m alexnet benchmark --preset paper --batch-size "$SMALL" --data "$WORK/jpeg" --steps $STEPS --rounds $ROUNDS
+  run timeout 120 $PY -m alexnet benchmark --preset paper --batch-size "$LARGE" --precision fp16 --steps $STEPS --rounds $ROUNDS
+  run timeout 180 $PY -m alexnet benchmark --preset paper --batch-size "$LARGE" --compile --steps $STEPS --rounds $ROUNDS
+fi
+if [ -n "${OUT:-}" ]; then cp "$RESULTS" "$OUT/"; fi  # the device tool brings $OUT back

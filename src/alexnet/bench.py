@@ -22,7 +22,7 @@ from .augment import make_pixel_stats
 from .errors import UserError
 from .model import build_model
 from .prepared import PreparedLoader, is_prepared, open_prepared
-from .step import TrainStep, resolve_channels_last, resolve_precision
+from .step import TrainStep, resolve_channels_last, resolve_precision, tune_for
 
 
 @dataclass
@@ -95,6 +95,7 @@ def run_benchmark(
     from .train import pick_device
 
     device = pick_device(device_name)
+    tune_for(device)  # for every candidate, the baseline too
     precision = resolve_precision(precision, device)
     layout = resolve_channels_last(channels_last)
     if data is not None and not is_prepared(data):
@@ -108,6 +109,8 @@ def run_benchmark(
     candidates[f"{preset} model-only"] = lambda: ours(images, labels)
     if data is not None:
         split = open_prepared(data, "train")
+        if len(split) < batch:  # an epoch would hold no full batch, and batches() would never yield
+            raise UserError(f"{data} has {len(split)} training images, fewer than one batch of {batch}")
         pin = device.type == "cuda"
 
         def batches() -> Iterator:

@@ -130,9 +130,10 @@ class PreparedLoader:
 
     Batches are read in `threads` background threads, `prefetch` batches ahead (reads and JPEG decoding
     release the GIL); threads 0 reads in the caller's thread. The default, None, is 0 for raw data on the
-    CPU and 2 otherwise: a raw batch reads at some 60,000 images/s on one core, far faster than a CPU
-    consumes it, and background threads would only compete with its OpenMP threads for the cores
-    (benchmarks/README.md). Batches come on
+    CPU: a raw batch reads at some 60,000 images/s on one core, far faster than a CPU consumes it, and
+    background threads would only compete with its OpenMP threads for the cores (benchmarks/README.md).
+    For raw data on CUDA it is 4 (into pinned memory: 51,000 images/s on an H200's machine, against
+    33,000 with 2), and 2 for JPEG, whose rate the GPU's decoder sets. Batches come on
     `device`. With cuda, JPEGs are decoded on the GPU (nvjpeg, one batched call) and raw images are
     copied asynchronously from pinned memory (pin_memory=True, which needs CUDA).
     """
@@ -164,8 +165,8 @@ class PreparedLoader:
         self.split, self.batch_size, self.start_step = split, batch_size, start_step
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
-        if threads is None:
-            threads = 0 if split.fmt == "raw" and self.device.type == "cpu" else 2
+        if threads is None:  # measured: benchmarks/README.md (CPU), benchmarks/RESULTS.md (CUDA)
+            threads = {("raw", "cpu"): 0, ("raw", "cuda"): 4}.get((split.fmt, self.device.type), 2)
         self.pin_memory, self.threads, self.prefetch = pin_memory, threads, max(1, prefetch)
         # Batch memory, reused: a new 25 MB batch faults in 6,000 pages, which took longer than reading
         # the images into it (benchmarks/README.md). Each buffer is lent as a numpy view that the batch

@@ -52,7 +52,7 @@ from .export import read_safetensors
 from .model import build_model
 from .prepared import PreparedLoader, is_prepared, open_prepared, read_manifest
 from .schedule import make_scheduler, scale_learning_rate, steps_each_iteration
-from .step import TrainStep, resolve_channels_last, resolve_precision
+from .step import TrainStep, resolve_channels_last, resolve_precision, tune_for
 from .tblog import TensorBoardLog
 from .weights import freeze_layers, load_pretrained, read_pretrained
 
@@ -142,6 +142,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     # --init-from: read and checked now, so a wrong file stops the run before its directory is made
     pretrained = read_pretrained(cfg.init_from, cfg) if cfg.init_from and not resume else None
     ranks, device = distributed.start(device)
+    tune_for(device)
     try:
         if ranks.distributed and not cfg.run_dir:  # a default name would differ between processes
             raise UserError("under torchrun, give every process the same --run-dir")
@@ -373,11 +374,12 @@ def _train(
                 # One process checks for a signal every step; several agree on it once per interval.
                 stopping = bool(stop.signum) and not ranks.distributed
                 if state.step_in_epoch % cfg.log_every == 0 or at_end or stopping or checkpoint_due:
-                    elapsed = time.perf_counter() - t_log
                     stop_flag = sums.new_tensor([float(bool(stop.signum))])
                     loss_sum, correct, seen, stopping = distributed.sum_over_ranks(
                         torch.cat([sums, stop_flag]), ranks
                     ).tolist()
+                    # after .tolist(), which waits for the device: on CUDA the steps so far may only be queued
+                    elapsed = time.perf_counter() - t_log
                     if not math.isfinite(loss_sum):
                         if cfg.on_nan == "rollback" and rollbacks < 3 and (run_dir / "last.pt").is_file():
                             diverged = True
