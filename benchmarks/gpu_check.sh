@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On one NVIDIA H100 or H200 (about 5 minutes): the tests that need CUDA, the prepared loader's rate on
+# On one NVIDIA H100 or H200 (about 7 minutes): the tests that need CUDA, the prepared loader's rate on
 # the GPU, a one-GPU torchrun run (DDP over NCCL), and `alexnet benchmark` for the paper and torchvision
 # presets at batch 256 and 512, model-only and end-to-end from prepared data. Appends everything, with
 # the device's name and the date, to benchmarks/RESULTS.md.
@@ -10,15 +10,16 @@
 #   BATCHES="512" PRESETS=paper EXTRAS=0 ...     # fewer runs: EXTRAS=0 skips JPEG, fp16 and --compile
 #
 # Python: the project's .venv where there is one, else python3 with src/ on PYTHONPATH (a GPU machine
-# with PyTorch installed and no network). The training images are listed COPIES times (5; links, under
+# with PyTorch installed and no network). The training images are listed COPIES times (3; links, under
 # new names) before they are prepared, so that an epoch is long enough for the loader to reach its pace.
+# tests/test_prepare.py's GPU test reads ../shared/data/imagenette-ci, and is skipped where it is missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -x .venv/bin/python ]; then PY=$PWD/.venv/bin/python; else PY=python3; export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}; fi
 export PYTHONUNBUFFERED=1
 DATA=$(realpath "${DATA:-../shared/data/imagenette-dev}")
 if [ -n "${QUICK:-}" ]; then COPIES=1 BATCHES=16 STEPS=1 ROUNDS=1 PRESETS=paper EXTRAS=0; fi
-COPIES=${COPIES:-5} BATCHES=${BATCHES:-256 512} STEPS=${STEPS:-20} ROUNDS=${ROUNDS:-3} PRESETS=${PRESETS:-paper torchvision}
+COPIES=${COPIES:-3} BATCHES=${BATCHES:-256 512} STEPS=${STEPS:-20} ROUNDS=${ROUNDS:-3} PRESETS=${PRESETS:-paper torchvision}
 EXTRAS=${EXTRAS:-1}
 FORMATS=raw; if [ "$EXTRAS" = 1 ]; then FORMATS="raw jpeg"; fi
 SMALL=${BATCHES%% *}  # the first batch size: the torchrun run, the loader and JPEG measurements

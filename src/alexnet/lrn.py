@@ -109,20 +109,24 @@ def _padded_window_sum(t: torch.Tensor, size: int, transposed: bool = False) -> 
     return sum(padded[:, j : j + channels] for j in range(size))
 
 
+# Powers as exp(e * log d): a GPU computes exp and log in its special-function units, while a general
+# pow is a long library routine, and the backward needs one for each of a window's d_j.
+
+
 def _fused_forward(x: torch.Tensor, size: int, scale: float, k: float, beta: float) -> torch.Tensor:
     x32 = x.float()
-    d = _padded_window_sum(x32 * x32, size) * scale + k
-    return (x32 * d.pow(-beta)).to(x.dtype)
+    log_d = torch.log(_padded_window_sum(x32 * x32, size) * scale + k)
+    return (x32 * torch.exp(-beta * log_d)).to(x.dtype)
 
 
 def _fused_backward(
     x: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float
 ) -> torch.Tensor:
     x32, g = x.float(), grad.float()
-    d = _padded_window_sum(x32 * x32, size) * scale + k
-    g_scale = g * d.pow(-beta)
-    t = _padded_window_sum(g_scale * x32 / d, size, transposed=True)
-    return (g_scale - (2 * scale * beta) * x32 * t).to(grad.dtype)
+    log_d = torch.log(_padded_window_sum(x32 * x32, size) * scale + k)
+    u = g * x32 * torch.exp(-(beta + 1) * log_d)  # g_j b_j / d_j
+    t = _padded_window_sum(u, size, transposed=True)
+    return (g * torch.exp(-beta * log_d) - (2 * scale * beta) * x32 * t).to(grad.dtype)
 
 
 @cache
