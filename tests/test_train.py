@@ -110,3 +110,23 @@ def test_mostly_bad_data_stops_with_a_clear_message(tiny_dataset, tmp_path):
             path.write_bytes(b"garbage")
     with pytest.raises(UserError, match="training images cannot be read"):
         train(tiny_config(tiny_dataset, tmp_path / "run"), progress=False)
+
+
+def test_images_per_second_counts_the_wait_for_the_device(tiny_dataset, tmp_path, monkeypatch):
+    """On CUDA the steps of an interval are only queued until its sums are read back; the interval's
+    time must include that wait. Here the read-back is made to take 0.3 s, as a busy GPU would."""
+    import time
+
+    import alexnet.distributed as distributed
+
+    read_back = distributed.sum_over_ranks
+
+    def slow_read_back(tensor, ranks):
+        time.sleep(0.3)
+        return read_back(tensor, ranks)
+
+    monkeypatch.setattr(distributed, "sum_over_ranks", slow_read_back)
+    run = train(tiny_config(tiny_dataset, tmp_path / "run", epochs=1), progress=False)
+    (metrics,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    intervals = 5  # 18 images in batches of 4, one interval per step (log_every=1)
+    assert metrics["images_per_s"] <= 18 / (intervals * 0.3)
