@@ -197,3 +197,27 @@ def test_channels_last_input_gives_channels_last_output_and_gradient() -> None:
     plain = _data(c=8).requires_grad_()
     LocalResponseNorm(PAPER_LRN)(plain).sum().backward()
     torch.testing.assert_close(x.grad, plain.grad)
+
+
+def test_fused_falls_back_to_the_same_formulas_where_the_compiler_fails(monkeypatch) -> None:
+    """A GPU older than Triton supports (a P100) or no C compiler: LRN still trains, unfused, and says so once."""
+    import alexnet.lrn as lrn_module
+
+    def broken(fn):
+        def compiled(*args):
+            raise torch._dynamo.exc.TorchDynamoException("Found Tesla P100 which is too old for Triton")
+
+        return compiled
+
+    monkeypatch.setattr(lrn_module, "_compiled", broken)
+    monkeypatch.setattr(lrn_module, "_COMPILER_FAILED", [])
+    x = _data(c=9, scale=30.0, seed=7).requires_grad_()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(8))
+    with pytest.warns(UserWarning, match="LRN runs unfused.*too old") as caught:
+        y = LocalResponseNorm(PAPER_LRN, fused=True)(x)
+        (got,) = torch.autograd.grad(y, x, g)
+    assert len(caught) == 1  # once, not again in the backward
+    want_y = LocalResponseNorm(PAPER_LRN, fused=False)(x)
+    (want,) = torch.autograd.grad(want_y, x, g)
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

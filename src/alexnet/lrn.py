@@ -9,6 +9,8 @@ Here each convention is a set of explicit arguments.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -134,6 +136,21 @@ def _compiled(fn):  # compiled on first use only: importing the package stays fa
     return torch.compile(fn)
 
 
+_COMPILER_FAILED: list[str] = []  # why torch.compile cannot run here, once it has failed
+
+
+def _fast(fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """fn in fused kernels; fn itself where the compiler cannot run here (a GPU older than Triton
+    supports, such as a P100, or no C compiler): the same values, more slowly, and said once."""
+    if not _COMPILER_FAILED:
+        try:
+            return _compiled(fn)(*args)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            _COMPILER_FAILED.append(str(e).strip().splitlines()[0])
+            warnings.warn(f"LRN runs unfused, more slowly: torch.compile failed ({_COMPILER_FAILED[0]})", stacklevel=2)
+    return fn(*args)
+
+
 class _FusedLRNFunction(torch.autograd.Function):
     """_LRNFunction's arithmetic in compiled kernels; saves only the input."""
 
@@ -141,13 +158,13 @@ class _FusedLRNFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, spec: LRNSpec) -> torch.Tensor:
         ctx.spec = spec
         ctx.save_for_backward(x)
-        return _compiled(_fused_forward)(x, spec.size, spec.scale, spec.k, spec.beta)
+        return _fast(_fused_forward, x, spec.size, spec.scale, spec.k, spec.beta)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (x,) = ctx.saved_tensors
         s = ctx.spec
-        return _compiled(_fused_backward)(x, grad, s.size, s.scale, s.k, s.beta), None
+        return _fast(_fused_backward, x, grad, s.size, s.scale, s.k, s.beta), None
 
 
 class LocalResponseNorm(nn.Module):
@@ -172,7 +189,7 @@ class LocalResponseNorm(nn.Module):
             if learning:
                 return (_FusedLRNFunction if fused else _LRNFunction).apply(x, s)
             if fused:
-                return _compiled(_fused_forward)(x, s.size, s.scale, s.k, s.beta)
+                return _fast(_fused_forward, x, s.size, s.scale, s.k, s.beta)
             x32, scale, _ = _lrn_terms(x, s)
             return (x32 * scale).to(x.dtype)
 
