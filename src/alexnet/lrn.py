@@ -171,7 +171,8 @@ class LocalResponseNorm(nn.Module):
     """LRN across channels, always computed in float32 (squares overflow or lose bits in fp16/bf16).
 
     `fused`: compute it with torch.compile's fused kernels; None (the default) does so on CUDA only.
-    On the CPU the eager formulas are as fast and need no compiler at start-up.
+    On the CPU the eager formulas need no compiler and no compiling at start-up (fused there, LRN
+    alone ran 1.7x faster on 2 cores, forward and backward at the paper's shapes, batch 64).
     """
 
     def __init__(self, spec: LRNSpec, fused: bool | None = None) -> None:
