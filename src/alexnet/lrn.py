@@ -95,10 +95,11 @@ class _LRNFunction(torch.autograd.Function):
         return g_scale.sub_(x32 * t, alpha=2 * s.scale * s.beta).to(grad.dtype), None
 
 
-# --- CUDA: the same formulas, each direction fused into one or two kernels by torch.compile ---------
+# --- Fused: the same formulas, each direction in one or two kernels made by torch.compile ----------
 # In eager mode LRN takes some 60 passes over its activations in float32 per step, the paper network's
-# largest cost on a GPU (benchmarks/RESULTS.md). Fused, the forward reads x once and writes b, and the
-# backward recomputes d from x instead of storing three float32 copies of the activations.
+# largest cost on a GPU (benchmarks/RESULTS.md) and a quarter of its step on a CPU. Fused, the forward
+# reads x once and writes b, and the backward recomputes d from x instead of storing three float32
+# copies of the activations.
 
 
 def _padded_window_sum(t: torch.Tensor, size: int, transposed: bool = False) -> torch.Tensor:
@@ -170,9 +171,10 @@ class _FusedLRNFunction(torch.autograd.Function):
 class LocalResponseNorm(nn.Module):
     """LRN across channels, always computed in float32 (squares overflow or lose bits in fp16/bf16).
 
-    `fused`: compute it with torch.compile's fused kernels; None (the default) does so on CUDA only.
-    On the CPU the eager formulas need no compiler and no compiling at start-up (fused there, LRN
-    alone ran 1.7x faster on 2 cores, forward and backward at the paper's shapes, batch 64).
+    `fused`: compute it in torch.compile's fused kernels. None (the default): when training, and on
+    CUDA also for inference. Compiling takes some 20 s on 2 CPU cores, once per process (less with
+    the compiler's cache), and pays off over many steps: the paper step ran 1.35x faster on those cores
+    (benchmarks/step_profile.py), 1.25x on an H200. A single prediction on the CPU stays eager.
     """
 
     def __init__(self, spec: LRNSpec, fused: bool | None = None) -> None:
@@ -182,8 +184,8 @@ class LocalResponseNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
         tracing = torch.jit.is_tracing()  # export: tracing records neither autograd functions nor compiled ones
-        fused = (x.is_cuda if self.fused is None else self.fused) and not tracing
         learning = torch.is_grad_enabled() and x.requires_grad and not tracing
+        fused = (x.is_cuda or learning if self.fused is None else self.fused) and not tracing
         with torch.autocast(device_type=x.device.type, enabled=False):
             if torch.compiler.is_compiling():  # inside a compiled model, which fuses the formula and its gradient
                 return _fused_forward(x, s.size, s.scale, s.k, s.beta)
