@@ -168,7 +168,7 @@ def test_fp16_does_not_overflow() -> None:
 @pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
 def test_gradient_against_autograd_of_the_formula(spec: LRNSpec, fused: bool) -> None:
     """The closed-form backward equals autograd through a direct float64 implementation (odd and even windows),
-    eager and in torch.compile's fused kernels (the default on CUDA; here compiled for the CPU)."""
+    eager and in torch.compile's fused kernels (the default when training; here compiled for the CPU)."""
     x = _data(c=9, scale=3.0 if spec.alpha > 1e-3 else 30.0, seed=4).double().requires_grad_()
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
 
@@ -221,3 +221,20 @@ def test_fused_falls_back_to_the_same_formulas_where_the_compiler_fails(monkeypa
     (want,) = torch.autograd.grad(want_y, x, g)
     torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_default_fuses_training_and_leaves_cpu_inference_eager(monkeypatch) -> None:
+    """Compiling pays off over many training steps, not for one prediction on the CPU."""
+    import alexnet.lrn as lrn_module
+
+    compiled = []
+    monkeypatch.setattr(lrn_module, "_compiled", lambda fn: compiled.append(fn.__name__) or fn)
+    lrn = LocalResponseNorm(PAPER_LRN)
+    x = _data(c=8)
+    with torch.no_grad():
+        lrn(x)
+    assert compiled == []
+    y = lrn(x.requires_grad_())
+    assert type(y.grad_fn).__name__ == "_FusedLRNFunctionBackward" and compiled == ["_fused_forward"]
+    y.sum().backward()
+    assert compiled == ["_fused_forward", "_fused_backward"]

@@ -93,6 +93,8 @@ def test_benchmark_measures_against_the_torchvision_baseline(tmp_path, tiny_data
     assert "precision fp32" in table and "1.00x" in table.splitlines()[2]
     with pytest.raises(UserError, match="not a prepared dataset"):
         run_benchmark("paper", 2, "cpu", data=str(tiny_dataset))
+    with pytest.raises(UserError, match="18 training images, fewer than one batch of 32"):
+        run_benchmark("paper", 32, "cpu", data=str(prepared))
 
 
 def test_compiled_step_follows_eager(batch):

@@ -98,8 +98,13 @@ def run_benchmark(
     tune_for(device)  # for every candidate, the baseline too
     precision = resolve_precision(precision, device)
     layout = resolve_channels_last(channels_last)
-    if data is not None and not is_prepared(data):
-        raise UserError(f"{data} is not a prepared dataset (make one with alexnet prepare)")
+    split = None
+    if data is not None:  # checked before anything is built
+        if not is_prepared(data):
+            raise UserError(f"{data} is not a prepared dataset (make one with alexnet prepare)")
+        split = open_prepared(data, "train")
+        if len(split) < batch:  # an epoch would hold no full batch, and batches() would never yield
+            raise UserError(f"{data} has {len(split)} training images, fewer than one batch of {batch}")
     images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
     ours = project_step(preset, device, precision, layout, compile)
@@ -107,10 +112,7 @@ def run_benchmark(
     if baseline:
         candidates["torchvision fp32 eager"] = torchvision_step(batch, device)
     candidates[f"{preset} model-only"] = lambda: ours(images, labels)
-    if data is not None:
-        split = open_prepared(data, "train")
-        if len(split) < batch:  # an epoch would hold no full batch, and batches() would never yield
-            raise UserError(f"{data} has {len(split)} training images, fewer than one batch of {batch}")
+    if split is not None:
         pin = device.type == "cuda"
 
         def batches() -> Iterator:

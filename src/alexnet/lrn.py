@@ -174,7 +174,7 @@ class LocalResponseNorm(nn.Module):
     `fused`: compute it in torch.compile's fused kernels. None (the default): when training, and on
     CUDA also for inference. Compiling takes some 20 s on 2 CPU cores, once per process (less with
     the compiler's cache), and pays off over many steps: the paper step ran 1.35x faster on those cores
-    (benchmarks/step_profile.py), 1.25x on an H200. A single prediction on the CPU stays eager.
+    (benchmarks/step_profile.py), 1.23x on an H200. A single prediction on the CPU stays eager.
     """
 
     def __init__(self, spec: LRNSpec, fused: bool | None = None) -> None:
