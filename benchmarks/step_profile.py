@@ -4,13 +4,17 @@
 
 In one process, in rounds that alternate between them (the median round kept), the training images/s
 of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images already on the device for:
-  paper              the paper preset as `alexnet train` runs it (LRN fused by torch.compile on CUDA)
-  paper, eager LRN   the same with LRN's eager formulas (the CPU's path)
+  paper              the paper preset as `alexnet train` runs it (LRN's Triton kernels on CUDA,
+                     torch.compile's on the CPU)
+  paper, compiled LRN  on CUDA, LRN in torch.compile's kernels instead of the Triton ones
+  paper, eager LRN   the same with LRN's eager formulas
   paper, no LRN      LRN layers removed
   paper, groups=1    one tower: conv2, conv4 and conv5 see all their input channels
   torchvision        the torchvision preset
   augmentation only  alexnet.augment.train_batch alone
-then the kernels of the paper step that take the most device time (torch.profiler).
+then LRN alone, forward and backward on conv1's and conv2's outputs, by kernels, against the least
+memory traffic it needs (x in, y out; x and the gradient in, dx out), and the kernels of the paper
+step that take the most device time (torch.profiler).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from alexnet.augment import make_pixel_stats, train_batch
-from alexnet.lrn import LocalResponseNorm
+from alexnet.lrn import PAPER_LRN, LocalResponseNorm
 from alexnet.model import build_model
 from alexnet.step import TrainStep, resolve_precision, tune_for
 from alexnet.train import pick_device
@@ -48,11 +52,33 @@ def without_lrn(model: nn.Module) -> nn.Module:
     return model
 
 
-def eager_lrn(model: nn.Module) -> nn.Module:
+def lrn_kernels(model: nn.Module, kernels: str) -> nn.Module:
     for m in model.modules():
         if isinstance(m, LocalResponseNorm):
-            m.fused = False
+            m.kernels = kernels
     return model
+
+
+def lrn_alone(device: torch.device, dtype: torch.dtype, batch: int, steps: int) -> None:
+    """ms per forward + backward of PAPER_LRN, by kernels, and the memory bandwidth that implies."""
+    print(f"\nLRN alone, forward + backward, {dtype}, channels_last, batch {batch}:")
+    kinds = ["triton", "compiled", "eager"] if device.type == "cuda" else ["compiled", "eager"]
+    for name, shape in (("lrn1 (conv1)", (batch, 96, 55, 55)), ("lrn2 (conv2)", (batch, 256, 27, 27))):
+        x = torch.rand(shape, device=device).mul(60).to(dtype).contiguous(memory_format=torch.channels_last)
+        g = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+        least = 5 * x.numel() * x.element_size()  # bytes: x, y; x, g, dx
+        for kernels in kinds:
+            lrn = LocalResponseNorm(PAPER_LRN, kernels=kernels)
+
+            for i in range(3 + steps):  # 3 to warm up (compiling, autotuning), then timed
+                if i == 3:
+                    sync(device)
+                    start = time.perf_counter()
+                xi = x.detach().requires_grad_()
+                lrn(xi).backward(g)
+            sync(device)
+            seconds = (time.perf_counter() - start) / steps
+            print(f"  {name} {kernels:<9} {seconds * 1e3:8.2f} ms  {least / seconds / 1e9:7.0f} GB/s")
 
 
 def sync(device: torch.device) -> None:
@@ -77,7 +103,18 @@ def main() -> None:
     paper, augment = make_step(build_model("paper", init="caffe"), device, precision, batch)
     candidates = {
         "paper": paper,
-        "paper, eager LRN": make_step(eager_lrn(build_model("paper", init="caffe")), device, precision, batch)[0],
+        **(
+            {
+                "paper, compiled LRN": make_step(
+                    lrn_kernels(build_model("paper", init="caffe"), "compiled"), device, precision, batch
+                )[0]
+            }
+            if device.type == "cuda"
+            else {}
+        ),
+        "paper, eager LRN": make_step(
+            lrn_kernels(build_model("paper", init="caffe"), "eager"), device, precision, batch
+        )[0],
         "paper, no LRN": make_step(without_lrn(build_model("paper", init="caffe")), device, precision, batch)[0],
         "paper, groups=1": make_step(build_model("paper", groups=1, init="caffe"), device, precision, batch)[0],
         "torchvision": make_step(build_model("torchvision"), device, precision, batch)[0],
@@ -99,6 +136,8 @@ def main() -> None:
     base = statistics.median(rates["paper"])
     for name, r in rates.items():
         print(f"{name:<20} {statistics.median(r):>10.0f} images/s  {statistics.median(r) / base:5.2f}x paper")
+
+    lrn_alone(device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32), batch, args.steps)
 
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
     with profile(activities=[activity]) as prof:

@@ -53,19 +53,37 @@ def test_mixed_precision_step_follows_fp32(images, precision):
     assert losses[precision] == pytest.approx(losses["fp32"], rel=0.03)
 
 
+@pytest.mark.parametrize("channels", [96, 256])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format], ids=["channels_last", "nchw"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_lrn_equals_eager_on_cuda(dtype):
-    """LRN's compiled kernels (the default on CUDA) give the eager formulas' values and gradients."""
+@pytest.mark.parametrize("kernels", ["triton", "compiled"])
+def test_fused_lrn_equals_eager_on_cuda(kernels, dtype, layout, channels):
+    """LRN's Triton kernels (the default on CUDA) and torch.compile's give the eager formulas' values
+    and gradients, for conv1's and conv2's numbers of channels."""
     gen = torch.Generator().manual_seed(1)
-    x = (torch.rand(8, 96, 27, 27, generator=gen) * 60).to("cuda", dtype).contiguous(memory_format=torch.channels_last)
-    g = torch.randn(x.shape, generator=gen).to("cuda", dtype).contiguous(memory_format=torch.channels_last)
+    x = (torch.rand(8, channels, 27, 27, generator=gen) * 60).to("cuda", dtype).contiguous(memory_format=layout)
+    g = torch.randn(x.shape, generator=gen).to("cuda", dtype).contiguous(memory_format=layout)
     got, want = {}, {}
-    for fused, out in ((True, got), (False, want)):
+    for name, out in ((kernels, got), ("eager", want)):
         xi = x.clone().requires_grad_()
-        y = LocalResponseNorm(PAPER_LRN, fused=fused)(xi)
+        y = LocalResponseNorm(PAPER_LRN, kernels=name)(xi)
         (out["grad"],) = torch.autograd.grad(y, xi, g)
         out["y"] = y.detach()
-    assert got["y"].dtype == dtype and got["y"].is_contiguous(memory_format=torch.channels_last)
+    assert got["y"].dtype == dtype and got["y"].stride() == x.stride() and got["grad"].stride() == x.stride()
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
     torch.testing.assert_close(got["y"], want["y"], **tol)
     torch.testing.assert_close(got["grad"], want["grad"], **tol)
+
+
+def test_lrn_on_cuda_uses_the_triton_kernels_by_default(monkeypatch):
+    from alexnet import lrn_triton
+
+    calls = []
+    for name in ("forward", "backward"):
+        real = getattr(lrn_triton, name)
+        monkeypatch.setattr(lrn_triton, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    x = torch.rand(4, 96, 13, 13, device="cuda", requires_grad=True)
+    LocalResponseNorm(PAPER_LRN)(x).sum().backward()
+    with torch.no_grad():
+        LocalResponseNorm(PAPER_LRN)(x)
+    assert calls == ["forward", "backward", "forward"]

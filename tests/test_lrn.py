@@ -165,10 +165,11 @@ def test_fp16_does_not_overflow() -> None:
 @pytest.mark.parametrize(
     "spec", [PAPER_LRN, CAFFE_LRN, LRNSpec(4, 0.5, 0.75, 1.0, True), LRNSpec(3, 2.0, 0.6, 1.5, False)]
 )
-@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
-def test_gradient_against_autograd_of_the_formula(spec: LRNSpec, fused: bool) -> None:
+@pytest.mark.parametrize("kernels", ["eager", "compiled"])
+def test_gradient_against_autograd_of_the_formula(spec: LRNSpec, kernels: str) -> None:
     """The closed-form backward equals autograd through a direct float64 implementation (odd and even windows),
-    eager and in torch.compile's fused kernels (the default when training; here compiled for the CPU)."""
+    eager and in torch.compile's fused kernels (the default when training on the CPU). The Triton
+    kernels: tests/test_lrn_triton.py."""
     x = _data(c=9, scale=3.0 if spec.alpha > 1e-3 else 30.0, seed=4).double().requires_grad_()
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
 
@@ -180,7 +181,7 @@ def test_gradient_against_autograd_of_the_formula(spec: LRNSpec, fused: bool) ->
 
     (want,) = torch.autograd.grad(direct(x), x, g)
     x32 = x.detach().float().requires_grad_()
-    lrn = LocalResponseNorm(spec, fused=fused)
+    lrn = LocalResponseNorm(spec, kernels=kernels)
     y = lrn(x32)  # through the autograd function
     assert y.grad_fn is not None and torch.equal(y.detach(), lrn(x32.detach()))  # = inference
     torch.testing.assert_close(y.detach().double(), direct(x).detach(), rtol=1e-5, atol=1e-6)
@@ -199,28 +200,36 @@ def test_channels_last_input_gives_channels_last_output_and_gradient() -> None:
     torch.testing.assert_close(x.grad, plain.grad)
 
 
-def test_fused_falls_back_to_the_same_formulas_where_the_compiler_fails(monkeypatch) -> None:
-    """A GPU older than Triton supports (a P100) or no C compiler: LRN still trains, unfused, and says so once."""
+def test_default_falls_back_to_the_same_formulas_where_the_compiler_fails(monkeypatch) -> None:
+    """No C compiler, or a GPU older than Triton supports: LRN still trains, unfused, and says so once.
+    Named explicitly, the compiled kernels fail instead."""
     import alexnet.lrn as lrn_module
 
     def broken(fn):
         def compiled(*args):
-            raise torch._dynamo.exc.TorchDynamoException("Found Tesla P100 which is too old for Triton")
+            raise torch._dynamo.exc.TorchDynamoException("InvalidCxxCompiler: No working C++ compiler found")
 
         return compiled
 
     monkeypatch.setattr(lrn_module, "_compiled", broken)
-    monkeypatch.setattr(lrn_module, "_COMPILER_FAILED", [])
+    monkeypatch.setattr(lrn_module, "_UNUSABLE", {})
     x = _data(c=9, scale=30.0, seed=7).requires_grad_()
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(8))
-    with pytest.warns(UserWarning, match="LRN runs unfused.*too old") as caught:
-        y = LocalResponseNorm(PAPER_LRN, fused=True)(x)
+    with pytest.warns(UserWarning, match="LRN's compiled kernels cannot run here.*C\\+\\+ compiler") as caught:
+        y = LocalResponseNorm(PAPER_LRN)(x)
         (got,) = torch.autograd.grad(y, x, g)
     assert len(caught) == 1  # once, not again in the backward
-    want_y = LocalResponseNorm(PAPER_LRN, fused=False)(x)
+    want_y = LocalResponseNorm(PAPER_LRN, kernels="eager")(x)
     (want,) = torch.autograd.grad(want_y, x, g)
     torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    with pytest.raises(torch._dynamo.exc.TorchDynamoException, match="C\\+\\+ compiler"):
+        LocalResponseNorm(PAPER_LRN, kernels="compiled")(x)
+
+
+def test_unknown_kernels_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown LRN kernels 'cudnn': choose one of triton, compiled, eager"):
+        LocalResponseNorm(PAPER_LRN, kernels="cudnn")
 
 
 def test_default_fuses_training_and_leaves_cpu_inference_eager(monkeypatch) -> None:

@@ -95,7 +95,7 @@ class _LRNFunction(torch.autograd.Function):
         return g_scale.sub_(x32 * t, alpha=2 * s.scale * s.beta).to(grad.dtype), None
 
 
-# --- Fused: the same formulas, each direction in one or two kernels made by torch.compile ----------
+# --- Fused: the same formulas, each direction in one or two kernels ---------------------------------
 # In eager mode LRN takes some 60 passes over its activations in float32 per step, the paper network's
 # largest cost on a GPU (benchmarks/RESULTS.md) and a quarter of its step on a CPU. Fused, the forward
 # reads x once and writes b, and the backward recomputes d from x instead of storing three float32
@@ -137,62 +137,93 @@ def _compiled(fn):  # compiled on first use only: importing the package stays fa
     return torch.compile(fn)
 
 
-_COMPILER_FAILED: list[str] = []  # why torch.compile cannot run here, once it has failed
+KERNELS = ("triton", "compiled", "eager")  # fastest first; where one cannot run, the next is used
+_UNUSABLE: dict[str, str] = {}  # kernels that failed here -> why, said once
 
 
-def _fast(fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
-    """fn in fused kernels; fn itself where the compiler cannot run here (a GPU older than Triton
-    supports, such as a P100, or no C compiler): the same values, more slowly, and said once."""
-    if not _COMPILER_FAILED:
+def _kernel(kernels: str, backward: bool) -> Callable[..., torch.Tensor]:
+    if kernels == "triton":
+        from . import lrn_triton  # Triton ships with PyTorch's CUDA wheels on Linux, not everywhere
+
+        return lrn_triton.backward if backward else lrn_triton.forward
+    formula = _fused_backward if backward else _fused_forward
+    return _compiled(formula) if kernels == "compiled" else formula
+
+
+def _run(kernels: str, backward: bool, args: tuple, fall_back: bool) -> torch.Tensor:
+    """LRN's forward (args x, size, scale, k, beta) or backward (x, grad, ...) in `kernels`. Where
+    those cannot be built here and `fall_back`: the next in KERNELS, with one warning (a GPU older than
+    Triton supports, such as a P100, or no C compiler for the CPU's compiled kernels). The values stay
+    the same, only slower."""
+    if not fall_back:
+        return _kernel(kernels, backward)(*args)
+    for kind in KERNELS[KERNELS.index(kernels) :]:
+        if kind in _UNUSABLE:
+            continue
         try:
-            return _compiled(fn)(*args)
-        except torch._dynamo.exc.TorchDynamoException as e:
-            _COMPILER_FAILED.append(str(e).strip().splitlines()[0])
-            warnings.warn(f"LRN runs unfused, more slowly: torch.compile failed ({_COMPILER_FAILED[0]})", stacklevel=2)
-    return fn(*args)
+            return _kernel(kind, backward)(*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            if kind == "eager":
+                raise
+            why = _UNUSABLE[kind] = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            warnings.warn(f"LRN's {kind} kernels cannot run here, so it runs more slowly: {why}", stacklevel=3)
+    raise AssertionError("unreachable: the eager formulas run or raise")
 
 
 class _FusedLRNFunction(torch.autograd.Function):
-    """_LRNFunction's arithmetic in compiled kernels; saves only the input."""
+    """_LRNFunction's arithmetic in fused kernels (Triton's or torch.compile's); saves only the input."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, spec: LRNSpec) -> torch.Tensor:
-        ctx.spec = spec
+    def forward(ctx, x: torch.Tensor, spec: LRNSpec, kernels: str, fall_back: bool) -> torch.Tensor:
+        ctx.spec, ctx.kernels, ctx.fall_back = spec, kernels, fall_back
         ctx.save_for_backward(x)
-        return _fast(_fused_forward, x, spec.size, spec.scale, spec.k, spec.beta)
+        return _run(kernels, False, (x, spec.size, spec.scale, spec.k, spec.beta), fall_back)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (x,) = ctx.saved_tensors
         s = ctx.spec
-        return _fast(_fused_backward, x, grad, s.size, s.scale, s.k, s.beta), None
+        return _run(ctx.kernels, True, (x, grad, s.size, s.scale, s.k, s.beta), ctx.fall_back), None, None, None
 
 
 class LocalResponseNorm(nn.Module):
     """LRN across channels, always computed in float32 (squares overflow or lose bits in fp16/bf16).
 
-    `fused`: compute it in torch.compile's fused kernels. None (the default): when training, and on
-    CUDA also for inference. Compiling takes some 20 s on 2 CPU cores, once per process (less with
-    the compiler's cache), and pays off over many steps: the paper step ran 1.35x faster on those cores
-    (benchmarks/step_profile.py), 1.23x on an H200. A single prediction on the CPU stays eager.
+    `kernels`: what computes it, one of KERNELS:
+      "triton"    hand-written Triton kernels, one pass over memory each way (CUDA only: lrn_triton.py);
+      "compiled"  kernels fused by torch.compile from the formulas, on any device. Compiling takes some
+                  20 s on 2 CPU cores, once per process, and pays off over many steps: the paper step
+                  ran 1.35x faster on those cores (benchmarks/step_profile.py), 1.23x on an H200;
+      "eager"     PyTorch's operations one by one, with the closed-form gradient.
+    None (the default): "triton" on CUDA (batches of images), "compiled" when training on the CPU, "eager" for inference
+    on the CPU (a single prediction does not repay compiling); where the choice cannot be built here,
+    the next one down, with a warning. A kernel named explicitly is used or fails.
     """
 
-    def __init__(self, spec: LRNSpec, fused: bool | None = None) -> None:
+    def __init__(self, spec: LRNSpec, kernels: str | None = None) -> None:
         super().__init__()
-        self.spec, self.fused = spec, fused
+        if kernels not in (None, *KERNELS):
+            raise ValueError(f"unknown LRN kernels {kernels!r}: choose one of {', '.join(KERNELS)}")
+        self.spec, self.kernels = spec, kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.spec
         tracing = torch.jit.is_tracing()  # export: tracing records neither autograd functions nor compiled ones
         learning = torch.is_grad_enabled() and x.requires_grad and not tracing
-        fused = (x.is_cuda or learning if self.fused is None else self.fused) and not tracing
+        kernels = self.kernels or ("triton" if x.is_cuda and x.dim() == 4 else "compiled" if learning else "eager")
+        if tracing:
+            kernels = "eager"
         with torch.autocast(device_type=x.device.type, enabled=False):
             if torch.compiler.is_compiling():  # inside a compiled model, which fuses the formula and its gradient
                 return _fused_forward(x, s.size, s.scale, s.k, s.beta)
+            if kernels != "eager" and learning:
+                return _FusedLRNFunction.apply(x, s, kernels, self.kernels is None)
+            if kernels != "eager":
+                return _run(kernels, False, (x, s.size, s.scale, s.k, s.beta), self.kernels is None)
             if learning:
-                return (_FusedLRNFunction if fused else _LRNFunction).apply(x, s)
-            if fused:
-                return _fast(_fused_forward, x, s.size, s.scale, s.k, s.beta)
+                return _LRNFunction.apply(x, s)
             x32, scale, _ = _lrn_terms(x, s)
             return (x32 * scale).to(x.dtype)
 

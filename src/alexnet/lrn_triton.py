@@ -1,0 +1,149 @@
+"""LRN's forward and backward on CUDA, each one hand-written Triton kernel that reads its inputs once.
+
+The formulas are lrn.py's (float32 arithmetic whatever the storage type):
+
+    d_i  = k + s * sum_{j in window(i)} x_j^2,        window(i) = [i - size//2, i + (size-1)//2]
+    y_i  = x_i d_i^-beta
+    dx_i = g_i d_i^-beta - 2 s beta x_i sum_{j : i in window(j)} g_j x_j d_j^(-beta-1)
+
+A program takes a tile of pixels by all channels. The window's neighbours are the same tile loaded
+again shifted by a few channels, so they come from the cache, not from memory: the forward moves x in
+and y out, the backward x and g in and dx out, nothing else. The backward recomputes each neighbour's
+d_j from x rather than storing d. torch.compile's kernels for the same formulas took 4 ms per call for
+the first LRN's backward on an H200 at batch 512, some 4% of its memory bandwidth (benchmarks/RESULTS.md).
+
+Imported only on CUDA (Triton comes with PyTorch's Linux CUDA wheels). Tested on the CPU in Triton's
+interpreter (TRITON_INTERPRET=1) and compiled ahead of time for an H100 (tests/test_lrn_triton.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Tiles of pixels x channels; which is fastest depends on the GPU and the layer, so Triton times them
+# at the first call for each number of channels and memory layout, and keeps the best. Tiles that give
+# a thread more elements than `most` spill registers on an H100 (cuobjdump --dump-resource-usage).
+_CONFIGS = [triton.Config({"BLOCK_P": p}, num_warps=w) for p in (1, 2, 4, 8, 16, 32) for w in (2, 4, 8)]
+
+
+def _tiles(most: int) -> dict:
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        def per_thread(config: triton.Config) -> int:
+            return config.kwargs["BLOCK_P"] * kwargs["BLOCK_C"] // (32 * config.num_warps)
+
+        kept = [config for config in configs if 2 <= per_thread(config) <= most]
+        return kept or [min(configs, key=per_thread)]
+
+    return {"early_config_prune": prune}
+
+
+@triton.jit
+def _load(ptr, pixel_offset, channel, stride_c, channels, pixel_ok):
+    """Tile [pixels, channels] of a tensor, as float32, with zeros outside the tensor's channels."""
+    ok = pixel_ok[:, None] & (channel >= 0)[None, :] & (channel < channels)[None, :]
+    return tl.load(ptr + pixel_offset[:, None] + channel[None, :] * stride_c, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _pixel_offsets(pixels, per_image, stride_n, stride_p, BLOCK_P: tl.constexpr):
+    """This program's pixels (image n, position p flattened) and their offsets, in int64: large batches
+    pass 2^31 elements."""
+    pixel = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offset = (pixel // per_image).to(tl.int64) * stride_n + (pixel % per_image).to(tl.int64) * stride_p
+    return offset, pixel < pixels
+
+
+@triton.autotune(configs=_CONFIGS, key=["channels", "stride_c"], prune_configs_by=_tiles(most=8))
+@triton.jit
+def _forward_kernel(
+    x_ptr, y_ptr, pixels, per_image, stride_n, stride_p, stride_c, channels, scale, k, beta,
+    SIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    offset, pixel_ok = _pixel_offsets(pixels, per_image, stride_n, stride_p, BLOCK_P)
+    c = tl.arange(0, BLOCK_C)
+    squares = tl.full((BLOCK_P, BLOCK_C), 0.0, tl.float32)
+    for m in tl.static_range(SIZE):
+        v = _load(x_ptr, offset, c + (m - SIZE // 2), stride_c, channels, pixel_ok)
+        squares += v * v
+    x = _load(x_ptr, offset, c, stride_c, channels, pixel_ok)
+    y = x * tl.exp(-beta * tl.log(squares * scale + k))  # powers as exp(e log d): special-function units
+    ok = pixel_ok[:, None] & (c < channels)[None, :]
+    tl.store(y_ptr + offset[:, None] + c[None, :] * stride_c, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.autotune(configs=_CONFIGS, key=["channels", "stride_c"], prune_configs_by=_tiles(most=4))
+@triton.jit
+def _backward_kernel(
+    x_ptr, g_ptr, dx_ptr, pixels, per_image, stride_n, stride_p, stride_c, channels, scale, k, beta,
+    SIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    offset, pixel_ok = _pixel_offsets(pixels, per_image, stride_n, stride_p, BLOCK_P)
+    c = tl.arange(0, BLOCK_C)
+    total = tl.full((BLOCK_P, BLOCK_C), 0.0, tl.float32)  # sum over j with i in window(j) of g_j x_j d_j^(-beta-1)
+    own = tl.full((BLOCK_P, BLOCK_C), 0.0, tl.float32)  # d_i^-beta
+    # j = i - ahead ... i + back (the window mirrored); d_j's window slides one channel at a time
+    squares = tl.full((BLOCK_P, BLOCK_C), 0.0, tl.float32)
+    for m in tl.static_range(SIZE):
+        v = _load(x_ptr, offset, c + (m - SIZE // 2 - (SIZE - 1) // 2), stride_c, channels, pixel_ok)
+        squares += v * v
+    for o in tl.static_range(SIZE):
+        j = c + (o - (SIZE - 1) // 2)
+        if o > 0:
+            enters = _load(x_ptr, offset, j + (SIZE - 1) // 2, stride_c, channels, pixel_ok)
+            leaves = _load(x_ptr, offset, j - SIZE // 2 - 1, stride_c, channels, pixel_ok)
+            squares += enters * enters - leaves * leaves
+        log_d = tl.log(squares * scale + k)
+        x_j = _load(x_ptr, offset, j, stride_c, channels, pixel_ok)
+        g_j = _load(g_ptr, offset, j, stride_c, channels, pixel_ok)
+        inside = ((j >= 0) & (j < channels))[None, :]  # beyond the channels there is no j (nor a d_j to divide by)
+        total += tl.where(inside, g_j * x_j * tl.exp(-(beta + 1.0) * log_d), 0.0)
+        if o == (SIZE - 1) // 2:  # j = i
+            own = tl.exp(-beta * log_d)
+    x = _load(x_ptr, offset, c, stride_c, channels, pixel_ok)
+    g = _load(g_ptr, offset, c, stride_c, channels, pixel_ok)
+    dx = g * own - (2.0 * scale * beta) * x * total
+    ok = pixel_ok[:, None] & (c < channels)[None, :]
+    tl.store(dx_ptr + offset[:, None] + c[None, :] * stride_c, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+def _layout(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """x in a layout the kernels index (NCHW or channels_last, H and W flattenable) and its
+    (pixels, pixels per image, stride of n, of a pixel, of a channel)."""
+    if x.dim() != 4:
+        raise ValueError(f"LRN kernels take (N, C, H, W) tensors, not shape {tuple(x.shape)}")
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+    n, _, h, w = x.shape
+    return x, (n * h * w, h * w, x.stride(0), x.stride(3), x.stride(1))
+
+
+def _grid(meta: dict, pixels: int) -> tuple[int]:
+    return (triton.cdiv(pixels, meta["BLOCK_P"]),)
+
+
+def forward(x: torch.Tensor, size: int, scale: float, k: float, beta: float) -> torch.Tensor:
+    """y = x * d^-beta, in x's dtype and memory layout."""
+    x, (pixels, per_image, *strides) = _layout(x)
+    y = torch.empty_like(x)
+    channels = x.shape[1]
+    _forward_kernel[lambda meta: _grid(meta, pixels)](
+        x, y, pixels, per_image, *strides, channels, scale, k, beta,
+        SIZE=size, BLOCK_C=triton.next_power_of_2(channels),
+    )  # fmt: skip
+    return y
+
+
+def backward(x: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float) -> torch.Tensor:
+    """The gradient with respect to x of forward(x) given the gradient `grad` of its output."""
+    x, (pixels, per_image, *strides) = _layout(x)
+    if grad.stride() != x.stride():  # the kernel indexes both with x's strides
+        grad = torch.empty_like(x).copy_(grad)
+    dx = torch.empty_like(x)
+    channels = x.shape[1]
+    _backward_kernel[lambda meta: _grid(meta, pixels)](
+        x, grad, dx, pixels, per_image, *strides, channels, scale, k, beta,
+        SIZE=size, BLOCK_C=triton.next_power_of_2(channels),
+    )  # fmt: skip
+    return dx

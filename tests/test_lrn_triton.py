@@ -1,0 +1,215 @@
+"""LRN's hand-written Triton kernels (alexnet/lrn_triton.py), checked without a GPU.
+
+Their values and gradients run in Triton's interpreter (TRITON_INTERPRET=1: the kernels' code executed
+on the CPU by numpy, tile by tile) against a float64 reference, and every tile the autotuner may pick is
+compiled ahead of time for an H100 (sm_90), so a kernel that does not build, or spills registers to
+memory, fails here first. tests/test_cuda.py runs the same kernels on a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import alexnet
+import alexnet.lrn as lrn_module
+from alexnet.lrn import CAFFE_LRN, PAPER_LRN, LocalResponseNorm, LRNSpec
+
+triton = pytest.importorskip("triton")
+SOURCE = Path(alexnet.__file__).parent / "lrn_triton.py"
+SPECS = [PAPER_LRN, CAFFE_LRN, LRNSpec(4, 0.5, 0.75, 1.0, True), LRNSpec(3, 2.0, 0.6, 1.5, False)]
+
+
+def fresh_copy(monkeypatch: pytest.MonkeyPatch, interpret: bool):
+    """lrn_triton.py loaded afresh, with Triton's interpreter on or off: Triton looks when a kernel is
+    defined (and, interpreted, when it runs), so the setting lasts until the test ends."""
+    if interpret:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    spec = importlib.util.spec_from_file_location(f"lrn_triton_{'interpreted' if interpret else 'built'}", SOURCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def kernels(request, monkeypatch):
+    """The kernels interpreted, with one tile size (the interpreter cannot time tiles to pick one): 4
+    pixels unless parametrized; also what `import alexnet.lrn_triton` gives while the test runs."""
+    interpreted = fresh_copy(monkeypatch, interpret=True)
+    for kernel in (interpreted._forward_kernel, interpreted._backward_kernel):
+        kernel.configs = [triton.Config({"BLOCK_P": getattr(request, "param", 4)}, num_warps=4)]
+    monkeypatch.setitem(sys.modules, "alexnet.lrn_triton", interpreted)
+    monkeypatch.setattr(alexnet, "lrn_triton", interpreted, raising=False)
+    return interpreted
+
+
+def reference(x: torch.Tensor, g: torch.Tensor, spec: LRNSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and gradient in float64, by autograd through the formula written out directly."""
+    a = x.detach().double().requires_grad_()
+    lo, hi = spec.size // 2, (spec.size - 1) // 2
+    padded = torch.nn.functional.pad(a * a, (0, 0, 0, 0, lo, hi))
+    window = sum(padded[:, j : j + a.shape[1]] for j in range(spec.size))
+    y = a / (spec.k + spec.scale * window) ** spec.beta
+    (grad,) = torch.autograd.grad(y, a, g.double())
+    return y.detach(), grad
+
+
+def _inputs(spec: LRNSpec, channels_last: bool, dtype: torch.dtype = torch.float32, c: int = 9):
+    gen = torch.Generator().manual_seed(spec.size)
+    scale = 3.0 if spec.alpha > 1e-3 else 30.0  # large enough that the normalisation bites
+    x = torch.randn(3, c, 5, 7, generator=gen) * scale
+    g = torch.randn(x.shape, generator=gen)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return x.to(dtype).contiguous(memory_format=layout), g.to(dtype).contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize(
+    ("spec", "channels_last", "kernels"),
+    [(spec, layout, 4) for spec in SPECS for layout in (False, True)] + [(PAPER_LRN, True, 1)],
+    ids=[f"{s}-{layout}" for s in ("paper", "caffe", "even", "three") for layout in ("nchw", "channels_last")]
+    + ["paper-one_pixel_tiles"],
+    indirect=["kernels"],
+)
+def test_kernels_equal_the_float64_formula(kernels, spec: LRNSpec, channels_last: bool) -> None:
+    """9 channels (a tile of 16, partly masked) and 105 pixels per batch (not a whole number of tiles)."""
+    x, g = _inputs(spec, channels_last)
+    want_y, want_grad = reference(x, g, spec)
+    y = kernels.forward(x, spec.size, spec.scale, spec.k, spec.beta)
+    grad = kernels.backward(x, g, spec.size, spec.scale, spec.k, spec.beta)
+    for got in (y, grad):
+        assert got.dtype == x.dtype and got.stride() == x.stride()
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+    assert (want_grad - g.double()).abs().max() > 1e-2 * g.abs().max()  # the normalisation's gradient matters
+
+
+def test_bfloat16_in_and_out(kernels) -> None:
+    """Within one bf16 step of the exact value (the interpreter truncates to bf16; GPUs round to nearest,
+    which tests/test_cuda.py checks)."""
+    x, g = _inputs(PAPER_LRN, channels_last=True, dtype=torch.bfloat16)
+    want_y, want_grad = reference(x, g, PAPER_LRN)
+    y = kernels.forward(x, 5, PAPER_LRN.scale, PAPER_LRN.k, PAPER_LRN.beta)
+    grad = kernels.backward(x, g, 5, PAPER_LRN.scale, PAPER_LRN.k, PAPER_LRN.beta)
+    assert y.dtype == grad.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), want_y, rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-2, atol=1e-2)
+
+
+def test_gradient_taken_in_another_layout_than_the_input(kernels) -> None:
+    x, g = _inputs(PAPER_LRN, channels_last=True)
+    grad = kernels.backward(x, g.contiguous(), 5, PAPER_LRN.scale, PAPER_LRN.k, PAPER_LRN.beta)
+    torch.testing.assert_close(grad.double(), reference(x, g, PAPER_LRN)[1], rtol=1e-4, atol=1e-6)
+
+
+def test_local_response_norm_trains_through_the_kernels(kernels) -> None:
+    """LocalResponseNorm(kernels="triton") end to end: autograd saves x, the backward kernel gets it."""
+    x, g = _inputs(PAPER_LRN, channels_last=True)
+    x.requires_grad_()
+    y = LocalResponseNorm(PAPER_LRN, kernels="triton")(x)
+    assert type(y.grad_fn).__name__ == "_FusedLRNFunctionBackward"
+    y.backward(g)
+    want_y, want_grad = reference(x, g, PAPER_LRN)
+    torch.testing.assert_close(y.detach().double(), want_y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+
+
+# --- Built for an H100 -------------------------------------------------------------------------
+
+
+def _sm90(kernel, width: int, config) -> str:
+    """Compile one tile of `kernel` for sm_90 with bf16 tensors; cuobjdump's resource usage line."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernel.fn
+    constants = {"SIZE": 5, "BLOCK_C": width, **config.kwargs}
+    floats = ("scale", "k", "beta")
+
+    def kind(name: str) -> str:
+        if name.endswith("_ptr"):
+            return "*bf16"
+        return "constexpr" if name in constants else "fp32" if name in floats else "i32"
+
+    signature = {name: kind(name) for name in fn.arg_names}
+    compiled = triton.compile(
+        ASTSource(fn, signature, constexprs=constants),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": config.num_warps},
+    )
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
+    return next(line for line in usage.stdout.splitlines() if "REG:" in line)
+
+
+@pytest.mark.parametrize("width", [128, 256], ids=["conv1", "conv2"])  # 96 and 256 channels
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_every_tile_the_autotuner_may_pick_builds_for_an_h100_without_spilling(
+    width: int, direction: str, monkeypatch
+) -> None:
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton has no CUDA compiler")
+    lrn_triton = fresh_copy(monkeypatch, interpret=False)
+
+    kernel = getattr(lrn_triton, f"_{direction}_kernel")
+    tiles = kernel.early_config_prune(kernel.configs, {}, SIZE=5, BLOCK_C=width)
+    assert len(tiles) >= 4  # a real choice for the autotuner
+    smallest = min(tiles, key=lambda c: c.kwargs["BLOCK_P"] / c.num_warps)
+    largest = max(tiles, key=lambda c: c.kwargs["BLOCK_P"] / c.num_warps)
+    for config in (smallest, largest):
+        usage = _sm90(kernel, width, config)
+        assert " STACK:0 " in usage and " LOCAL:0 " in usage, f"{config}: {usage}"
+
+
+def test_a_tile_that_gives_a_thread_too_much_is_pruned_and_would_spill(monkeypatch) -> None:
+    """The pruning rule is what keeps the kernels in registers: a tile it leaves out does spill."""
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton has no CUDA compiler")
+    lrn_triton = fresh_copy(monkeypatch, interpret=False)
+
+    kernel = lrn_triton._backward_kernel
+    too_big = triton.Config({"BLOCK_P": 16}, num_warps=4)  # 16 x 128 / 128 threads = 16 elements each
+    kept = kernel.early_config_prune(kernel.configs, {}, SIZE=5, BLOCK_C=128)
+    assert all((c.kwargs["BLOCK_P"], c.num_warps) != (16, 4) for c in kept)
+    assert " STACK:0 " not in _sm90(kernel, 128, too_big)
+
+
+# --- Falling back -----------------------------------------------------------------------------
+
+
+def test_default_falls_back_to_compiled_kernels_where_triton_cannot_run(monkeypatch) -> None:
+    """A GPU older than Triton supports: the default moves on to torch.compile's kernels, says so once."""
+
+    class TooOld:
+        def forward(*args):
+            raise RuntimeError("Triton only supports GPUs of compute capability 7.0 or newer")
+
+        backward = forward
+
+    monkeypatch.setitem(sys.modules, "alexnet.lrn_triton", TooOld)
+    monkeypatch.setattr(alexnet, "lrn_triton", TooOld, raising=False)
+    monkeypatch.setattr(lrn_module, "_UNUSABLE", {})
+    used = []
+    monkeypatch.setattr(lrn_module, "_compiled", lambda fn: used.append(fn.__name__) or fn)
+    x, g = _inputs(PAPER_LRN, channels_last=True)
+    x.requires_grad_()
+    args = (x, PAPER_LRN.size, PAPER_LRN.scale, PAPER_LRN.k, PAPER_LRN.beta)
+    with pytest.warns(UserWarning, match="triton kernels cannot run here.*compute capability") as caught:
+        y = lrn_module._FusedLRNFunction.apply(*args[:1], PAPER_LRN, "triton", True)
+        y.backward(g)
+    assert len(caught) == 1 and used == ["_fused_forward", "_fused_backward"]
+    want_y, want_grad = reference(x, g, PAPER_LRN)
+    torch.testing.assert_close(y.detach().double(), want_y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(RuntimeError, match="compute capability"):  # named explicitly: no fallback
+        lrn_module._run("triton", False, args, fall_back=False)
