@@ -27,6 +27,30 @@ def test_gpu_augmentation_equals_cpu(images):
     torch.testing.assert_close(ten_gpu, ten_crop_batch(images, STATS), rtol=1e-5, atol=1e-4)
 
 
+def test_gpu_augmentation_runs_the_triton_kernel_and_falls_back_to_pytorch(images, monkeypatch):
+    """The kernel by default (channels_last out); where it cannot run, PyTorch's operations, said once."""
+    import alexnet.augment as augment_module
+    from alexnet import augment_triton
+
+    calls = []
+    real = augment_triton.train_crops
+    monkeypatch.setattr(augment_triton, "train_crops", lambda *a: calls.append(1) or real(*a))
+    cpu = train_batch(images, STATS, torch.Generator().manual_seed(4))
+    gpu = train_batch(images.cuda(), STATS.to("cuda"), torch.Generator().manual_seed(4))
+    assert calls == [1] and gpu.is_contiguous(memory_format=torch.channels_last)
+
+    def too_old(*args):
+        raise RuntimeError("Triton only supports GPUs of compute capability 7.0 or newer")
+
+    monkeypatch.setattr(augment_triton, "train_crops", too_old)
+    monkeypatch.setattr(augment_module, "_TRITON_FAILED", [])
+    with pytest.warns(UserWarning, match="Triton kernel cannot run here.*compute capability") as caught:
+        slow = [train_batch(images.cuda(), STATS.to("cuda"), torch.Generator().manual_seed(4)) for _ in range(2)]
+    assert len(caught) == 1
+    for batch in (gpu, *slow):
+        torch.testing.assert_close(batch.cpu(), cpu, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("preset", ["paper", "torchvision"])
 def test_bf16_logits_close_to_fp32(images, preset):
     model = build_model(preset, 1000, init="caffe" if preset == "paper" else None).cuda().eval()

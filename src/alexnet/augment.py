@@ -9,6 +9,7 @@ the training mean, i.e. std = 1/255; torchvision's weights expect std = the Imag
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -113,7 +114,8 @@ def train_batch(
     first..first+B of a larger batch of `total` images (a DDP rank's share): the numbers are drawn
     for all `total` and this share's are used, so the shares together equal the whole batch.
 
-    `out`: a (B' >= B, 3, crop, crop) float tensor to reuse on the CPU; the batch is its first B rows. A
+    On CUDA the pixels are done in one Triton kernel (augment_triton.py), and the batch comes in
+    channels_last. `out`: a (B' >= B, 3, crop, crop) float tensor to reuse on the CPU; the batch is its first B rows. A
     new 77 MB batch costs some 20,000 page faults each time (big blocks come from mmap), which is most
     of the augmentation's time.
     """
@@ -134,7 +136,21 @@ def train_batch(
     shift = lighting_offsets(alpha, stats) if lighting > 0 else torch.zeros(b, 3, device=images.device)
     if not images.is_cuda:
         return _crops_by_slicing(images, stats, top, left, flip, crop, shift, out)
+    if not _TRITON_FAILED:
+        try:
+            from .augment_triton import train_crops  # Triton ships with PyTorch's CUDA wheels on Linux
+
+            return train_crops(images, stats, top, left, flip, crop, shift)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # a GPU older than Triton supports (a P100), no Triton: PyTorch's operations
+            _TRITON_FAILED.append((str(e).strip().splitlines() or [type(e).__name__])[0])
+            why = _TRITON_FAILED[0]
+            warnings.warn(f"the augmentation's Triton kernel cannot run here, so it is slower: {why}", stacklevel=2)
     return _crops_by_gather(images, stats, top, left, flip, crop) + shift[:, :, None, None] / stats.std
+
+
+_TRITON_FAILED: list[str] = []  # why the Triton kernel cannot run here, once it has failed
 
 
 def crop_offsets(size: int, crop: int) -> list[tuple[int, int]]:

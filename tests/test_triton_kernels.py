@@ -1,9 +1,9 @@
-"""LRN's hand-written Triton kernels (alexnet/lrn_triton.py), checked without a GPU.
+"""The hand-written Triton kernels (alexnet/lrn_triton.py, alexnet/augment_triton.py), checked without a GPU.
 
-Their values and gradients run in Triton's interpreter (TRITON_INTERPRET=1: the kernels' code executed
-on the CPU by numpy, tile by tile) against a float64 reference, and every tile the autotuner may pick is
-compiled ahead of time for an H100 (sm_90), so a kernel that does not build, or spills registers to
-memory, fails here first. tests/test_cuda.py runs the same kernels on a GPU.
+Their results are computed in Triton's interpreter (TRITON_INTERPRET=1: the kernels' code executed on
+the CPU by numpy, tile by tile) and compared with a float64 reference or the CPU's path, and the tiles
+the autotuner may pick are compiled ahead of time for an H100 (sm_90), so a kernel that does not build,
+or spills registers to memory, fails here first. tests/test_cuda.py runs the same kernels on a GPU.
 """
 
 from __future__ import annotations
@@ -22,18 +22,19 @@ import alexnet.lrn as lrn_module
 from alexnet.lrn import CAFFE_LRN, PAPER_LRN, LocalResponseNorm, LRNSpec
 
 triton = pytest.importorskip("triton")
-SOURCE = Path(alexnet.__file__).parent / "lrn_triton.py"
+PACKAGE = Path(alexnet.__file__).parent
+HAS_PTXAS = (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
 SPECS = [PAPER_LRN, CAFFE_LRN, LRNSpec(4, 0.5, 0.75, 1.0, True), LRNSpec(3, 2.0, 0.6, 1.5, False)]
 
 
-def fresh_copy(monkeypatch: pytest.MonkeyPatch, interpret: bool):
-    """lrn_triton.py loaded afresh, with Triton's interpreter on or off: Triton looks when a kernel is
+def fresh_copy(monkeypatch: pytest.MonkeyPatch, name: str, interpret: bool):
+    """alexnet.<name> loaded afresh, with Triton's interpreter on or off: Triton looks when a kernel is
     defined (and, interpreted, when it runs), so the setting lasts until the test ends."""
     if interpret:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     else:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    spec = importlib.util.spec_from_file_location(f"lrn_triton_{'interpreted' if interpret else 'built'}", SOURCE)
+    spec = importlib.util.spec_from_file_location(f"alexnet.{name}", PACKAGE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -43,7 +44,7 @@ def fresh_copy(monkeypatch: pytest.MonkeyPatch, interpret: bool):
 def kernels(request, monkeypatch):
     """The kernels interpreted, with one tile size (the interpreter cannot time tiles to pick one): 4
     pixels unless parametrized; also what `import alexnet.lrn_triton` gives while the test runs."""
-    interpreted = fresh_copy(monkeypatch, interpret=True)
+    interpreted = fresh_copy(monkeypatch, "lrn_triton", interpret=True)
     for kernel in (interpreted._forward_kernel, interpreted._backward_kernel):
         kernel.configs = [triton.Config({"BLOCK_P": getattr(request, "param", 4)}, num_warps=4)]
     monkeypatch.setitem(sys.modules, "alexnet.lrn_triton", interpreted)
@@ -121,28 +122,29 @@ def test_local_response_norm_trains_through_the_kernels(kernels) -> None:
     torch.testing.assert_close(x.grad.double(), want_grad, rtol=1e-4, atol=1e-6)
 
 
-# --- Built for an H100 -------------------------------------------------------------------------
+# --- LRN built for an H100 -------------------------------------------------------------------------
 
 
-def _sm90(kernel, width: int, config) -> str:
-    """Compile one tile of `kernel` for sm_90 with bf16 tensors; cuobjdump's resource usage line."""
+def build_for_h100(kernel, pointers: dict[str, str] | str, constants: dict, num_warps: int) -> str:
+    """Compile `kernel` (an autotuner's) for sm_90: its `*_ptr` arguments of the types `pointers`
+    gives ("*bf16": all; or by name), `constants` fixed, others 32-bit. Returns cuobjdump's resource
+    usage line (registers, spills)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = kernel.fn
-    constants = {"SIZE": 5, "BLOCK_C": width, **config.kwargs}
     floats = ("scale", "k", "beta")
 
     def kind(name: str) -> str:
         if name.endswith("_ptr"):
-            return "*bf16"
+            return pointers if isinstance(pointers, str) else pointers[name]
         return "constexpr" if name in constants else "fp32" if name in floats else "i32"
 
     signature = {name: kind(name) for name in fn.arg_names}
     compiled = triton.compile(
         ASTSource(fn, signature, constexprs=constants),
         target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": config.num_warps},
+        options={"num_warps": num_warps},
     )
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -152,14 +154,18 @@ def _sm90(kernel, width: int, config) -> str:
     return next(line for line in usage.stdout.splitlines() if "REG:" in line)
 
 
+def _sm90(kernel, width: int, config) -> str:
+    return build_for_h100(kernel, "*bf16", {"SIZE": 5, "BLOCK_C": width, **config.kwargs}, config.num_warps)
+
+
 @pytest.mark.parametrize("width", [128, 256], ids=["conv1", "conv2"])  # 96 and 256 channels
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_every_tile_the_autotuner_may_pick_builds_for_an_h100_without_spilling(
     width: int, direction: str, monkeypatch
 ) -> None:
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+    if not HAS_PTXAS:
         pytest.skip("this Triton has no CUDA compiler")
-    lrn_triton = fresh_copy(monkeypatch, interpret=False)
+    lrn_triton = fresh_copy(monkeypatch, "lrn_triton", interpret=False)
 
     kernel = getattr(lrn_triton, f"_{direction}_kernel")
     tiles = kernel.early_config_prune(kernel.configs, {}, SIZE=5, BLOCK_C=width)
@@ -173,9 +179,9 @@ def test_every_tile_the_autotuner_may_pick_builds_for_an_h100_without_spilling(
 
 def test_a_tile_that_gives_a_thread_too_much_is_pruned_and_would_spill(monkeypatch) -> None:
     """The pruning rule is what keeps the kernels in registers: a tile it leaves out does spill."""
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+    if not HAS_PTXAS:
         pytest.skip("this Triton has no CUDA compiler")
-    lrn_triton = fresh_copy(monkeypatch, interpret=False)
+    lrn_triton = fresh_copy(monkeypatch, "lrn_triton", interpret=False)
 
     kernel = lrn_triton._backward_kernel
     too_big = triton.Config({"BLOCK_P": 16}, num_warps=4)  # 16 x 128 / 128 threads = 16 elements each
@@ -213,3 +219,41 @@ def test_default_falls_back_to_compiled_kernels_where_triton_cannot_run(monkeypa
     torch.testing.assert_close(x.grad.double(), want_grad, rtol=1e-4, atol=1e-6)
     with pytest.raises(RuntimeError, match="compute capability"):  # named explicitly: no fallback
         lrn_module._run("triton", False, args, fall_back=False)
+
+
+# --- The augmentation's kernel ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_pixel", [True, False], ids=["mean_image", "mean_colour"])
+@pytest.mark.parametrize("crop", [32, 29], ids=["crop32", "crop29"])  # 29: columns masked in a tile of 32
+def test_augmentation_kernel_equals_the_cpu_path(monkeypatch, per_pixel: bool, crop: int) -> None:
+    from alexnet.augment import PixelStats, _crops_by_slicing
+
+    kernels = fresh_copy(monkeypatch, "augment_triton", interpret=True)
+    kernels._train_crops_kernel.configs = [triton.Config({"BLOCK_R": 8}, num_warps=4)]
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8, generator=g)
+    mean = torch.rand(3, 40, 40, generator=g) if per_pixel else torch.rand(3, 1, 1, generator=g)
+    stats = PixelStats(mean, torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1), torch.ones(3), torch.eye(3))
+    top = torch.randint(0, 40 - crop + 1, (5,), generator=g)
+    left = torch.tensor([0, 40 - crop, 3, 7, 40 - crop])  # both edges
+    flip = torch.tensor([True, False, True, False, True])
+    shift = torch.randn(5, 3, generator=g) * 0.05
+    got = kernels.train_crops(images, stats, top, left, flip, crop, shift)
+    want = _crops_by_slicing(images, stats, top, left, flip, crop, shift)
+    assert got.shape == (5, 3, crop, crop) and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)  # the same arithmetic: rounding at most
+
+
+POINTERS = {"images_ptr": "*u8", "out_ptr": "*fp32", "top_ptr": "*i64", "left_ptr": "*i64", "flip_ptr": "*u8"}
+POINTERS |= {"shift_ptr": "*fp32", "mean_ptr": "*fp32", "scale_ptr": "*fp32"}
+
+
+def test_augmentation_kernel_builds_for_an_h100_without_spilling(monkeypatch) -> None:
+    if not HAS_PTXAS:
+        pytest.skip("this Triton has no CUDA compiler")
+    kernel = fresh_copy(monkeypatch, "augment_triton", interpret=False)._train_crops_kernel
+    for config in kernel.configs:
+        constants = {"BLOCK_W": 256, **config.kwargs}
+        usage = build_for_h100(kernel, POINTERS, constants, config.num_warps)
+        assert " STACK:0 " in usage and " LOCAL:0 " in usage, f"{config}: {usage}"
