@@ -4,17 +4,19 @@
 
 In one process, in rounds that alternate between them (the median round kept), the training images/s
 of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images already on the device for:
-  paper              the paper preset as `alexnet train` runs it (LRN's Triton kernels on CUDA,
-                     torch.compile's on the CPU)
-  paper, compiled LRN  on CUDA, LRN in torch.compile's kernels instead of the Triton ones
-  paper, eager LRN   the same with LRN's eager formulas
-  paper, no LRN      LRN layers removed
-  paper, groups=1    one tower: conv2, conv4 and conv5 see all their input channels
-  torchvision        the torchvision preset
-  augmentation only  alexnet.augment.train_batch alone
-then LRN alone, forward and backward on conv1's and conv2's outputs, by kernels, against the least
-memory traffic it needs (x in, y out; x and the gradient in, dx out), and the kernels of the paper
-step that take the most device time (torch.profiler).
+  paper                  the paper preset as `alexnet train` runs it (LRN's Triton kernels on CUDA,
+                         torch.compile's on the CPU)
+  paper, compiled LRN    on CUDA: LRN in torch.compile's kernels instead of the Triton ones
+  paper, model compiled  on CUDA: the whole model through torch.compile (`alexnet train --compile`)
+  paper, eager LRN       the same with LRN's eager formulas
+  paper, no LRN          LRN layers removed
+  paper, groups=1        one tower: conv2, conv4 and conv5 see all their input channels
+  torchvision            the torchvision preset
+  augmentation only      alexnet.augment.train_batch alone
+with the time the host takes to enqueue each step (where it nears the step's time, the host limits
+and CUDA graphs would help); then LRN alone, forward and backward on conv1's and conv2's outputs, by
+kernels, against the least memory traffic it needs (x in, y out; x and the gradient in, dx out); and
+the kernels of the paper step that take the most device time (torch.profiler).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from alexnet.step import TrainStep, resolve_precision, tune_for
 from alexnet.train import pick_device
 
 
-def make_step(model: nn.Module, device: torch.device, precision: str, batch: int):
+def make_step(model: nn.Module, device: torch.device, precision: str, batch: int, compile: bool = False):
     model = model.to(device).to(memory_format=torch.channels_last)
+    model = torch.compile(model) if compile else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     stats = make_pixel_stats(torch.full((3, 256, 256), 0.45), torch.eye(3) * 0.05, scale="imagenet").to(device)
     step = TrainStep(model, optimizer, stats, 224, 0.1, precision, True)
@@ -101,41 +104,42 @@ def main() -> None:
     batch = args.batch_size
     torch.manual_seed(0)
     paper, augment = make_step(build_model("paper", init="caffe"), device, precision, batch)
-    candidates = {
-        "paper": paper,
-        **(
-            {
-                "paper, compiled LRN": make_step(
-                    lrn_kernels(build_model("paper", init="caffe"), "compiled"), device, precision, batch
-                )[0]
-            }
-            if device.type == "cuda"
-            else {}
-        ),
-        "paper, eager LRN": make_step(
-            lrn_kernels(build_model("paper", init="caffe"), "eager"), device, precision, batch
-        )[0],
-        "paper, no LRN": make_step(without_lrn(build_model("paper", init="caffe")), device, precision, batch)[0],
-        "paper, groups=1": make_step(build_model("paper", groups=1, init="caffe"), device, precision, batch)[0],
-        "torchvision": make_step(build_model("torchvision"), device, precision, batch)[0],
+
+    def paper_step(model: nn.Module, compile: bool = False):
+        return make_step(model, device, precision, batch, compile)[0]
+
+    candidates = {"paper": paper}
+    if device.type == "cuda":
+        candidates["paper, compiled LRN"] = paper_step(lrn_kernels(build_model("paper", init="caffe"), "compiled"))
+        candidates["paper, model compiled"] = paper_step(build_model("paper", init="caffe"), compile=True)
+    candidates |= {
+        "paper, eager LRN": paper_step(lrn_kernels(build_model("paper", init="caffe"), "eager")),
+        "paper, no LRN": paper_step(without_lrn(build_model("paper", init="caffe"))),
+        "paper, groups=1": paper_step(build_model("paper", groups=1, init="caffe")),
+        "torchvision": paper_step(build_model("torchvision")),
         "augmentation only": augment,
     }
     for step in candidates.values():  # warm up: compilation, cuDNN autotuning
         for _ in range(3):
             step()
     rates: dict[str, list[float]] = {name: [] for name in candidates}
+    host: dict[str, list[float]] = {name: [] for name in candidates}  # seconds per step to enqueue
     for _ in range(args.rounds):
         for name, step in candidates.items():
             sync(device)
             start = time.perf_counter()
             for _ in range(args.steps):
                 step()
+            host[name].append((time.perf_counter() - start) / args.steps)
             sync(device)
             rates[name].append(args.steps * batch / (time.perf_counter() - start))
     print(f"device {device}, batch {batch}, precision {precision}, torch {torch.__version__}")
+    print("(host: the time the CPU takes to hand a step to the device; near the step's time, it limits)")
     base = statistics.median(rates["paper"])
     for name, r in rates.items():
-        print(f"{name:<20} {statistics.median(r):>10.0f} images/s  {statistics.median(r) / base:5.2f}x paper")
+        rate, enqueue = statistics.median(r), statistics.median(host[name]) * 1e3
+        step_ms = batch / rate * 1e3
+        print(f"{name:<22} {rate:>9.0f} images/s  {rate / base:5.2f}x paper  host {enqueue:6.1f} of {step_ms:6.1f} ms")
 
     lrn_alone(device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32), batch, args.steps)
 

@@ -244,6 +244,6 @@ def test_default_fuses_training_and_leaves_cpu_inference_eager(monkeypatch) -> N
         lrn(x)
     assert compiled == []
     y = lrn(x.requires_grad_())
-    assert type(y.grad_fn).__name__ == "_FusedLRNFunctionBackward" and compiled == ["_fused_forward"]
+    assert "local_response_norm" in type(y.grad_fn).__name__ and compiled == ["_fused_forward"]
     y.sum().backward()
     assert compiled == ["_fused_forward", "_fused_backward"]

@@ -115,7 +115,7 @@ def test_local_response_norm_trains_through_the_kernels(kernels) -> None:
     x, g = _inputs(PAPER_LRN, channels_last=True)
     x.requires_grad_()
     y = LocalResponseNorm(PAPER_LRN, kernels="triton")(x)
-    assert type(y.grad_fn).__name__ == "_FusedLRNFunctionBackward"
+    assert "local_response_norm" in type(y.grad_fn).__name__
     y.backward(g)
     want_y, want_grad = reference(x, g, PAPER_LRN)
     torch.testing.assert_close(y.detach().double(), want_y, rtol=1e-5, atol=1e-6)
@@ -211,7 +211,7 @@ def test_default_falls_back_to_compiled_kernels_where_triton_cannot_run(monkeypa
     x.requires_grad_()
     args = (x, PAPER_LRN.size, PAPER_LRN.scale, PAPER_LRN.k, PAPER_LRN.beta)
     with pytest.warns(UserWarning, match="triton kernels cannot run here.*compute capability") as caught:
-        y = lrn_module._FusedLRNFunction.apply(*args[:1], PAPER_LRN, "triton", True)
+        y = lrn_module._lrn_op(*args, "triton", True)
         y.backward(g)
     assert len(caught) == 1 and used == ["_fused_forward", "_fused_backward"]
     want_y, want_grad = reference(x, g, PAPER_LRN)
@@ -257,3 +257,35 @@ def test_augmentation_kernel_builds_for_an_h100_without_spilling(monkeypatch) ->
         constants = {"BLOCK_W": 256, **config.kwargs}
         usage = build_for_h100(kernel, POINTERS, constants, config.num_warps)
         assert " STACK:0 " in usage and " LOCAL:0 " in usage, f"{config}: {usage}"
+
+
+def test_a_compiled_model_keeps_lrn_in_the_triton_kernels(kernels, monkeypatch) -> None:
+    """torch.compile sees LRN as one operator: the compiled model calls the Triton kernels (here
+    interpreted, on the CPU) for LRN and its gradient, and trains like the eager model."""
+    calls = []
+    for name in ("forward", "backward"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 9, 3), torch.nn.ReLU(), LocalResponseNorm(PAPER_LRN, kernels="triton"), torch.nn.Flatten()
+    )
+    x = torch.rand(2, 3, 7, 7) * 30
+    compiled = torch.compile(model)
+    got = compiled(x)
+    got.square().sum().backward()
+    assert calls == ["forward", "backward"]
+    got_grad = model[0].weight.grad.clone()
+    model.zero_grad()
+    model[2].kernels = "eager"
+    want = model(x)
+    want.square().sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, model[0].weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_the_operator_passes_torch_library_checks(kernels) -> None:
+    """Schema, fake tensors (what torch.compile traces with), autograd registration."""
+    x, _ = _inputs(PAPER_LRN, channels_last=True)
+    x.requires_grad_()
+    torch.library.opcheck(lrn_module._lrn_op, (x, 5, PAPER_LRN.scale, PAPER_LRN.k, PAPER_LRN.beta, "triton", False))

@@ -172,20 +172,45 @@ def _run(kernels: str, backward: bool, args: tuple, fall_back: bool) -> torch.Te
     raise AssertionError("unreachable: the eager formulas run or raise")
 
 
-class _FusedLRNFunction(torch.autograd.Function):
-    """_LRNFunction's arithmetic in fused kernels (Triton's or torch.compile's); saves only the input."""
+# One operator for both directions, whichever kernels run them: autograd sees one node that saves only
+# x, and torch.compile keeps it whole, so a compiled model still runs LRN in the Triton kernels.
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, spec: LRNSpec, kernels: str, fall_back: bool) -> torch.Tensor:
-        ctx.spec, ctx.kernels, ctx.fall_back = spec, kernels, fall_back
-        ctx.save_for_backward(x)
-        return _run(kernels, False, (x, spec.size, spec.scale, spec.k, spec.beta), fall_back)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        (x,) = ctx.saved_tensors
-        s = ctx.spec
-        return _run(ctx.kernels, True, (x, grad, s.size, s.scale, s.k, s.beta), ctx.fall_back), None, None, None
+@torch.library.custom_op("alexnet::local_response_norm", mutates_args=())
+def _lrn_op(
+    x: torch.Tensor, size: int, scale: float, k: float, beta: float, kernels: str, fall_back: bool
+) -> torch.Tensor:
+    return _run(kernels, False, (x, size, scale, k, beta), fall_back)
+
+
+@torch.library.custom_op("alexnet::local_response_norm_backward", mutates_args=())
+def _lrn_backward_op(
+    x: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float, kernels: str, fall_back: bool
+) -> torch.Tensor:
+    return _run(kernels, True, (x, grad, size, scale, k, beta), fall_back)
+
+
+@_lrn_op.register_fake
+def _(x: torch.Tensor, *args) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@_lrn_backward_op.register_fake
+def _(x: torch.Tensor, *args) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _save_input(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    x, *ctx.arguments = inputs
+    ctx.save_for_backward(x)
+
+
+def _lrn_gradient(ctx, grad: torch.Tensor) -> tuple:
+    (x,) = ctx.saved_tensors
+    return _lrn_backward_op(x, grad, *ctx.arguments), *[None] * len(ctx.arguments)
+
+
+_lrn_op.register_autograd(_lrn_gradient, setup_context=_save_input)
 
 
 class LocalResponseNorm(nn.Module):
@@ -197,9 +222,11 @@ class LocalResponseNorm(nn.Module):
                   20 s on 2 CPU cores, once per process, and pays off over many steps: the paper step
                   ran 1.35x faster on those cores (benchmarks/step_profile.py), 1.23x on an H200;
       "eager"     PyTorch's operations one by one, with the closed-form gradient.
-    None (the default): "triton" on CUDA (batches of images), "compiled" when training on the CPU, "eager" for inference
-    on the CPU (a single prediction does not repay compiling); where the choice cannot be built here,
-    the next one down, with a warning. A kernel named explicitly is used or fails.
+    None (the default): "triton" on CUDA (batches of images), "compiled" when training on the CPU,
+    "eager" for inference on the CPU (a single prediction does not repay compiling); where the choice
+    cannot be built here, the next one down, with a warning. Kernels named explicitly run or fail.
+    Inside a model compiled whole, "triton" stays (one operator to the compiler); the others become
+    the formulas, which the compiler fuses with the layers around them.
     """
 
     def __init__(self, spec: LRNSpec, kernels: str | None = None) -> None:
@@ -215,13 +242,12 @@ class LocalResponseNorm(nn.Module):
         kernels = self.kernels or ("triton" if x.is_cuda and x.dim() == 4 else "compiled" if learning else "eager")
         if tracing:
             kernels = "eager"
+        compiling = torch.compiler.is_compiling()
         with torch.autocast(device_type=x.device.type, enabled=False):
-            if torch.compiler.is_compiling():  # inside a compiled model, which fuses the formula and its gradient
+            if kernels == "triton" or (kernels == "compiled" and not compiling):
+                return _lrn_op(x, s.size, s.scale, s.k, s.beta, kernels, self.kernels is None)
+            if compiling:  # inside a compiled model, which fuses the formula and its gradient itself
                 return _fused_forward(x, s.size, s.scale, s.k, s.beta)
-            if kernels != "eager" and learning:
-                return _FusedLRNFunction.apply(x, s, kernels, self.kernels is None)
-            if kernels != "eager":
-                return _run(kernels, False, (x, s.size, s.scale, s.k, s.beta), self.kernels is None)
             if learning:
                 return _LRNFunction.apply(x, s)
             x32, scale, _ = _lrn_terms(x, s)
