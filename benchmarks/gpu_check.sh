@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# On one NVIDIA H100 or H200 (about 7 minutes): the tests that need CUDA, the prepared loader's rate on
-# the GPU, a one-GPU torchrun run (DDP over NCCL), and `alexnet benchmark` for the paper and torchvision
-# presets at batch 256 and 512, model-only and end-to-end from prepared data. Appends everything, with
-# the device's name and the date, to benchmarks/RESULTS.md.
+# On one NVIDIA H100 or H200 (about 6 minutes): the tests that need CUDA, step_profile.py (where the
+# paper step's time goes, LRN by kernels, the model compiled), the prepared loader's rate on the GPU, a
+# one-GPU torchrun run (DDP over NCCL), and `alexnet benchmark` for the paper and torchvision presets at
+# batch 256 and 512, model-only and end-to-end from prepared data. Appends everything, with the
+# device's name and the date, to benchmarks/RESULTS.md.
 #
 #   bash benchmarks/gpu_check.sh                # data: ../shared/data/imagenette-dev
 #   DATA=folder bash benchmarks/gpu_check.sh    # any ImageNet-layout folder with train/ and val/
-#   QUICK=1 bash benchmarks/gpu_check.sh        # a smoke test of this script, on any machine (CPU too)
-#   BATCHES="512" PRESETS=paper EXTRAS=0 ...     # fewer runs: EXTRAS=0 skips JPEG, fp16 and --compile
+#   QUICK=1 bash benchmarks/gpu_check.sh        # a smoke test of this script (imagenette-ci), on any machine
+#   BATCHES="512" PRESETS=paper EXTRAS=0 ...     # fewer runs: EXTRAS=0 skips JPEG and fp16
 #
 # Python: the project's .venv where there is one, else python3 with src/ on PYTHONPATH (a GPU machine
 # with PyTorch installed and no network). The training images are listed COPIES times (3; links, under
@@ -17,8 +18,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -x .venv/bin/python ]; then PY=$PWD/.venv/bin/python; else PY=python3; export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}; fi
 export PYTHONUNBUFFERED=1
+if [ -n "${QUICK:-}" ]; then COPIES=1 BATCHES=16 STEPS=1 ROUNDS=1 PRESETS=paper EXTRAS=0 DATA=${DATA:-../shared/data/imagenette-ci}; fi
 DATA=$(realpath "${DATA:-../shared/data/imagenette-dev}")
-if [ -n "${QUICK:-}" ]; then COPIES=1 BATCHES=16 STEPS=1 ROUNDS=1 PRESETS=paper EXTRAS=0; fi
 COPIES=${COPIES:-3} BATCHES=${BATCHES:-256 512} STEPS=${STEPS:-20} ROUNDS=${ROUNDS:-3} PRESETS=${PRESETS:-paper torchvision}
 EXTRAS=${EXTRAS:-1}
 FORMATS=raw; if [ "$EXTRAS" = 1 ]; then FORMATS="raw jpeg"; fi
@@ -84,6 +85,5 @@ done
 if [ "$EXTRAS" = 1 ]; then
   run timeout 120 $PY -m alexnet benchmark --preset paper --batch-size "$SMALL" --data "$WORK/jpeg" --steps $STEPS --rounds $ROUNDS
   run timeout 120 $PY -m alexnet benchmark --preset paper --batch-size "$LARGE" --precision fp16 --steps $STEPS --rounds $ROUNDS
-  run timeout 180 $PY -m alexnet benchmark --preset paper --batch-size "$LARGE" --compile --steps $STEPS --rounds $ROUNDS
 fi
 if [ -n "${OUT:-}" ]; then cp "$RESULTS" "$OUT/"; fi  # the device tool brings $OUT back
