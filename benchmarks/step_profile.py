@@ -32,14 +32,14 @@ from torch.profiler import ProfilerActivity, profile
 from alexnet.augment import make_pixel_stats, train_batch
 from alexnet.lrn import PAPER_LRN, LocalResponseNorm
 from alexnet.model import build_model
-from alexnet.step import TrainStep, resolve_precision, tune_for
+from alexnet.step import TrainStep, make_optimizer, resolve_precision, tune_for
 from alexnet.train import pick_device
 
 
 def make_step(model: nn.Module, device: torch.device, precision: str, batch: int, compile: bool = False):
     model = model.to(device).to(memory_format=torch.channels_last)
     model = torch.compile(model) if compile else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    optimizer = make_optimizer(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     stats = make_pixel_stats(torch.full((3, 256, 256), 0.45), torch.eye(3) * 0.05, scale="imagenet").to(device)
     step = TrainStep(model, optimizer, stats, 224, 0.1, precision, True)
     images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)

@@ -8,7 +8,7 @@ from alexnet.bench import format_table, run_benchmark
 from alexnet.data import EpochBatches, rank_share
 from alexnet.errors import UserError
 from alexnet.model import build_model
-from alexnet.step import TrainStep, resolve_precision
+from alexnet.step import TrainStep, make_optimizer, resolve_precision
 
 STATS = make_pixel_stats(torch.full((3, 240, 240), 0.4), torch.eye(3) * 0.02)
 
@@ -125,3 +125,30 @@ def test_the_augmented_batch_memory_is_kept_across_a_smaller_last_batch():
         fresh = train_batch(images[:b], stats, torch.Generator().manual_seed(2), 64)
         reused = train_batch(images[:b], stats, torch.Generator().manual_seed(2), 64, out=step.buffer)
         assert reused.data_ptr() == memory and torch.equal(reused, fresh)
+
+
+def test_fused_sgd_gives_the_same_weights_bit_for_bit() -> None:
+    """make_optimizer's fused SGD against torch's reference loop, over steps with momentum, weight decay
+    and a learning-rate change, parameters left without gradient (frozen layers) included."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(64, 27), (64,), (4096, 96), (10, 4096)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) for s in shapes] for _ in range(4)]
+    results = []
+    for fused in (False, True):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        if fused:
+            optimizer = make_optimizer(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+        else:
+            optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=False)
+        for i, step_grads in enumerate(grads):
+            for p, grad in zip(params, step_grads, strict=True):
+                p.grad = None if p is params[1] else grad.clone()
+            if i == 2:
+                optimizer.param_groups[0]["lr"] = 0.001
+            optimizer.step()
+        results.append(params)
+    assert optimizer.param_groups[0]["fused"]
+    for want, got in zip(*results, strict=True):
+        assert torch.equal(want, got)
+    assert torch.equal(results[1][1], start[1])  # no gradient: untouched

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import alexnet.step as step_module
-from alexnet.checkpoint import load_checkpoint
+from alexnet.checkpoint import load_checkpoint, save_checkpoint
 from alexnet.config import TrainConfig
 from alexnet.errors import UserError
 from alexnet.train import Interrupted, train
@@ -51,6 +51,7 @@ def test_run_directory_contents(tiny_dataset, tmp_path):
     ckpt = load_checkpoint(run / "last.pt")
     assert ckpt["run_state"]["epoch"] == 2 and ckpt["classes"] == ["n001_red", "n002_green", "n003_blue"]
     assert {"optimizer", "scheduler", "rng", "stats", "config"} <= ckpt.keys()
+    assert all(group["fused"] for group in ckpt["optimizer"]["param_groups"])  # make_optimizer's SGD
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
     # best.pt holds the epoch with the lowest validation error (the first of equals)
     errors = [m["val_top1_err"] for m in metrics]
@@ -66,8 +67,13 @@ PAPER = dict(preset="paper", init="caffe", image_size=256, crop=224)
 def test_resume_gives_identical_weights(tiny_dataset, tmp_path, preset):
     straight = train(tiny_config(tiny_dataset, tmp_path / "a", **preset), progress=False)
     half = train(tiny_config(tiny_dataset, tmp_path / "b", epochs=1, **preset), progress=False)
+    old = load_checkpoint(half / "last.pt")  # as written before SGD was fused: resumes fused all the same
+    for group in old["optimizer"]["param_groups"]:
+        group["fused"] = None
+    save_checkpoint(old, half / "last.pt")
     resumed = train(tiny_config(tiny_dataset, half, epochs=2, **preset), resume=True, progress=False)
     assert_same_weights(weights(straight), weights(resumed))
+    assert all(group["fused"] for group in load_checkpoint(resumed / "last.pt")["optimizer"]["param_groups"])
 
 
 def test_sigterm_mid_epoch_checkpoints_and_resumes_exactly(tiny_dataset, tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from .augment import make_pixel_stats
 from .errors import UserError
 from .model import build_model
 from .prepared import PreparedLoader, is_prepared, open_prepared
-from .step import TrainStep, resolve_channels_last, resolve_precision, tune_for
+from .step import TrainStep, make_optimizer, resolve_channels_last, resolve_precision, tune_for
 
 
 @dataclass
@@ -70,7 +70,7 @@ def project_step(
     """This project's TrainStep for `preset`, as step(images, labels)."""
     model = build_model(preset, 1000).to(device)
     model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    optimizer = make_optimizer(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     stats = make_pixel_stats(torch.full((3, 256, 256), 0.45), torch.eye(3) * 0.05, scale="imagenet").to(device)
     trained = torch.compile(model) if compile else model
     step = TrainStep(trained, optimizer, stats, 224, 0.1, precision, channels_last)

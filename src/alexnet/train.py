@@ -52,7 +52,7 @@ from .export import read_safetensors
 from .model import build_model
 from .prepared import PreparedLoader, is_prepared, open_prepared, read_manifest
 from .schedule import make_scheduler, scale_learning_rate, steps_each_iteration
-from .step import TrainStep, resolve_channels_last, resolve_precision, tune_for
+from .step import TrainStep, make_optimizer, resolve_channels_last, resolve_precision, tune_for
 from .tblog import TensorBoardLog
 from .weights import freeze_layers, load_pretrained, read_pretrained
 
@@ -263,7 +263,7 @@ def _train(
     precision = resolve_precision(cfg.precision, device)
     channels_last = resolve_channels_last(cfg.channels_last)
     model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     state = RunState()
     trained = model  # what forward and backward run: compiled and/or DDP-wrapped `model`
@@ -287,6 +287,8 @@ def _train(
     def restore(ckpt: dict) -> RunState:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # a checkpoint from before fused SGD says fused=None
+            group["fused"] = True
         scheduler.load_state_dict(ckpt["scheduler"])
         if "scaler" in ckpt:
             step_fn.scaler.load_state_dict(ckpt["scaler"])
