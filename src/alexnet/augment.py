@@ -115,9 +115,9 @@ def train_batch(
     for all `total` and this share's are used, so the shares together equal the whole batch.
 
     On CUDA the pixels are done in one Triton kernel (augment_triton.py), and the batch comes in
-    channels_last. `out`: a (B' >= B, 3, crop, crop) float tensor to reuse on the CPU; the batch is its first B rows. A
-    new 77 MB batch costs some 20,000 page faults each time (big blocks come from mmap), which is most
-    of the augmentation's time.
+    channels_last. `out`: a (B' >= B, 3, crop, crop) float tensor to reuse on the CPU; the batch is its
+    first B rows. A new 77 MB batch costs some 20,000 page faults each time (big blocks come from
+    mmap), which is most of the augmentation's time.
     """
     b, _, s, _ = images.shape
     total = b if total is None else total
