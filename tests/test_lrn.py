@@ -247,3 +247,15 @@ def test_default_fuses_training_and_leaves_cpu_inference_eager(monkeypatch) -> N
     assert "local_response_norm" in type(y.grad_fn).__name__ and compiled == ["_fused_forward"]
     y.sum().backward()
     assert compiled == ["_fused_forward", "_fused_backward"]
+
+
+@pytest.mark.parametrize("kernels", [None, "triton", "compiled"])
+def test_an_exported_graph_holds_only_pytorch_operations(kernels) -> None:
+    """torch.export (and ONNX through it) records the formulas, never the project's own operator, even
+    where LRN would run the Triton kernels (CUDA)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), LocalResponseNorm(PAPER_LRN, kernels=kernels))
+    x = torch.rand(1, 3, 8, 8) * 30
+    exported = torch.export.export(model, (x,))
+    code = exported.graph_module.print_readable(print_output=False)
+    assert "ops.alexnet" not in code and "aten.exp" in code
+    torch.testing.assert_close(exported.module()(x), LocalResponseNorm(PAPER_LRN, "eager")(model[0](x)))

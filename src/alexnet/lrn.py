@@ -240,7 +240,7 @@ class LocalResponseNorm(nn.Module):
         tracing = torch.jit.is_tracing()  # export: tracing records neither autograd functions nor compiled ones
         learning = torch.is_grad_enabled() and x.requires_grad and not tracing
         kernels = self.kernels or ("triton" if x.is_cuda and x.dim() == 4 else "compiled" if learning else "eager")
-        if tracing:
+        if tracing or torch.compiler.is_exporting():  # an exported graph holds PyTorch's own operations
             kernels = "eager"
         compiling = torch.compiler.is_compiling()
         with torch.autocast(device_type=x.device.type, enabled=False):
