@@ -169,7 +169,7 @@ def test_fp16_does_not_overflow() -> None:
 def test_gradient_against_autograd_of_the_formula(spec: LRNSpec, kernels: str) -> None:
     """The closed-form backward equals autograd through a direct float64 implementation (odd and even windows),
     eager and in torch.compile's fused kernels (the default when training on the CPU). The Triton
-    kernels: tests/test_lrn_triton.py."""
+    kernels: tests/test_triton_kernels.py."""
     x = _data(c=9, scale=3.0 if spec.alpha > 1e-3 else 30.0, seed=4).double().requires_grad_()
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
 
