@@ -44,8 +44,8 @@ def make_optimizer(
     parameters: Iterable[torch.nn.Parameter], lr: float, momentum: float, weight_decay: float
 ) -> torch.optim.SGD:
     """SGD with momentum and weight decay, fused: one pass over each parameter per step instead of a
-    chain of operations with temporaries. The same weights, bit for bit (tests/test_step.py); on 2 CPU
-    cores the paper network's update takes 19 ms instead of 97."""
+    chain of operations with temporaries. The same weights, bit for bit (tests/test_step.py); faster on
+    a CPU (benchmarks/README.md)."""
     return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
 
 
