@@ -8,15 +8,16 @@ of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images alrea
                          torch.compile's on the CPU)
   paper, compiled LRN    on CUDA: LRN in torch.compile's kernels instead of the Triton ones
   paper, model compiled  on CUDA: the whole model through torch.compile (`alexnet train --compile`)
+  paper, PyTorch's pool  on CUDA: max pooling in PyTorch's kernels instead of the Triton ones
   paper, eager LRN       the same with LRN's eager formulas
   paper, no LRN          LRN layers removed
   paper, groups=1        one tower: conv2, conv4 and conv5 see all their input channels
   torchvision            the torchvision preset
   augmentation only      alexnet.augment.train_batch alone
 with the time the host takes to enqueue each step (where it nears the step's time, the host limits
-and CUDA graphs would help); then LRN alone, forward and backward on conv1's and conv2's outputs, by
-kernels, against the least memory traffic it needs (x in, y out; x and the gradient in, dx out); and
-the kernels of the paper step that take the most device time (torch.profiler).
+and CUDA graphs would help); then LRN and max pooling alone, forward and backward on the paper
+network's activations, by kernels, against the least memory traffic each needs; and the kernels of
+the paper step that take the most device time (torch.profiler).
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from alexnet.augment import make_pixel_stats, train_batch
+from alexnet.lrn import KERNELS as LRN_KERNELS
 from alexnet.lrn import PAPER_LRN, LocalResponseNorm
 from alexnet.model import build_model
+from alexnet.pool import KERNELS as POOL_KERNELS
+from alexnet.pool import MaxPool2d
 from alexnet.step import TrainStep, make_optimizer, resolve_precision, tune_for
 from alexnet.train import pick_device
 
@@ -62,26 +66,41 @@ def lrn_kernels(model: nn.Module, kernels: str) -> nn.Module:
     return model
 
 
-def lrn_alone(device: torch.device, dtype: torch.dtype, batch: int, steps: int) -> None:
-    """ms per forward + backward of PAPER_LRN, by kernels, and the memory bandwidth that implies."""
-    print(f"\nLRN alone, forward + backward, {dtype}, channels_last, batch {batch}:")
-    kinds = ["triton", "compiled", "eager"] if device.type == "cuda" else ["compiled", "eager"]
-    for name, shape in (("lrn1 (conv1)", (batch, 96, 55, 55)), ("lrn2 (conv2)", (batch, 256, 27, 27))):
-        x = torch.rand(shape, device=device).mul(60).to(dtype).contiguous(memory_format=torch.channels_last)
-        g = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
-        least = 5 * x.numel() * x.element_size()  # bytes: x, y; x, g, dx
-        for kernels in kinds:
-            lrn = LocalResponseNorm(PAPER_LRN, kernels=kernels)
+def pool_kernels(model: nn.Module, kernels: str) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, MaxPool2d):
+            m.kernels = kernels
+    return model
 
+
+def layers_alone(device: torch.device, dtype: torch.dtype, batch: int, steps: int) -> None:
+    """ms per forward + backward of LRN and of max pooling on the paper network's activations, by
+    kernels, and the bandwidth that implies for the least traffic each needs: LRN reads x and writes y,
+    then reads x and the gradient and writes dx; a pool reads x, writes y, reads y's gradient, writes dx."""
+    print(f"\nLayers alone, forward + backward, {dtype}, channels_last, batch {batch}:")
+    cuda = device.type == "cuda"
+    layers = [  # name, input shape, the layer with given kernels, its kernels, least bytes per unit of x
+        ("lrn1 (conv1)", (batch, 96, 55, 55), lambda k: LocalResponseNorm(PAPER_LRN, k), LRN_KERNELS, 5.0),
+        ("lrn2 (conv2)", (batch, 256, 27, 27), lambda k: LocalResponseNorm(PAPER_LRN, k), LRN_KERNELS, 5.0),
+        ("pool1", (batch, 96, 55, 55), lambda k: MaxPool2d(3, 2, k), POOL_KERNELS, 2 * (1 + 27**2 / 55**2)),
+        ("pool2", (batch, 256, 27, 27), lambda k: MaxPool2d(3, 2, k), POOL_KERNELS, 2 * (1 + 13**2 / 27**2)),
+        ("pool5", (batch, 256, 13, 13), lambda k: MaxPool2d(3, 2, k), POOL_KERNELS, 2 * (1 + 6**2 / 13**2)),
+    ]
+    for name, shape, layer, kinds, per_x in layers:
+        x = torch.rand(shape, device=device).mul(60).to(dtype).contiguous(memory_format=torch.channels_last)
+        least = per_x * x.numel() * x.element_size()
+        for kernels in kinds if cuda else [k for k in kinds if k != "triton"]:
+            module = layer(kernels)
+            g = torch.randn_like(module(x))
             for i in range(3 + steps):  # 3 to warm up (compiling, autotuning), then timed
                 if i == 3:
                     sync(device)
                     start = time.perf_counter()
                 xi = x.detach().requires_grad_()
-                lrn(xi).backward(g)
+                module(xi).backward(g)
             sync(device)
             seconds = (time.perf_counter() - start) / steps
-            print(f"  {name} {kernels:<9} {seconds * 1e3:8.2f} ms  {least / seconds / 1e9:7.0f} GB/s")
+            print(f"  {name:<13} {kernels:<9} {seconds * 1e3:8.2f} ms  {least / seconds / 1e9:7.0f} GB/s")
 
 
 def sync(device: torch.device) -> None:
@@ -112,6 +131,7 @@ def main() -> None:
     if device.type == "cuda":
         candidates["paper, compiled LRN"] = paper_step(lrn_kernels(build_model("paper", init="caffe"), "compiled"))
         candidates["paper, model compiled"] = paper_step(build_model("paper", init="caffe"), compile=True)
+        candidates["paper, PyTorch's pool"] = paper_step(pool_kernels(build_model("paper", init="caffe"), "eager"))
     candidates |= {
         "paper, eager LRN": paper_step(lrn_kernels(build_model("paper", init="caffe"), "eager")),
         "paper, no LRN": paper_step(without_lrn(build_model("paper", init="caffe"))),
@@ -141,7 +161,8 @@ def main() -> None:
         step_ms = batch / rate * 1e3
         print(f"{name:<22} {rate:>9.0f} images/s  {rate / base:5.2f}x paper  host {enqueue:6.1f} of {step_ms:6.1f} ms")
 
-    lrn_alone(device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32), batch, args.steps)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    layers_alone(device, dtype, batch, args.steps)
 
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
     with profile(activities=[activity]) as prof:

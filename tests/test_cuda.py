@@ -111,3 +111,41 @@ def test_lrn_on_cuda_uses_the_triton_kernels_by_default(monkeypatch):
     with torch.no_grad():
         LocalResponseNorm(PAPER_LRN)(x)
     assert calls == ["forward", "backward", "forward"]
+
+
+POOLS = {"pool1": (8, 96, 55, 55), "pool2": (8, 256, 27, 27), "pool5": (8, 256, 13, 13)}
+
+
+@pytest.mark.parametrize("shape", POOLS.values(), ids=POOLS.keys())
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format], ids=["channels_last", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_max_pool_equals_pytorchs_on_cuda(dtype, layout, shape):
+    """The paper's three pools: the same maxima, the gradient to the same inputs (ties included: bf16
+    values from 0 to 1 tie often), summed in float32 as PyTorch's CUDA kernels do."""
+    from alexnet.pool import MaxPool2d
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(shape, generator=gen).to("cuda", dtype).contiguous(memory_format=layout)
+    g = torch.randn(x.shape[:2] + ((x.shape[2] - 3) // 2 + 1,) * 2, generator=gen).to("cuda", dtype)
+    got, want = {}, {}
+    for name, out in (("triton", got), ("eager", want)):
+        xi = x.clone().requires_grad_()
+        y = MaxPool2d(3, 2, kernels=name)(xi)
+        (out["grad"],) = torch.autograd.grad(y, xi, g.contiguous(memory_format=layout))
+        out["y"] = y.detach()
+    assert got["y"].stride() == want["y"].stride() and got["grad"].stride() == x.stride()
+    assert torch.equal(got["y"], want["y"])
+    torch.testing.assert_close(got["grad"], want["grad"], rtol=1.3e-6 if dtype == torch.float32 else 2**-8, atol=0)
+
+
+def test_max_pool_on_cuda_uses_the_triton_kernels_by_default(monkeypatch):
+    from alexnet import pool_triton
+
+    calls = []
+    for name in ("forward", "backward"):
+        real = getattr(pool_triton, name)
+        spy = lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k)  # noqa: E731
+        monkeypatch.setattr(pool_triton, name, spy)
+    model = build_model("paper", 10).cuda()
+    model(torch.rand(2, 3, 224, 224, device="cuda")).sum().backward()
+    assert calls == ["forward"] * 3 + ["backward"] * 3

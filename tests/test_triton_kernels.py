@@ -289,3 +289,148 @@ def test_the_operator_passes_torch_library_checks(kernels) -> None:
     x, _ = _inputs(PAPER_LRN, channels_last=True)
     x.requires_grad_()
     torch.library.opcheck(lrn_module._lrn_op, (x, 5, PAPER_LRN.scale, PAPER_LRN.k, PAPER_LRN.beta, "triton", False))
+
+
+# --- Max pooling's kernels (alexnet/pool_triton.py) ----------------------------------------------
+
+
+@pytest.fixture
+def pool_kernels(request, monkeypatch):
+    """pool_triton interpreted, one tile (16 pixels x 32 channels unless parametrized); also what
+    `import alexnet.pool_triton` gives while the test runs."""
+    interpreted = fresh_copy(monkeypatch, "pool_triton", interpret=True)
+    block_p, block_c = getattr(request, "param", (16, 32))
+    for kernel in (interpreted._forward_kernel, interpreted._backward_kernel):
+        kernel.configs = [triton.Config({"BLOCK_P": block_p, "BLOCK_C": block_c}, num_warps=4)]
+    monkeypatch.setitem(sys.modules, "alexnet.pool_triton", interpreted)
+    monkeypatch.setattr(alexnet, "pool_triton", interpreted, raising=False)
+    return interpreted
+
+
+def _pool_inputs(shape, size: int, stride: int, channels_last: bool, dtype=torch.float32):
+    """Whole numbers from 0 to 3, so that most windows tie, and a NaN: the cases where which input
+    gets the gradient is a rule, not chance."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randint(0, 4, shape, generator=gen).to(dtype)
+    x[0, 1, 2, 3] = float("nan")
+    n, c, h, w = shape
+    g = torch.randn(n, c, (h - size) // stride + 1, (w - size) // stride + 1, generator=gen).to(dtype)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return x.contiguous(memory_format=layout), g.contiguous(memory_format=layout)
+
+
+def _pytorch_pool(x: torch.Tensor, g: torch.Tensor, size: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    xi = x.detach().clone().requires_grad_()
+    y = torch.nn.functional.max_pool2d(xi, size, stride)
+    y.backward(g)
+    return y.detach(), xi.grad
+
+
+POOL_CASES = {  # shape, window, stride
+    "paper_odd": ((2, 40, 11, 9), 3, 2),  # 40 channels: a second, partly masked tile of 32
+    "even_sides": ((2, 7, 10, 8), 3, 2),  # a last row and column that no window reaches
+    "touching": ((3, 5, 8, 10), 2, 2),
+    "stride_one": ((2, 7, 9, 9), 3, 1),  # each input in up to 9 windows
+}
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+@pytest.mark.parametrize("case", POOL_CASES.values(), ids=POOL_CASES.keys())
+def test_pool_kernels_equal_pytorch_ties_and_nans_included(pool_kernels, case, channels_last: bool) -> None:
+    """The same maxima, the same input gets each gradient (the first maximum of a tie, a NaN), and the
+    same sums, bit for bit; in the input's layout. 16-pixel tiles: the batch is not a whole number."""
+    shape, size, stride = case
+    x, g = _pool_inputs(shape, size, stride, channels_last)
+    want_y, want_grad = _pytorch_pool(x, g, size, stride)
+    y, where = pool_kernels.forward(x, size, stride)
+    grad = pool_kernels.backward(g, where, x.shape, x.stride(), size, stride)
+    assert where.dtype == torch.int8 and y.stride() == want_y.stride() and grad.stride() == x.stride()
+    assert torch.equal(y.nan_to_num(-1), want_y.nan_to_num(-1)) and torch.equal(grad, want_grad)
+    assert grad.count_nonzero() < x.numel() / 2  # the tie rule mattered: most inputs get nothing
+
+
+def test_pool_kernels_in_bfloat16(pool_kernels) -> None:
+    x, g = _pool_inputs((2, 40, 11, 9), 3, 2, channels_last=True, dtype=torch.bfloat16)
+    x = x + torch.rand(x.shape).to(torch.bfloat16)  # fewer ties, values that need bf16's rounding
+    want_y, want_grad = _pytorch_pool(x.float(), g.float(), 3, 2)  # adding in float32, as the kernel does
+    y, where = pool_kernels.forward(x, 3, 2)
+    grad = pool_kernels.backward(g.contiguous(), where, x.shape, x.stride(), 3, 2)  # g in another layout
+    assert y.dtype == grad.dtype == torch.bfloat16
+    assert torch.equal(y.float().nan_to_num(-1), want_y.nan_to_num(-1))
+    # one bf16 step at most: the interpreter truncates the sum to bf16, GPUs round it (test_cuda.py)
+    torch.testing.assert_close(grad.float(), want_grad, rtol=2**-7, atol=1e-6)
+
+
+def test_max_pool_module_trains_through_the_kernels_saving_a_byte_per_output(pool_kernels) -> None:
+    from alexnet.pool import MaxPool2d
+
+    x, g = _pool_inputs((2, 40, 11, 9), 3, 2, channels_last=True)
+    x.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = MaxPool2d(3, 2, kernels="triton")(x)
+    y.backward(g)
+    assert [t.dtype for t in saved] == [torch.int8] and saved[0].shape == y.shape
+    want_y, want_grad = _pytorch_pool(x, g, 3, 2)
+    assert torch.equal(y.detach().nan_to_num(-1), want_y.nan_to_num(-1)) and torch.equal(x.grad, want_grad)
+    with torch.no_grad():  # inference writes no positions
+        assert torch.equal(MaxPool2d(3, 2, kernels="triton")(x).nan_to_num(-1), want_y.nan_to_num(-1))
+
+
+POOL_POINTERS = {"x_ptr": "*bf16", "y_ptr": "*bf16", "g_ptr": "*bf16", "dx_ptr": "*bf16", "where_ptr": "*i8"}
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_every_pool_tile_builds_for_an_h100_without_spilling(direction: str, monkeypatch) -> None:
+    if not HAS_PTXAS:
+        pytest.skip("this Triton has no CUDA compiler")
+    kernel = getattr(fresh_copy(monkeypatch, "pool_triton", interpret=False), f"_{direction}_kernel")
+    assert len(kernel.configs) >= 6
+    for config in kernel.configs:
+        constants = {"SIZE": 3, "STRIDE": 2, **config.kwargs} | ({"SAVE": True} if direction == "forward" else {})
+        pointers = {name: POOL_POINTERS[name] for name in kernel.fn.arg_names if name.endswith("_ptr")}
+        usage = build_for_h100(kernel, pointers, constants, config.num_warps)
+        assert " STACK:0 " in usage and " LOCAL:0 " in usage, f"{config}: {usage}"
+
+
+def test_max_pool_falls_back_to_pytorch_where_triton_cannot_run(monkeypatch) -> None:
+    import alexnet.pool as pool_module
+
+    class TooOld:
+        def forward(*args, **kwargs):
+            raise RuntimeError("Triton only supports GPUs of compute capability 7.0 or newer")
+
+    monkeypatch.setitem(sys.modules, "alexnet.pool_triton", TooOld)
+    monkeypatch.setattr(alexnet, "pool_triton", TooOld, raising=False)
+    monkeypatch.setattr(pool_module, "_UNUSABLE", [])
+    x, g = _pool_inputs((2, 8, 11, 9), 3, 2, channels_last=True)
+    x.requires_grad_()
+    pool = pool_module.MaxPool2d(3, 2)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # what the default looks at
+    with pytest.warns(UserWarning, match="Triton kernels cannot run here.*compute capability") as caught:
+        y = pool(x)
+        pool(x)  # said once
+    monkeypatch.undo()
+    y.backward(g)
+    assert len(caught) == 1
+    want_y, want_grad = _pytorch_pool(x, g, 3, 2)
+    assert torch.equal(y.detach().nan_to_num(-1), want_y.nan_to_num(-1)) and torch.equal(x.grad, want_grad)
+    with pytest.raises(RuntimeError, match="compute capability"):  # named explicitly: no fallback
+        monkeypatch.setitem(sys.modules, "alexnet.pool_triton", TooOld)
+        monkeypatch.setattr(alexnet, "pool_triton", TooOld, raising=False)
+        pool_module.MaxPool2d(3, 2, kernels="triton")(x)
+
+
+def test_compiled_and_exported_models_pool_with_pytorchs_operation(pool_kernels, monkeypatch) -> None:
+    """torch.compile fuses PyTorch's max pooling itself (keeping a byte per output too), and an exported
+    graph must hold PyTorch's operations: neither calls the kernels, even named explicitly."""
+    from alexnet.pool import MaxPool2d
+
+    monkeypatch.setattr(pool_kernels, "forward", lambda *a, **k: pytest.fail("the Triton kernels ran"))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), MaxPool2d(3, 2, kernels="triton"))
+    x = torch.rand(2, 3, 11, 11)
+    want = torch.nn.functional.max_pool2d(model[0](x), 3, 2)
+    exported = torch.export.export(model, (x,))
+    assert "max_pool2d" in exported.graph_module.print_readable(print_output=False)
+    torch.testing.assert_close(exported.module()(x), want)
+    torch.testing.assert_close(torch.compile(model)(x), want)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import first_line
+
 # Commonly used ImageNet constants (RGB, [0, 1]): REFERENCE.md section 4. The "eigenvalues" are the
 # standard deviations along the principal colour axes (square roots of the covariance eigenvalues),
 # which is the scale at which the paper's alpha ~ N(0, 0.1) gives a visible but mild shift.
@@ -144,7 +146,7 @@ def train_batch(
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # a GPU older than Triton supports (a P100), no Triton: PyTorch's operations
-            _TRITON_FAILED.append((str(e).strip().splitlines() or [type(e).__name__])[0])
+            _TRITON_FAILED.append(first_line(e))
             why = _TRITON_FAILED[0]
             warnings.warn(f"the augmentation's Triton kernel cannot run here, so it is slower: {why}", stacklevel=2)
     return _crops_by_gather(images, stats, top, left, flip, crop) + shift[:, :, None, None] / stats.std

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import first_line
+
 
 @dataclass(frozen=True)
 class LRNSpec:
@@ -167,7 +169,7 @@ def _run(kernels: str, backward: bool, args: tuple, fall_back: bool) -> torch.Te
         except Exception as e:
             if kind == "eager":
                 raise
-            why = _UNUSABLE[kind] = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            why = _UNUSABLE[kind] = first_line(e)
             warnings.warn(f"LRN's {kind} kernels cannot run here, so it runs more slowly: {why}", stacklevel=3)
     raise AssertionError("unreachable: the eager formulas run or raise")
 

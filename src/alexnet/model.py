@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import UserError
 from .lrn import LRN_CONVENTIONS, PAPER_LRN, LocalResponseNorm, LRNSpec, tensorflow_lrn
+from .pool import MaxPool2d
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ class AlexNet(nn.Module):
             if c.lrn:
                 self._add(features, "features", f"lrn{i}", LocalResponseNorm(preset.lrn))
             if c.pool:
-                self._add(features, "features", f"pool{i}", nn.MaxPool2d(3, 2))
+                self._add(features, "features", f"pool{i}", MaxPool2d(3, 2))
             in_ch = c.out
         self.taps["pool5"] = f"features.{len(features) - 1}"  # what fc6 sees
         self.features = nn.Sequential(*features)
