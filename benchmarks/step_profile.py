@@ -9,6 +9,7 @@ of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images alrea
   paper, compiled LRN    on CUDA: LRN in torch.compile's kernels instead of the Triton ones
   paper, model compiled  on CUDA: the whole model through torch.compile (`alexnet train --compile`)
   paper, PyTorch's pool  on CUDA: max pooling in PyTorch's kernels instead of the Triton ones
+  paper, grouped convs   on CUDA: conv2, conv4, conv5 as cuDNN's grouped convolutions, not dense ones
   paper, eager LRN       the same with LRN's eager formulas
   paper, no LRN          LRN layers removed
   paper, groups=1        one tower: conv2, conv4 and conv5 see all their input channels
@@ -33,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 from alexnet.augment import make_pixel_stats, train_batch
 from alexnet.lrn import KERNELS as LRN_KERNELS
 from alexnet.lrn import PAPER_LRN, LocalResponseNorm
-from alexnet.model import build_model
+from alexnet.model import GroupedConv2d, build_model
 from alexnet.pool import KERNELS as POOL_KERNELS
 from alexnet.pool import MaxPool2d
 from alexnet.step import TrainStep, make_optimizer, resolve_precision, tune_for
@@ -59,17 +60,12 @@ def without_lrn(model: nn.Module) -> nn.Module:
     return model
 
 
-def lrn_kernels(model: nn.Module, kernels: str) -> nn.Module:
+def set_on(model: nn.Module, kind: type, **attributes) -> nn.Module:
+    """The model with `attributes` set on each of its modules of type `kind` (e.g. LRN's kernels)."""
     for m in model.modules():
-        if isinstance(m, LocalResponseNorm):
-            m.kernels = kernels
-    return model
-
-
-def pool_kernels(model: nn.Module, kernels: str) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, MaxPool2d):
-            m.kernels = kernels
+        if isinstance(m, kind):
+            for name, value in attributes.items():
+                setattr(m, name, value)
     return model
 
 
@@ -122,19 +118,24 @@ def main() -> None:
     precision = resolve_precision(args.precision, device)
     batch = args.batch_size
     torch.manual_seed(0)
-    paper, augment = make_step(build_model("paper", init="caffe"), device, precision, batch)
+
+    def paper_model() -> nn.Module:
+        return build_model("paper", init="caffe")
+
+    paper, augment = make_step(paper_model(), device, precision, batch)
 
     def paper_step(model: nn.Module, compile: bool = False):
         return make_step(model, device, precision, batch, compile)[0]
 
     candidates = {"paper": paper}
     if device.type == "cuda":
-        candidates["paper, compiled LRN"] = paper_step(lrn_kernels(build_model("paper", init="caffe"), "compiled"))
-        candidates["paper, model compiled"] = paper_step(build_model("paper", init="caffe"), compile=True)
-        candidates["paper, PyTorch's pool"] = paper_step(pool_kernels(build_model("paper", init="caffe"), "eager"))
+        candidates["paper, compiled LRN"] = paper_step(set_on(paper_model(), LocalResponseNorm, kernels="compiled"))
+        candidates["paper, model compiled"] = paper_step(paper_model(), compile=True)
+        candidates["paper, PyTorch's pool"] = paper_step(set_on(paper_model(), MaxPool2d, kernels="eager"))
+        candidates["paper, grouped convs"] = paper_step(set_on(paper_model(), GroupedConv2d, dense=False))
     candidates |= {
-        "paper, eager LRN": paper_step(lrn_kernels(build_model("paper", init="caffe"), "eager")),
-        "paper, no LRN": paper_step(without_lrn(build_model("paper", init="caffe"))),
+        "paper, eager LRN": paper_step(set_on(paper_model(), LocalResponseNorm, kernels="eager")),
+        "paper, no LRN": paper_step(without_lrn(paper_model())),
         "paper, groups=1": paper_step(build_model("paper", groups=1, init="caffe")),
         "torchvision": paper_step(build_model("torchvision")),
         "augmentation only": augment,

@@ -13,7 +13,7 @@ from torch import nn
 
 from alexnet.errors import UserError
 from alexnet.lrn import PAPER_LRN, LocalResponseNorm, tensorflow_lrn
-from alexnet.model import CeilConv2d, build_model, layer_table
+from alexnet.model import CeilConv2d, GroupedConv2d, block_diagonal, build_model, layer_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small tensor ops: threads only contend
 
@@ -364,3 +364,57 @@ def test_conv3_sees_both_towers(paper: nn.Module) -> None:
 def test_groups1_conv2_is_full() -> None:
     conv2 = build_model("paper", groups=1).named_layers()["conv2"]
     assert _changed_outputs(conv2, 0, 48).all()
+
+
+@pytest.mark.parametrize("name, cin, cout", [("conv2", 96, 256), ("conv4", 384, 384), ("conv5", 384, 256)])
+def test_dense_grouped_convs_are_still_two_towers(paper: nn.Module, name: str, cin: int, cout: int) -> None:
+    """As CUDA runs them (one dense convolution, block-diagonal weight): the same towers."""
+    conv = paper.named_layers()[name]
+    assert isinstance(conv, GroupedConv2d) and conv.groups == 2
+    conv.dense = True
+    try:
+        assert _changed_outputs(conv, 0, cin // 2)[: cout // 2].all()
+        assert not _changed_outputs(conv, 0, cin // 2)[cout // 2 :].any()
+        assert not _changed_outputs(conv, cin // 2, cin)[: cout // 2].any()
+    finally:
+        conv.dense = None
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_dense_grouped_conv_gives_the_grouped_values_and_gradients(groups: int) -> None:
+    """The function and every gradient of nn.Conv2d(groups=...), and the same parameters."""
+    torch.manual_seed(groups)
+    grouped = nn.Conv2d(8, 12, 3, padding=1, groups=groups)
+    dense = GroupedConv2d(8, 12, 3, padding=1, groups=groups, dense=True)
+    dense.load_state_dict(grouped.state_dict())  # the same names and shapes
+    x = torch.randn(2, 8, 7, 7)
+    g = torch.randn(2, 12, 7, 7)
+    results = []
+    for conv in (grouped, dense):
+        xi = x.clone().requires_grad_()
+        y = conv(xi)
+        y.backward(g)
+        results.append((y.detach(), xi.grad, conv.weight.grad, conv.bias.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    w = block_diagonal(dense.weight, groups)
+    per_in, per_out = 8 // groups, 12 // groups
+    for i in range(groups):  # tower i's filters see only its own inputs
+        block = w[i * per_out : (i + 1) * per_out]
+        assert torch.equal(block[:, i * per_in : (i + 1) * per_in], dense.weight[i * per_out : (i + 1) * per_out])
+        assert block.count_nonzero() == dense.weight[i * per_out : (i + 1) * per_out].count_nonzero()
+
+
+def test_grouped_conv_is_grouped_on_the_cpu_and_when_exported(monkeypatch) -> None:
+    """Dense only pays on CUDA (oneDNN does groups well); an exported graph holds the grouped one."""
+    seen = []
+    real = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda x, w, *a: seen.append(w.shape[1]) or real(x, w, *a))
+    conv = GroupedConv2d(8, 12, 3, groups=2)
+    conv(torch.randn(1, 8, 5, 5))
+    assert seen == [4]
+    monkeypatch.undo()
+    conv.dense = True
+    exported = torch.export.export(conv, (torch.randn(1, 8, 5, 5),))
+    (node,) = [n for n in exported.graph.nodes if n.op == "call_function"]
+    assert node.target == torch.ops.aten.conv2d.default and node.args[-1] == 2  # groups

@@ -146,6 +146,37 @@ class CeilConv2d(nn.Conv2d):
         return super().forward(x)
 
 
+class GroupedConv2d(nn.Conv2d):
+    """A convolution split into `groups` towers (the paper's two GPUs), the same parameters as
+    nn.Conv2d(groups=...), which it is everywhere but in how CUDA computes it.
+
+    On CUDA it runs as one dense convolution whose weight is block-diagonal: each tower's filters
+    against its own input channels, zeros elsewhere. That is the same function and, since no parameter
+    owns the zeros, the same gradients. cuDNN's grouped convolutions in channels_last copy each group's
+    channels out (nhwcSliceCKernel, 1.3 ms of the paper step's 35 on an H200), and the paper step with
+    groups=1, twice the arithmetic in these layers, ran 1.05x faster (benchmarks/RESULTS.md). `dense`: True or
+    False forces the choice; None is dense on CUDA. Export and tracing record the grouped convolution.
+    """
+
+    def __init__(self, *args, dense: bool | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.dense = dense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dense = x.is_cuda if self.dense is None else self.dense
+        if not dense or self.padding_mode != "zeros" or torch.jit.is_tracing() or torch.compiler.is_exporting():
+            return super().forward(x)
+        weight = block_diagonal(self.weight, self.groups)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
+
+
+def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped convolution's weight (out, in / groups, kh, kw) as the dense (out, in, kh, kw) one."""
+    width = weight.shape[1]  # input channels per group
+    towers = weight.chunk(groups)
+    return torch.cat([F.pad(w, (0, 0, 0, 0, g * width, (groups - 1 - g) * width)) for g, w in enumerate(towers)])
+
+
 class AlexNet(nn.Module):
     def __init__(self, preset: Preset, num_classes: int = 1000, dropout: float = 0.5) -> None:
         super().__init__()
@@ -156,7 +187,7 @@ class AlexNet(nn.Module):
         features: list[nn.Module] = []
         in_ch = 3
         for i, c in enumerate(preset.convs, start=1):
-            conv_type = CeilConv2d if (i == 1 and preset.ceil_conv1) else nn.Conv2d
+            conv_type = CeilConv2d if (i == 1 and preset.ceil_conv1) else GroupedConv2d if c.groups > 1 else nn.Conv2d
             self._add(
                 features,
                 "features",
