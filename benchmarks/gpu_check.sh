@@ -43,7 +43,7 @@ log ""
 log "Data: $(basename "$DATA"), its training images listed $COPIES times. QUICK=${QUICK:-}"
 
 run $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_prepare.py -k "cuda or gpu or bf16 or fp16"
-run timeout 240 $PY benchmarks/step_profile.py --batch-size "$LARGE" --steps "$STEPS" --rounds "$ROUNDS"
+run timeout 420 $PY benchmarks/step_profile.py --batch-size "$LARGE" --steps "$STEPS" --rounds "$ROUNDS"
 
 # the source folder: train/ with every image linked COPIES times under new names, val/ as it is
 mkdir -p "$WORK/src/train"

@@ -15,6 +15,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .errors import first_line
 
@@ -35,6 +36,7 @@ class _MaxPoolFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # a second derivative would need a kernel of its own: say so rather than be wrong
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         from . import pool_triton
 
