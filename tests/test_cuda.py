@@ -135,7 +135,9 @@ def test_triton_max_pool_equals_pytorchs_on_cuda(dtype, layout, shape):
         out["y"] = y.detach()
     assert got["y"].stride() == want["y"].stride() and got["grad"].stride() == x.stride()
     assert torch.equal(got["y"], want["y"])
-    torch.testing.assert_close(got["grad"], want["grad"], rtol=1.3e-6 if dtype == torch.float32 else 2**-8, atol=0)
+    # a wrongly routed gradient is off by a whole value; adding up to 4 windows in another order, by an ulp
+    tol = {"rtol": 1.3e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2**-8, "atol": 1e-5}
+    torch.testing.assert_close(got["grad"], want["grad"], **tol)
 
 
 def test_max_pool_on_cuda_uses_the_triton_kernels_by_default(monkeypatch):

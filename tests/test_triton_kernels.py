@@ -434,3 +434,29 @@ def test_compiled_and_exported_models_pool_with_pytorchs_operation(pool_kernels,
     assert "max_pool2d" in exported.graph_module.print_readable(print_output=False)
     torch.testing.assert_close(exported.module()(x), want)
     torch.testing.assert_close(torch.compile(model)(x), want)
+
+
+@pytest.mark.parametrize(("kernels", "pool_kernels"), [(32, (64, 64))], indirect=True)  # big tiles: fewer to interpret
+def test_the_paper_network_through_every_triton_kernel_equals_pytorch(kernels, pool_kernels) -> None:
+    """The paper model as CUDA runs it (LRN and pools in the Triton kernels, here interpreted; the
+    grouped convolutions dense) against PyTorch's operations: logits and every parameter's gradient."""
+    from alexnet.model import GroupedConv2d, build_model
+    from alexnet.pool import MaxPool2d
+
+    torch.manual_seed(0)
+    model = build_model("paper", 10, init="caffe").to(memory_format=torch.channels_last)
+    model.eval()  # no dropout: both passes see the same network
+    x = torch.rand(1, 3, 224, 224).contiguous(memory_format=torch.channels_last) * 3
+    grads = {}
+    for mode in ("triton", "pytorch"):
+        for m in model.modules():
+            if isinstance(m, (LocalResponseNorm, MaxPool2d)):
+                m.kernels = "triton" if mode == "triton" else "eager"
+            if isinstance(m, GroupedConv2d):
+                m.dense = mode == "triton"
+        model.zero_grad()
+        logits = model(x)
+        logits.square().sum().backward()
+        grads[mode] = [logits.detach()] + [p.grad.clone() for p in model.parameters()]
+    for got, want in zip(grads["triton"], grads["pytorch"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
