@@ -154,8 +154,9 @@ class GroupedConv2d(nn.Conv2d):
     against its own input channels, zeros elsewhere. That is the same function and, since no parameter
     owns the zeros, the same gradients. cuDNN's grouped convolutions in channels_last copy each group's
     channels out (nhwcSliceCKernel, 1.3 ms of the paper step's 35 on an H200), and the paper step with
-    groups=1, twice the arithmetic in these layers, ran 1.05x faster (benchmarks/RESULTS.md). `dense`: True or
-    False forces the choice; None is dense on CUDA. Export and tracing record the grouped convolution.
+    groups=1, twice the arithmetic in these layers, ran 1.05x faster (benchmarks/RESULTS.md).
+    `dense`: True or False forces the choice; None is dense on CUDA. Export and tracing record the
+    grouped convolution.
     """
 
     def __init__(self, *args, dense: bool | None = None, **kwargs) -> None:
