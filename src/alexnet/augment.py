@@ -9,12 +9,11 @@ the training mean, i.e. std = 1/255; torchvision's weights expect std = the Imag
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 
-from .errors import first_line
+from .errors import warn_slower
 
 # Commonly used ImageNet constants (RGB, [0, 1]): REFERENCE.md section 4. The "eigenvalues" are the
 # standard deviations along the principal colour axes (square roots of the covariance eigenvalues),
@@ -146,9 +145,7 @@ def train_batch(
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # a GPU older than Triton supports (a P100), no Triton: PyTorch's operations
-            _TRITON_FAILED.append(first_line(e))
-            why = _TRITON_FAILED[0]
-            warnings.warn(f"the augmentation's Triton kernel cannot run here, so it is slower: {why}", stacklevel=2)
+            _TRITON_FAILED.append(warn_slower("the augmentation's Triton kernel", e))
     return _crops_by_gather(images, stats, top, left, flip, crop) + shift[:, :, None, None] / stats.std
 
 

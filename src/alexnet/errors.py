@@ -1,10 +1,17 @@
-"""The one exception type the command line turns into a one-line message instead of a traceback."""
+"""The one exception type the command line turns into a one-line message instead of a traceback, and
+the one-line warning given where fast kernels cannot run and slower ones stand in."""
+
+import warnings
 
 
 class UserError(Exception):
     """Bad input from the person running alexnet: a wrong path, an unknown preset, an invalid number."""
 
 
-def first_line(error: BaseException) -> str:
-    """An exception's message cut to its first line (its type's name if it has none), for a warning."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+def warn_slower(what: str, error: BaseException, stacklevel: int = 3) -> str:
+    """Say in one line that `what` cannot run here (the first line of `error`'s message, or its type)
+    and that something slower runs instead; returns that reason, for the caller to remember so that it
+    says so once."""
+    why = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    warnings.warn(f"{what} cannot run here, so it is slower: {why}", stacklevel=stacklevel)
+    return why

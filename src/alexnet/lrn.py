@@ -9,7 +9,6 @@ Here each convention is a set of explicit arguments.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import first_line
+from .errors import warn_slower
 
 
 @dataclass(frozen=True)
@@ -169,8 +168,7 @@ def _run(kernels: str, backward: bool, args: tuple, fall_back: bool) -> torch.Te
         except Exception as e:
             if kind == "eager":
                 raise
-            why = _UNUSABLE[kind] = first_line(e)
-            warnings.warn(f"LRN's {kind} kernels cannot run here, so it runs more slowly: {why}", stacklevel=3)
+            _UNUSABLE[kind] = warn_slower(f"LRN's {kind} kernels", e, stacklevel=4)
     raise AssertionError("unreachable: the eager formulas run or raise")
 
 

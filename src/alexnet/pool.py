@@ -11,13 +11,11 @@ backward, this one only the bytes (at batch 512 in bf16, 36 MB instead of 584 MB
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .errors import first_line
+from .errors import warn_slower
 
 KERNELS = ("triton", "eager")
 _UNUSABLE: list[str] = []  # why the Triton kernels cannot run here, once they have failed
@@ -87,7 +85,5 @@ class MaxPool2d(nn.MaxPool2d):
         except Exception as e:
             if self.kernels is not None:
                 raise
-            _UNUSABLE.append(first_line(e))
-            why = _UNUSABLE[0]
-            warnings.warn(f"max pooling's Triton kernels cannot run here, so it is slower: {why}", stacklevel=2)
+            _UNUSABLE.append(warn_slower("max pooling's Triton kernels", e))
             return super().forward(x)

@@ -30,7 +30,7 @@ _CONFIGS = [
     for w in (4, 8)
     if 4 <= p * c // (32 * w) <= 8
 ]
-_KEY = ["channels", "in_w", "out_w", "x_stride_c"]
+_KEY = ["channels", "out_w", "x_stride_c"]  # a layer and layout
 
 
 @triton.jit
@@ -47,7 +47,7 @@ def _coordinates(pixels, height, width, BLOCK_P: tl.constexpr, BLOCK_C: tl.const
 @triton.autotune(configs=_CONFIGS, key=_KEY)
 @triton.jit
 def _forward_kernel(
-    x_ptr, y_ptr, where_ptr, pixels, channels, in_w, out_h, out_w,
+    x_ptr, y_ptr, where_ptr, pixels, channels, out_h, out_w,
     x_stride_n, x_stride_c, x_stride_h, x_stride_w, y_stride_n, y_stride_c, y_stride_h, y_stride_w,
     SIZE: tl.constexpr, STRIDE: tl.constexpr, SAVE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -129,7 +129,7 @@ def forward(x: torch.Tensor, size: int, stride: int, save: bool = True) -> tuple
     where = torch.empty_like(y, dtype=torch.int8) if save else y  # unused without SAVE
     pixels = n * out_h * out_w
     _forward_kernel[_grid(pixels, c)](
-        x, y, where, pixels, c, w, out_h, out_w, *_nchw_strides(x), *_nchw_strides(y),
+        x, y, where, pixels, c, out_h, out_w, *_nchw_strides(x), *_nchw_strides(y),
         SIZE=size, STRIDE=stride, SAVE=save,
     )  # fmt: skip
     return y, where if save else None
