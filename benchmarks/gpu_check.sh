@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # On one NVIDIA H100 or H200 (about 6 minutes): the tests that need CUDA, step_profile.py (where the
 # paper step's time goes, LRN by kernels, the model compiled), the prepared loader's rate on the GPU, a
-# one-GPU torchrun run (DDP over NCCL), and `alexnet benchmark` for the paper and torchvision presets at
-# batch 256 and 512, model-only and end-to-end from prepared data. Appends everything, with the
-# device's name and the date, to benchmarks/RESULTS.md.
+# one-GPU torchrun run (DDP over NCCL), `alexnet benchmark` for the paper and torchvision presets at
+# batch 256 and 512, model-only and end-to-end from prepared data, and the paper's with --cuda-graphs.
+# Appends everything, with the device's name and the date, to benchmarks/RESULTS.md.
 #
 #   bash benchmarks/gpu_check.sh                # data: ../shared/data/imagenette-dev
 #   DATA=folder bash benchmarks/gpu_check.sh    # any ImageNet-layout folder with train/ and val/
@@ -82,6 +82,7 @@ for preset in $PRESETS; do
     run timeout 120 $PY -m alexnet benchmark --preset $preset --batch-size $batch --data "$WORK/raw" --steps $STEPS --rounds $ROUNDS
   done
 done
+run timeout 120 $PY -m alexnet benchmark --preset paper --batch-size "$SMALL" --cuda-graphs --steps $STEPS --rounds $ROUNDS
 if [ "$EXTRAS" = 1 ]; then
   run timeout 120 $PY -m alexnet benchmark --preset paper --batch-size "$SMALL" --data "$WORK/jpeg" --steps $STEPS --rounds $ROUNDS
   run timeout 120 $PY -m alexnet benchmark --preset paper --batch-size "$LARGE" --precision fp16 --steps $STEPS --rounds $ROUNDS

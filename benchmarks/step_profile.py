@@ -8,6 +8,7 @@ of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images alrea
                          torch.compile's on the CPU)
   paper, compiled LRN    on CUDA: LRN in torch.compile's kernels instead of the Triton ones
   paper, model compiled  on CUDA: the whole model through torch.compile (`alexnet train --compile`)
+  paper, CUDA graph      on CUDA: forward, backward and SGD replayed from a CUDA graph (`--cuda-graphs`)
   paper, PyTorch's pool  on CUDA: max pooling in PyTorch's kernels instead of the Triton ones
   paper, grouped convs   on CUDA: conv2, conv4, conv5 as cuDNN's grouped convolutions, not dense ones
   paper, eager LRN       the same with LRN's eager formulas
@@ -42,12 +43,14 @@ from alexnet.step import TrainStep, make_optimizer, resolve_precision, tune_for
 from alexnet.train import pick_device
 
 
-def make_step(model: nn.Module, device: torch.device, precision: str, batch: int, compile: bool = False):
+def make_step(
+    model: nn.Module, device: torch.device, precision: str, batch: int, compile: bool = False, graph: bool = False
+):
     model = model.to(device).to(memory_format=torch.channels_last)
     model = torch.compile(model) if compile else model
     optimizer = make_optimizer(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     stats = make_pixel_stats(torch.full((3, 256, 256), 0.45), torch.eye(3) * 0.05, scale="imagenet").to(device)
-    step = TrainStep(model, optimizer, stats, 224, 0.1, precision, True)
+    step = TrainStep(model, optimizer, stats, 224, 0.1, precision, True, cuda_graph=graph)
     images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
     gen = torch.Generator().manual_seed(0)
@@ -125,13 +128,15 @@ def main() -> None:
 
     paper, augment_only = make_step(paper_model(), device, precision, batch)
 
-    def paper_step(model: nn.Module, compile: bool = False):
-        return make_step(model, device, precision, batch, compile)[0]
+    def paper_step(model: nn.Module, compile: bool = False, graph: bool = False):
+        return make_step(model, device, precision, batch, compile, graph)[0]
 
     candidates = {"paper": paper}
     if device.type == "cuda":
         candidates["paper, compiled LRN"] = paper_step(set_on(paper_model(), LocalResponseNorm, kernels="compiled"))
         candidates["paper, model compiled"] = paper_step(paper_model(), compile=True)
+        if precision != "fp16":
+            candidates["paper, CUDA graph"] = paper_step(paper_model(), graph=True)
         candidates["paper, PyTorch's pool"] = paper_step(set_on(paper_model(), MaxPool2d, kernels="eager"))
         candidates["paper, grouped convs"] = paper_step(set_on(paper_model(), GroupedConv2d, dense=False))
     candidates |= {
@@ -141,9 +146,13 @@ def main() -> None:
         "torchvision": paper_step(build_model("torchvision")),
         "augmentation only": augment_only,
     }
-    for step in candidates.values():  # warm up: compilation, cuDNN autotuning
-        for _ in range(3):
-            step()
+    for name, step in list(candidates.items()):  # warm up: compilation, autotuning, the CUDA graph's capture
+        try:
+            for _ in range(5):
+                step()
+        except Exception as e:  # one candidate that fails should not cost the others' figures
+            print(f"{name}: failed, {type(e).__name__}: {(str(e) or '-').splitlines()[0]}")
+            del candidates[name]
     rates: dict[str, list[float]] = {name: [] for name in candidates}
     host: dict[str, list[float]] = {name: [] for name in candidates}  # seconds per step to enqueue
     for _ in range(args.rounds):

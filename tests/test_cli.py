@@ -66,6 +66,8 @@ def tiny_run(tmp_path_factory):
         (["train", "--no-such-option"], "unrecognized arguments"),
         (["train", "--resume", "/no/such/run"], "cannot be resumed"),
         (["evaluate", "--checkpoint", "/no/such.pt", "--data", "."], "does not exist"),
+        (["train", "--cuda-graphs", "--device", "cpu", "--run-dir", "/no/run", "--data", "."], "need a CUDA device"),
+        (["benchmark", "--cuda-graphs", "--device", "cpu"], "need a CUDA device"),
     ],
 )
 def test_bad_input_is_one_line(args, pattern):

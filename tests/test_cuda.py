@@ -6,7 +6,7 @@ import torch
 from alexnet.augment import make_pixel_stats, ten_crop_batch, train_batch
 from alexnet.lrn import PAPER_LRN, LocalResponseNorm
 from alexnet.model import build_model
-from alexnet.step import TrainStep
+from alexnet.step import TrainStep, make_optimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -177,3 +177,61 @@ def test_dense_grouped_convs_equal_cudnns_grouped_ones(dtype, monkeypatch):
     tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     for got, want in zip(results[None], results[False], strict=True):
         torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graph_steps_train_as_eager_steps_do(images, precision, monkeypatch):
+    """8 steps replayed from a CUDA graph (after 3 eager ones) against 8 eager steps: the same losses and
+    weight updates, with dropout reseeded each step as `alexnet train` does, a learning-rate change and
+    a smaller batch (run eagerly) between the replays."""
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: replays.append(1) or replay(self))
+    runs = {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = build_model("paper", 10, init="caffe").cuda().to(memory_format=torch.channels_last)
+        start = [p.detach().clone() for p in model.parameters()]
+        optimizer = make_optimizer(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        step = TrainStep(model, optimizer, STATS.to("cuda"), 224, 0.1, precision, True, cuda_graph=graphed)
+        labels = torch.arange(16, device="cuda") % 10
+        losses = []
+        for i in range(8):
+            torch.manual_seed(100 + i)  # this step's dropout masks
+            if i == 6:
+                optimizer.param_groups[0]["lr"] = 0.003
+            n = 8 if i == 5 else 16
+            losses.append(float(step(images[:n].cuda(), labels[:n], torch.Generator().manual_seed(i))[0]))
+        updates = [p.detach() - p0 for p, p0 in zip(model.parameters(), start, strict=True)]
+        runs[graphed] = losses, updates
+    assert len(replays) == 4  # steps 4, 5, 7, 8: three warm up, the 6th is smaller
+    assert isinstance(optimizer.param_groups[0]["lr"], float)
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-3 if precision == "fp32" else 1e-2)
+    for graphed, eager in zip(runs[True][1], runs[False][1], strict=True):
+        assert (graphed - eager).norm() <= 1e-2 * eager.norm()
+
+
+def test_train_with_cuda_graphs_equals_eager_training(imagenette_ci, tmp_path):
+    """`alexnet train --cuda-graphs` end to end (epochs with a smaller last batch, validation between
+    them): the same training losses and validation errors as without graphs."""
+    import json
+
+    from alexnet.config import TrainConfig
+    from alexnet.train import train
+
+    metrics = {}
+    for graphs in (False, True):
+        cfg = TrainConfig(
+            data=str(imagenette_ci),
+            run_dir=str(tmp_path / f"graphs-{graphs}"),
+            init="caffe",
+            epochs=2,
+            batch_size=64,
+            workers=1,
+            precision="fp32",
+            cuda_graphs=graphs,
+        )
+        run = train(cfg, progress=False)
+        metrics[graphs] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for key in ("train_loss", "val_loss"):
+        assert [m[key] for m in metrics[True]] == pytest.approx([m[key] for m in metrics[False]], rel=1e-3)

@@ -152,3 +152,77 @@ def test_fused_sgd_gives_the_same_weights_bit_for_bit() -> None:
     for want, got in zip(*results, strict=True):
         assert torch.equal(want, got)
     assert torch.equal(results[1][1], start[1])  # no gradient: untouched
+
+
+def test_cuda_graph_steps_warm_up_capture_once_and_replay(batch, monkeypatch):
+    """The order of a graphed TrainStep, with CUDA's graph and stream calls replaced by recorders (the
+    arithmetic of replays is tests/test_cuda.py's): 3 eager steps on a side stream, a capture with the
+    learning rate as a device tensor, replays with the current learning rate copied in, another shape
+    eager, and after forget_graph() the same again."""
+    import contextlib
+
+    import alexnet.step as step_module
+
+    events = []
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def replay(self):
+            events.append("replay")
+
+    @contextlib.contextmanager
+    def capture(graph):
+        events.append("capture")
+        lrs.append(optimizer.param_groups[0]["lr"])
+        yield
+
+    monkeypatch.setattr(step_module, "check_cuda_graphs", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: events.append("side") or contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    images, labels = batch
+    model = build_model("paper", 10, init="caffe")
+    optimizer = make_optimizer(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    step = TrainStep(model, optimizer, STATS, 224, 0.1, "fp32", True, cuda_graph=True)
+    lrs = []
+
+    def run(n: int = 6) -> str:
+        events.clear()
+        loss, correct = step(images[:n], labels[:n], torch.Generator().manual_seed(0))
+        assert step.graph is None or loss.data_ptr() != step.graph.loss.data_ptr()  # not the graph's own
+        return " ".join(events) or "eager"
+
+    assert [run() for _ in range(5)] == ["side", "side", "side", "capture replay", "replay"]
+    assert isinstance(lrs[0], torch.Tensor) and isinstance(optimizer.param_groups[0]["lr"], float)
+    assert run(4) == "eager" and run() == "replay"  # another shape: eager, and the graph is kept
+    optimizer.param_groups[0]["lr"] = 0.002
+    run()
+    assert step.graph.lrs[0].item() == pytest.approx(0.002)
+    step.forget_graph()
+    assert [run() for _ in range(4)] == ["side", "side", "side", "capture replay"]
+
+
+def test_cuda_graphs_say_in_one_line_what_they_do_not_cover():
+    from alexnet.step import check_cuda_graphs
+
+    cuda = torch.device("cuda")
+    check_cuda_graphs(cuda, "bf16", False, False)
+    for args, says in (
+        ((torch.device("cpu"), "fp32", False, False), "need a CUDA device"),
+        ((cuda, "fp16", False, False), "not fp16"),
+        ((cuda, "bf16", True, False), "--compile"),
+        ((cuda, "bf16", False, True), "DDP"),
+    ):
+        with pytest.raises(UserError, match=says):
+            check_cuda_graphs(*args)
+    model = build_model("paper", 10)
+    optimizer = make_optimizer(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0)
+    with pytest.raises(UserError, match="need a CUDA device"):
+        TrainStep(model, optimizer, STATS, 224, 0.1, "fp32", True, cuda_graph=True)
+    with pytest.raises(UserError, match="need a CUDA device"):
+        run_benchmark("paper", 2, "cpu", cuda_graphs=True)

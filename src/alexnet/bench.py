@@ -22,7 +22,7 @@ from .augment import make_pixel_stats
 from .errors import UserError
 from .model import build_model
 from .prepared import PreparedLoader, is_prepared, open_prepared
-from .step import TrainStep, make_optimizer, resolve_channels_last, resolve_precision, tune_for
+from .step import TrainStep, check_cuda_graphs, make_optimizer, resolve_channels_last, resolve_precision, tune_for
 
 
 @dataclass
@@ -65,7 +65,7 @@ def torchvision_step(batch: int, device: torch.device, num_classes: int = 1000) 
 
 
 def project_step(
-    preset: str, device: torch.device, precision: str, channels_last: bool, compile: bool
+    preset: str, device: torch.device, precision: str, channels_last: bool, compile: bool, cuda_graphs: bool = False
 ) -> Callable[[torch.Tensor, torch.Tensor], object]:
     """This project's TrainStep for `preset`, as step(images, labels)."""
     model = build_model(preset, 1000).to(device)
@@ -73,7 +73,7 @@ def project_step(
     optimizer = make_optimizer(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     stats = make_pixel_stats(torch.full((3, 256, 256), 0.45), torch.eye(3) * 0.05, scale="imagenet").to(device)
     trained = torch.compile(model) if compile else model
-    step = TrainStep(trained, optimizer, stats, 224, 0.1, precision, channels_last)
+    step = TrainStep(trained, optimizer, stats, 224, 0.1, precision, channels_last, cuda_graph=cuda_graphs)
     gen = torch.Generator().manual_seed(0)
     return lambda images, labels: step(images, labels, gen)
 
@@ -85,6 +85,7 @@ def run_benchmark(
     precision: str = "auto",
     channels_last: str = "on",
     compile: bool = False,
+    cuda_graphs: bool = False,
     data: str | None = None,
     steps: int = 10,
     warmup: int = 3,
@@ -98,6 +99,8 @@ def run_benchmark(
     tune_for(device)  # for every candidate, the baseline too
     precision = resolve_precision(precision, device)
     layout = resolve_channels_last(channels_last)
+    if cuda_graphs:
+        check_cuda_graphs(device, precision, compile, distributed=False)
     split = None
     if data is not None:  # checked before anything is built
         if not is_prepared(data):
@@ -107,7 +110,7 @@ def run_benchmark(
             raise UserError(f"{data} has {len(split)} training images, fewer than one batch of {batch}")
     images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
-    ours = project_step(preset, device, precision, layout, compile)
+    ours = project_step(preset, device, precision, layout, compile, cuda_graphs)
     candidates: dict[str, Callable[[], object]] = {}
     if baseline:
         candidates["torchvision fp32 eager"] = torchvision_step(batch, device)
@@ -128,6 +131,8 @@ def run_benchmark(
             ours(b.images, b.labels.remainder(1000))
 
         candidates[f"{preset} end-to-end"] = end_to_end
+    if cuda_graphs:  # 3 eager steps, then the capture: none of them timed
+        warmup = max(warmup, 4)
     for step in candidates.values():  # warm up: cuDNN autotuning, compilation, the loader's threads
         for _ in range(warmup):
             step()
@@ -144,6 +149,7 @@ def run_benchmark(
         "precision": precision,
         "channels_last": str(layout),
         "compile": str(compile),
+        "cuda_graphs": str(cuda_graphs),
         "torch": torch.__version__,
     }
     return results, settings

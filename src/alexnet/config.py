@@ -23,6 +23,7 @@ RESUMABLE_OVERRIDES = (
     "tensorboard",
     "channels_last",
     "compile",
+    "cuda_graphs",
 )
 NAN_POLICIES = ("stop", "rollback")
 
@@ -74,6 +75,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     channels_last: str = "on"  # on | off: NHWC layout
     compile: bool = False  # torch.compile the model
+    cuda_graphs: bool = False  # replay each step from a CUDA graph (one process on CUDA, bf16 or fp32)
     ddp_bucket_mb: int = 25  # DDP's gradient bucket size (PyTorch's default); 100 was 1.3x faster on CPUs (gloo)
 
     def resolved(self) -> TrainConfig:

@@ -4,6 +4,8 @@ precision   fp32, or autocast to bf16 (the default on CUDA) or fp16 (with loss s
             computes in float32 (lrn.py), and the loss in float32.
 layout      channels_last (NHWC), faster for cuDNN's and oneDNN's convolutions.
 compile     optional torch.compile of the model.
+cuda_graph  optional: forward, backward and SGD captured once in a CUDA graph and replayed, so the
+            host hands the GPU one launch per step instead of some hundred.
 No host synchronisation: the step returns its loss sum and correct count as device tensors; the
 training loop reads them once per logging interval.
 """
@@ -11,6 +13,7 @@ training loop reads them once per logging interval.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +59,31 @@ def tune_for(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def check_cuda_graphs(device: torch.device, precision: str, compile: bool, distributed: bool) -> None:
+    """What CUDA graphs here do not cover, as a one-line UserError."""
+    if device.type != "cuda":
+        raise UserError("CUDA graphs need a CUDA device")
+    if precision == "fp16":  # the loss scaler changes its scale on the host
+        raise UserError("CUDA graphs work with bf16 and fp32, not fp16")
+    if compile:
+        raise UserError("CUDA graphs and --compile cannot be combined (try torch.compile's mode='reduce-overhead')")
+    if distributed:
+        raise UserError("CUDA graphs are for one process, not for DDP under torchrun")
+
+
+@dataclass
+class _Graph:
+    """A captured step: replaying `graph` reads `x`, `labels` and `lrs` and writes `loss` and `correct`."""
+
+    graph: torch.cuda.CUDAGraph
+    key: tuple
+    x: torch.Tensor
+    labels: torch.Tensor
+    lrs: list[torch.Tensor]  # each param group's learning rate, on the device: schedules change it
+    loss: torch.Tensor
+    correct: torch.Tensor
+
+
 class TrainStep:
     """Augment a batch of uint8 images, forward, backward and update: `step(images, labels, gen)`.
 
@@ -63,6 +91,11 @@ class TrainStep:
     global batch, `first` being the share's position in it and `total` the global batch's size: the
     augmentation draws the random numbers of the whole global batch and uses this share's, and the loss
     is scaled so that DDP's gradient average equals the one-process gradient of the global batch.
+
+    `cuda_graph`: the first 3 steps run eagerly on a side stream (cuDNN's and Triton's autotuning, SGD's
+    momentum buffers), the 4th is captured and from then on every step of that shape is a replay. A
+    batch of another shape (an epoch's last) runs eagerly. Call `forget_graph()` after loading an
+    optimizer state: that replaces the momentum buffers the graph reads.
     """
 
     def __init__(
@@ -75,6 +108,7 @@ class TrainStep:
         precision: str,
         channels_last: bool,
         world_size: int = 1,
+        cuda_graph: bool = False,
     ) -> None:
         self.model, self.optimizer, self.stats = model, optimizer, stats
         self.crop, self.lighting, self.world_size = crop, lighting, world_size
@@ -85,6 +119,15 @@ class TrainStep:
         # fp16 needs loss scaling (its range is narrow); bf16 has fp32's range and does not
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
         self.buffer: torch.Tensor | None = None  # the augmented batch's memory, reused on the CPU
+        self.cuda_graph = cuda_graph
+        if cuda_graph:
+            ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel) or world_size > 1
+            check_cuda_graphs(stats.mean.device, precision, hasattr(model, "_orig_mod"), ddp)
+        self.graph: _Graph | None = None
+        self.warm: tuple[tuple, int] = ((), 0)  # the shape being warmed up for capture, and its eager steps
+
+    def forget_graph(self) -> None:
+        self.graph, self.warm = None, ((), 0)
 
     def __call__(
         self,
@@ -101,7 +144,14 @@ class TrainStep:
         if self.device_type == "cpu" and (self.buffer is None or len(x) >= len(self.buffer)):
             self.buffer = x
         x = x.contiguous(memory_format=self.memory_format)
-        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.autocast):
+        if self.cuda_graph:
+            return self._graphed(x, labels, total)
+        return self._model_step(x, labels, total)
+
+    def _model_step(self, x: torch.Tensor, labels: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # no autocast cache under CUDA graphs: the weights' bf16 copies must be made inside the graph
+        autocast = torch.autocast(self.device_type, self.dtype, self.autocast, cache_enabled=not self.cuda_graph)
+        with autocast:
             logits = self.model(x)
         loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
         self.optimizer.zero_grad(set_to_none=True)
@@ -110,3 +160,48 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return loss_sum.detach(), (logits.argmax(1) == labels).sum()
+
+    def _graphed(self, x: torch.Tensor, labels: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (x.shape, x.dtype, labels.shape, total)
+        if self.graph is None:
+            shape, steps = self.warm
+            steps = steps + 1 if shape == key else 1
+            self.warm = (key, steps)
+            if steps <= 3:
+                return self._on_side_stream(x, labels, total)
+            self.graph = self._capture(x, labels, total, key)
+        g = self.graph
+        if g.key != key:
+            return self._model_step(x, labels, total)
+        g.x.copy_(x)
+        g.labels.copy_(labels)
+        for group, lr in zip(self.optimizer.param_groups, g.lrs, strict=True):
+            lr.fill_(group["lr"])
+        g.graph.replay()
+        return g.loss.clone(), g.correct.clone()  # the next replay overwrites g's
+
+    def _on_side_stream(self, x: torch.Tensor, labels: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """An eager step on a side stream, as PyTorch asks of the steps before a capture."""
+        side, main = torch.cuda.Stream(x.device), torch.cuda.current_stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            out = self._model_step(x, labels, total)
+        main.wait_stream(side)
+        return out
+
+    def _capture(self, x: torch.Tensor, labels: torch.Tensor, total: int, key: tuple) -> _Graph:
+        groups = self.optimizer.param_groups
+        lrs = [torch.tensor(float(group["lr"]), device=x.device) for group in groups]
+        given = [group["lr"] for group in groups]
+        static_x, static_labels = x.clone(), labels.clone()
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)  # gradients allocated inside the graph's memory
+        try:
+            for group, lr in zip(groups, lrs, strict=True):  # fused SGD reads a tensor learning rate from the device
+                group["lr"] = lr
+            with torch.cuda.graph(graph):
+                loss, correct = self._model_step(static_x, static_labels, total)
+        finally:
+            for group, lr in zip(groups, given, strict=True):
+                group["lr"] = lr
+        return _Graph(graph, key, static_x, static_labels, lrs, loss, correct)

@@ -52,7 +52,7 @@ from .export import read_safetensors
 from .model import build_model
 from .prepared import PreparedLoader, is_prepared, open_prepared, read_manifest
 from .schedule import make_scheduler, scale_learning_rate, steps_each_iteration
-from .step import TrainStep, make_optimizer, resolve_channels_last, resolve_precision, tune_for
+from .step import TrainStep, check_cuda_graphs, make_optimizer, resolve_channels_last, resolve_precision, tune_for
 from .tblog import TensorBoardLog
 from .weights import freeze_layers, load_pretrained, read_pretrained
 
@@ -144,6 +144,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     ranks, device = distributed.start(device)
     tune_for(device)
     try:
+        if cfg.cuda_graphs:  # before the run directory is made
+            check_cuda_graphs(device, resolve_precision(cfg.precision, device), cfg.compile, ranks.distributed)
         if ranks.distributed and not cfg.run_dir:  # a default name would differ between processes
             raise UserError("under torchrun, give every process the same --run-dir")
         run_dir = Path(cfg.run_dir or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -276,17 +278,26 @@ def _train(
         )
     dev_stats = stats.to(device)
     step_fn = TrainStep(
-        trained, optimizer, dev_stats, cfg.crop, cfg.lighting, precision, channels_last, ranks.world_size
+        trained,
+        optimizer,
+        dev_stats,
+        cfg.crop,
+        cfg.lighting,
+        precision,
+        channels_last,
+        world_size=ranks.world_size,
+        cuda_graph=cfg.cuda_graphs,
     )
     ddp = f", DDP over {ranks.world_size} processes" if ranks.distributed else ""
     say(
-        f"device: {device}{ddp}, precision {precision}"
-        f"{', channels_last' if channels_last else ''}{', compiled' if cfg.compile else ''}"
+        f"device: {device}{ddp}, precision {precision}{', channels_last' if channels_last else ''}"
+        f"{', compiled' if cfg.compile else ''}{', CUDA graphs' if cfg.cuda_graphs else ''}"
     )
 
     def restore(ckpt: dict) -> RunState:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        step_fn.forget_graph()  # new momentum buffers: a captured step would read the old ones
         for group in optimizer.param_groups:  # a checkpoint from before fused SGD says fused=None
             group["fused"] = True
         scheduler.load_state_dict(ckpt["scheduler"])
