@@ -174,7 +174,7 @@ def test_cuda_graph_steps_warm_up_capture_once_and_replay(batch, monkeypatch):
             events.append("replay")
 
     @contextlib.contextmanager
-    def capture(graph):
+    def capture(graph, capture_error_mode):
         events.append("capture")
         lrs.append(optimizer.param_groups[0]["lr"])
         yield

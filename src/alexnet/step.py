@@ -199,7 +199,8 @@ class TrainStep:
         try:
             for group, lr in zip(groups, lrs, strict=True):  # fused SGD reads a tensor learning rate from the device
                 group["lr"] = lr
-            with torch.cuda.graph(graph):
+            # thread_local: the data loader's threads may pin memory and copy meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 loss, correct = self._model_step(static_x, static_labels, total)
         finally:
             for group, lr in zip(groups, given, strict=True):
