@@ -19,7 +19,7 @@ of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images alrea
 with the time the host takes to enqueue each step (where it nears the step's time, the host limits
 and CUDA graphs would help); then LRN and max pooling alone, forward and backward on the paper
 network's activations, by kernels, against the least memory traffic each needs; and the kernels of
-the paper step that take the most device time (torch.profiler).
+the paper step that take the most device time, and its time by PyTorch operation (torch.profiler).
 """
 
 from __future__ import annotations
@@ -179,14 +179,28 @@ def main() -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     layers_alone(device, dtype, batch, args.steps)
 
-    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
-    with profile(activities=[activity]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
         for _ in range(3):
             paper()
         sync(device)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"\nthe paper step's costliest operations over 3 steps ({sort}):")
-    print(prof.key_averages().table(sort_by=sort, row_limit=args.kernels, max_name_column_width=60))
+    events = prof.key_averages()
+    if device.type == "cuda":
+        print("\nthe paper step's kernels that take the most device time, over 3 steps:")
+        print(events.table(sort_by="self_device_time_total", row_limit=args.kernels, max_name_column_width=60))
+        by_operation(events, "self_device_time_total", args.kernels)
+    else:
+        by_operation(events, "self_cpu_time_total", args.kernels)
+
+
+def by_operation(events, time: str, rows: int) -> None:
+    """Time per step by the PyTorch operation that launched it, each kernel counted once (self time):
+    names what an anonymous kernel such as `elementwise_kernel<128, 2, ...>` computes."""
+    ops = [e for e in events if e.key.startswith(("aten::", "alexnet::")) and getattr(e, time) > 0]
+    ops.sort(key=lambda e: getattr(e, time), reverse=True)
+    print(f"\nthe paper step by operation ({time.replace('_total', '')}, per step):")
+    for e in ops[:rows]:
+        print(f"  {e.key:<40} {getattr(e, time) / 3e3:8.3f} ms  {e.count / 3:5.1f} calls")
 
 
 if __name__ == "__main__":
