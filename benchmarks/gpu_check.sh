@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# On one NVIDIA H100 or H200 (about 6 minutes): the tests that need CUDA, step_profile.py (where the
-# paper step's time goes, LRN by kernels, the model compiled), the prepared loader's rate on the GPU, a
-# one-GPU torchrun run (DDP over NCCL), `alexnet benchmark` for the paper and torchvision presets at
-# batch 256 and 512, model-only and end-to-end from prepared data, and the paper's with --cuda-graphs.
-# Appends everything, with the device's name and the date, to benchmarks/RESULTS.md.
+# On one NVIDIA H100 or H200, in under 6 minutes: the tests that need CUDA, a one-GPU torchrun run (DDP
+# over NCCL), and `alexnet benchmark` for the paper and torchvision presets at batch 256 and 512,
+# model-only and end-to-end from prepared data. PROFILE=1 adds step_profile.py (where the paper step's
+# time goes: each departure from torchvision, each kernel choice, CUDA graphs, by kernel and by
+# operation; about 2 minutes); EXTRAS=1 the prepared loader alone by threads, JPEG end-to-end, fp16 and
+# --cuda-graphs benchmarks. Appends everything, with the device's name and the date, to
+# benchmarks/RESULTS.md.
 #
 #   bash benchmarks/gpu_check.sh                # data: ../shared/data/imagenette-dev
 #   DATA=folder bash benchmarks/gpu_check.sh    # any ImageNet-layout folder with train/ and val/
-#   QUICK=1 bash benchmarks/gpu_check.sh        # a smoke test of this script (imagenette-ci), on any machine
-#   BATCHES="512" PRESETS=paper EXTRAS=0 ...     # fewer runs: EXTRAS=0 skips JPEG and fp16
+#   PROFILE=1 EXTRAS=1 bash benchmarks/gpu_check.sh   # everything (some 10 minutes)
+#   QUICK=1 bash benchmarks/gpu_check.sh        # a smoke test of all of it (imagenette-ci), on any machine
+#   BATCHES="512" PRESETS=paper ...             # fewer runs
 #
 # Python: the project's .venv where there is one, else python3 with src/ on PYTHONPATH (a GPU machine
 # with PyTorch installed and no network). The training images are listed COPIES times (3; links, under
@@ -18,10 +21,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -x .venv/bin/python ]; then PY=$PWD/.venv/bin/python; else PY=python3; export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}; fi
 export PYTHONUNBUFFERED=1
-if [ -n "${QUICK:-}" ]; then COPIES=1 BATCHES=16 STEPS=1 ROUNDS=1 PRESETS=paper EXTRAS=0 DATA=${DATA:-../shared/data/imagenette-ci}; fi
+if [ -n "${QUICK:-}" ]; then COPIES=1 BATCHES=16 STEPS=1 ROUNDS=1 PRESETS=paper PROFILE=1 EXTRAS=1 DATA=${DATA:-../shared/data/imagenette-ci}; fi
 DATA=$(realpath "${DATA:-../shared/data/imagenette-dev}")
 COPIES=${COPIES:-3} BATCHES=${BATCHES:-256 512} STEPS=${STEPS:-20} ROUNDS=${ROUNDS:-3} PRESETS=${PRESETS:-paper torchvision}
-EXTRAS=${EXTRAS:-1}
+PROFILE=${PROFILE:-0} EXTRAS=${EXTRAS:-0}
 FORMATS=raw; if [ "$EXTRAS" = 1 ]; then FORMATS="raw jpeg"; fi
 SMALL=${BATCHES%% *}  # the first batch size: the torchrun run, the loader and JPEG measurements
 LARGE=${BATCHES##* }
@@ -32,7 +35,7 @@ log() { echo "$@" | tee -a "$RESULTS"; }
 run() {  # a command, its output into RESULTS.md as a code block, with its wall time
   local start=$SECONDS
   log ""; log "\`$*\`"; log '```'
-  "$@" 2>&1 | grep -v -e '^W[0-9]' -e 'Warning' | tail -n 45 | tee -a "$RESULTS"
+  "$@" 2>&1 | grep -v -e '^W[0-9]' -e 'Warning' | tail -n 120 | tee -a "$RESULTS"
   log "exit ${PIPESTATUS[0]}, $((SECONDS - start)) s"; log '```'
 }
 
@@ -43,7 +46,9 @@ log ""
 log "Data: $(basename "$DATA"), its training images listed $COPIES times. QUICK=${QUICK:-}"
 
 run $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_prepare.py -k "cuda or gpu or bf16 or fp16"
-run timeout 420 $PY benchmarks/step_profile.py --batch-size "$LARGE" --steps "$STEPS" --rounds "$ROUNDS"
+if [ "$PROFILE" = 1 ]; then
+  run timeout 420 $PY benchmarks/step_profile.py --batch-size "$LARGE" --steps "$STEPS" --rounds "$ROUNDS"
+fi
 
 # the source folder: train/ with every image linked COPIES times under new names, val/ as it is
 mkdir -p "$WORK/src/train"
@@ -55,7 +60,7 @@ done
 for fmt in $FORMATS; do run $PY -m alexnet prepare "$WORK/src" "$WORK/$fmt" --format $fmt --no-progress; done
 
 # the loader alone: batches on the device, per second, by format and threads (second pass: page cache warm)
-run $PY - "$WORK" "$SMALL" $FORMATS <<'EOF'
+if [ "$EXTRAS" = 1 ]; then run $PY - "$WORK" "$SMALL" $FORMATS <<'EOF'
 import sys, time, torch
 from alexnet.prepared import PreparedLoader, open_prepared
 work, batch = sys.argv[1], int(sys.argv[2])
@@ -73,6 +78,7 @@ for fmt in sys.argv[3:]:
                 torch.cuda.synchronize()
         print(f"loader {fmt:4} threads {threads}: {n / (time.perf_counter() - start):8.0f} images/s on {device}")
 EOF
+fi
 
 run timeout 180 $PY -m torch.distributed.run --standalone --nproc-per-node 1 -m alexnet train --data "$WORK/raw" \
     --run-dir "$WORK/run" --epochs 2 --batch-size "$SMALL" --no-progress
@@ -82,8 +88,8 @@ for preset in $PRESETS; do
     run timeout 120 $PY -m alexnet benchmark --preset $preset --batch-size $batch --data "$WORK/raw" --steps $STEPS --rounds $ROUNDS
   done
 done
-run timeout 120 $PY -m alexnet benchmark --preset paper --batch-size "$SMALL" --cuda-graphs --steps $STEPS --rounds $ROUNDS
 if [ "$EXTRAS" = 1 ]; then
+  run timeout 120 $PY -m alexnet benchmark --preset paper --batch-size "$SMALL" --cuda-graphs --steps $STEPS --rounds $ROUNDS
   run timeout 120 $PY -m alexnet benchmark --preset paper --batch-size "$SMALL" --data "$WORK/jpeg" --steps $STEPS --rounds $ROUNDS
   run timeout 120 $PY -m alexnet benchmark --preset paper --batch-size "$LARGE" --precision fp16 --steps $STEPS --rounds $ROUNDS
 fi
