@@ -11,6 +11,7 @@ of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images alrea
   paper, CUDA graph      on CUDA: forward, backward and SGD replayed from a CUDA graph (`--cuda-graphs`)
   paper, PyTorch's pool  on CUDA: max pooling in PyTorch's kernels instead of the Triton ones
   paper, grouped convs   on CUDA: conv2, conv4, conv5 as cuDNN's grouped convolutions, not dense ones
+  paper, conv1 3 chans   on CUDA: conv1's input with its 3 channels, not padded to 8 by us (cuDNN pads)
   paper, eager LRN       the same with LRN's eager formulas
   paper, no LRN          LRN layers removed
   paper, groups=1        one tower: conv2, conv4 and conv5 see all their input channels
@@ -36,7 +37,7 @@ from alexnet import augment, lrn, pool
 from alexnet.augment import make_pixel_stats, train_batch
 from alexnet.lrn import KERNELS as LRN_KERNELS
 from alexnet.lrn import PAPER_LRN, LocalResponseNorm
-from alexnet.model import GroupedConv2d, build_model
+from alexnet.model import CeilConv2d, GroupedConv2d, build_model
 from alexnet.pool import KERNELS as POOL_KERNELS
 from alexnet.pool import MaxPool2d
 from alexnet.step import TrainStep, make_optimizer, resolve_precision, tune_for
@@ -139,6 +140,7 @@ def main() -> None:
             candidates["paper, CUDA graph"] = paper_step(paper_model(), graph=True)
         candidates["paper, PyTorch's pool"] = paper_step(set_on(paper_model(), MaxPool2d, kernels="eager"))
         candidates["paper, grouped convs"] = paper_step(set_on(paper_model(), GroupedConv2d, dense=False))
+        candidates["paper, conv1 3 chans"] = paper_step(set_on(paper_model(), CeilConv2d, pad_channels=False))
     candidates |= {
         "paper, eager LRN": paper_step(set_on(paper_model(), LocalResponseNorm, kernels="eager")),
         "paper, no LRN": paper_step(without_lrn(paper_model())),

@@ -205,6 +205,48 @@ def test_ceil_conv1_224_pads_right_and_bottom(paper: nn.Module) -> None:
     assert 1 + math.ceil((224 - 11) / 4) == 55
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv1_with_colour_channels_padded_to_8_is_the_same_function(paper: nn.Module, dtype) -> None:
+    """CUDA's default in 16-bit arithmetic (zero channels 4-8 in input and weight, cast before the
+    copy), here forced on the CPU: the same outputs and parameter gradients, and the input given to the
+    convolution has 8 channels in autocast's type, channels_last kept."""
+    conv1 = paper.features[0]
+    x = torch.randn(4, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    seen = []
+    hook = conv1.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    results = {}
+    for pad in (False, True):
+        conv1.pad_channels = pad
+        conv1.zero_grad()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            y = conv1(x)
+        y.float().square().sum().backward()
+        results[pad] = y.detach().float(), conv1.weight.grad.clone(), conv1.bias.grad.clone()
+    conv1.pad_channels = None
+    hook.remove()
+    assert conv1.weight.shape == (96, 3, 11, 11)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+    for got, want in zip(results[True], results[False], strict=True):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_conv1_pads_its_channels_only_on_cuda_in_16_bits(paper: nn.Module, monkeypatch) -> None:
+    """The default: the CPU (fp32 or bf16) keeps 3 channels; so does an export."""
+    conv1 = paper.features[0]
+    shapes = []
+    real = nn.Conv2d._conv_forward
+    monkeypatch.setattr(
+        nn.Conv2d, "_conv_forward", lambda self, x, w, b: shapes.append(int(x.shape[1])) or real(self, x, w, b)
+    )
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        conv1(x)
+    conv1.pad_channels = True
+    torch.jit.trace(conv1, x, check_trace=False)  # the check reruns it untraced
+    conv1.pad_channels = None
+    assert shapes[0] == 3 and set(shapes[1:]) == {3}
+
+
 def test_ceil_conv1_227_is_plain_conv(paper: nn.Module) -> None:
     conv1 = paper.features[0]
     x = torch.randn(2, 3, 227, 227)

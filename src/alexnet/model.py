@@ -136,11 +136,31 @@ class CeilConv2d(nn.Conv2d):
     The missing rows and columns are read as zeros past the bottom and right edges, so a 224x224
     image gives conv1 the paper's 55x55 output, and a 227x227 one (Caffe's input) gives the same
     with no padding at all.
+
+    `pad_channels`: also pad the 3 colour channels with zeros to 8 (and the weight with zero input
+    channels, so no parameter changes), in the same copy as the pixels and already in the 16-bit type
+    autocast would cast to. cuDNN's bf16/fp16 kernels want channels in multiples of 8 and otherwise pad
+    the input themselves, in the forward and again in the weight gradient (nhwcAddPaddingKernel, 0.7 ms
+    of the paper step's 35 on an H200, after a padding copy and a cast of ours). The same function and
+    gradients. None (the default): on CUDA in 16-bit arithmetic; never under export or tracing.
     """
+
+    def __init__(self, *args, pad_channels: bool | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pad_channels = pad_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, s = self.kernel_size[0], self.stride[0]
         extra_h, extra_w = (-(x.shape[-2] - k)) % s, (-(x.shape[-1] - k)) % s
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        pad = self.pad_channels
+        if pad is None:
+            pad = x.is_cuda and dtype in (torch.float16, torch.bfloat16)
+        more = -self.in_channels % 8
+        if pad and more and self.groups == 1 and not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
+            x = F.pad(x.to(dtype), (0, extra_w, 0, extra_h, 0, more))
+            return self._conv_forward(x, F.pad(self.weight, (0, 0, 0, 0, 0, more)), self.bias)
         if extra_h or extra_w:
             x = F.pad(x, (0, extra_w, 0, extra_h))
         return super().forward(x)
