@@ -234,7 +234,7 @@ def test_train_with_cuda_graphs_equals_eager_training(imagenette_ci, tmp_path):
         run = train(cfg, progress=False)
         metrics[graphs] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for key in ("train_loss", "val_loss"):
-        assert [m[key] for m in metrics[True]] == pytest.approx([m[key] for m in metrics[False]], rel=1e-3)
+        assert [m[key] for m in metrics[True]] == pytest.approx([m[key] for m in metrics[False]], rel=5e-3)
 
 
 def test_conv1_pads_its_colour_channels_to_8_on_cuda_under_autocast(monkeypatch):
