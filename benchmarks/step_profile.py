@@ -12,6 +12,7 @@ of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images alrea
   paper, PyTorch's pool  on CUDA: max pooling in PyTorch's kernels instead of the Triton ones
   paper, grouped convs   on CUDA: conv2, conv4, conv5 as cuDNN's grouped convolutions, not dense ones
   paper, conv1 3 chans   on CUDA: conv1's input with its 3 channels, not padded to 8 by us (cuDNN pads)
+  paper, bias+ReLU apart on CUDA: each convolution's bias and ReLU as PyTorch's modules, not one operation
   paper, eager LRN       the same with LRN's eager formulas
   paper, no LRN          LRN layers removed
   paper, groups=1        one tower: conv2, conv4 and conv5 see all their input channels
@@ -33,11 +34,11 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from alexnet import augment, lrn, pool
+from alexnet import augment, bias_relu, lrn, pool
 from alexnet.augment import make_pixel_stats, train_batch
 from alexnet.lrn import KERNELS as LRN_KERNELS
 from alexnet.lrn import PAPER_LRN, LocalResponseNorm
-from alexnet.model import CeilConv2d, GroupedConv2d, build_model
+from alexnet.model import AlexNet, CeilConv2d, GroupedConv2d, build_model
 from alexnet.pool import KERNELS as POOL_KERNELS
 from alexnet.pool import MaxPool2d
 from alexnet.step import TrainStep, make_optimizer, resolve_precision, tune_for
@@ -141,6 +142,7 @@ def main() -> None:
         candidates["paper, PyTorch's pool"] = paper_step(set_on(paper_model(), MaxPool2d, kernels="eager"))
         candidates["paper, grouped convs"] = paper_step(set_on(paper_model(), GroupedConv2d, dense=False))
         candidates["paper, conv1 3 chans"] = paper_step(set_on(paper_model(), CeilConv2d, pad_channels=False))
+        candidates["paper, bias+ReLU apart"] = paper_step(set_on(paper_model(), AlexNet, bias_relu="modules"))
     candidates |= {
         "paper, eager LRN": paper_step(set_on(paper_model(), LocalResponseNorm, kernels="eager")),
         "paper, no LRN": paper_step(without_lrn(paper_model())),
@@ -174,7 +176,12 @@ def main() -> None:
         step_ms = batch / rate * 1e3
         print(f"{name:<22} {rate:>9.0f} images/s  {rate / base:5.2f}x paper  host {enqueue:6.1f} of {step_ms:6.1f} ms")
     # said in words without "Warning" (gpu_check.sh filters such lines): a kernel that fell back was not measured
-    fell_back = {"LRN": list(lrn._UNUSABLE.items()), "max pool": pool._UNUSABLE, "augmentation": augment._TRITON_FAILED}
+    fell_back = {
+        "LRN": list(lrn._UNUSABLE.items()),
+        "max pool": pool._UNUSABLE,
+        "bias and ReLU": bias_relu._UNUSABLE,
+        "augmentation": augment._TRITON_FAILED,
+    }
     fell_back = {layer: why for layer, why in fell_back.items() if why}
     print(f"kernels that could not run here, so their fallbacks ran instead: {fell_back or 'none'}")
 

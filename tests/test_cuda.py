@@ -258,3 +258,30 @@ def test_conv1_pads_its_colour_channels_to_8_on_cuda_under_autocast(monkeypatch)
     assert channels == [8, 3]
     for got, want in zip(results[None], results[False], strict=True):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_and_relu_run_in_the_triton_kernels_by_default(dtype, monkeypatch):
+    """On CUDA each convolution's bias and ReLU go through bias_relu_triton (once each way per
+    convolution), with the values and gradients of the modules one by one."""
+    from alexnet import bias_relu_triton
+
+    calls = []
+    for name in ("forward", "backward"):
+        real = getattr(bias_relu_triton, name)
+        monkeypatch.setattr(bias_relu_triton, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    torch.manual_seed(0)
+    model = build_model("paper", 10, init="caffe").cuda().eval().to(memory_format=torch.channels_last)
+    x = torch.rand(4, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+    results = {}
+    for mode in (None, "modules"):
+        model.bias_relu = mode
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            logits = model(x)
+        logits.float().square().sum().backward()
+        results[mode] = [logits.detach().float()] + [p.grad.clone() for p in model.parameters()]
+    assert calls == ["forward"] * 5 + ["backward"] * 5
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-3}
+    for got, want in zip(results[None], results["modules"], strict=True):
+        torch.testing.assert_close(got, want, **{**tol, "atol": tol["atol"] * max(want.abs().max().item(), 1)})

@@ -464,3 +464,41 @@ def test_grouped_conv_is_grouped_on_the_cpu_and_when_exported(monkeypatch) -> No
     exported = torch.export.export(conv, (torch.randn(1, 8, 5, 5),))
     (node,) = [n for n in exported.graph.nodes if n.op == "call_function"]
     assert node.target == torch.ops.aten.conv2d.default and node.args[-1] == 2  # groups
+
+
+# ------------------------------------------------------------------------------------ bias and ReLU
+
+
+def test_bias_and_relu_run_as_one_operation_unless_a_hook_watches(monkeypatch) -> None:
+    """bias_relu="triton" (CUDA's default): each convolution runs without its bias and hands it, with
+    its output, to bias_relu.bias_relu; except where a hook watches the convolution or its ReLU (a
+    feature tap), and under export. The same values as the modules one by one (the CPU's default)."""
+    import alexnet.model as model_module
+
+    calls = []
+
+    def spy(x: torch.Tensor, bias: torch.Tensor, kernels: str) -> torch.Tensor:
+        calls.append(kernels)
+        return torch.relu(x + bias.view(1, -1, 1, 1))
+
+    monkeypatch.setattr(model_module, "bias_relu", spy)
+    model = build_model("paper", 10, init="caffe").eval()
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        want = model(x)
+        assert calls == []
+        model.bias_relu = "triton"
+        torch.testing.assert_close(model(x), want)
+        assert calls == ["triton"] * 5
+        taps = []
+        relu1 = model.features[1]
+        assert isinstance(relu1, nn.ReLU) and model.labels["features.1"] == "relu1"
+        handle = relu1.register_forward_hook(lambda m, args, out: taps.append(out.clone()))
+        calls.clear()
+        torch.testing.assert_close(model(x), want)
+        handle.remove()
+        assert len(calls) == 4 and len(taps) == 1  # conv1 and relu1 ran as modules, and the tap saw them
+        torch.testing.assert_close(taps[0], torch.relu(model.features[0](x)))
+    calls.clear()
+    exported = torch.export.export(model, (x,))
+    assert calls == [] and "aten.relu" in exported.graph_module.print_readable(print_output=False)

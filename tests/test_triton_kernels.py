@@ -1,4 +1,4 @@
-"""The hand-written Triton kernels (alexnet/lrn_triton.py, alexnet/augment_triton.py), checked without a GPU.
+"""The hand-written Triton kernels (alexnet/*_triton.py), checked without a GPU.
 
 Their results are computed in Triton's interpreter (TRITON_INTERPRET=1: the kernels' code executed on
 the CPU by numpy, tile by tile) and compared with a float64 reference or the CPU's path, and the tiles
@@ -436,10 +436,129 @@ def test_compiled_and_exported_models_pool_with_pytorchs_operation(pool_kernels,
     torch.testing.assert_close(torch.compile(model)(x), want)
 
 
+# --- A convolution's bias and ReLU (bias_relu_triton.py) ------------------------------------------
+
+
+@pytest.fixture
+def bias_relu_kernels(request, monkeypatch):
+    """bias_relu_triton interpreted, one tile (8 pixels x 32 channels unless parametrized); also what
+    `import alexnet.bias_relu_triton` gives while the test runs."""
+    interpreted = fresh_copy(monkeypatch, "bias_relu_triton", interpret=True)
+    block_p, block_c = getattr(request, "param", (8, 32))
+    for kernel in (interpreted._forward_kernel, interpreted._backward_kernel):
+        kernel.configs = [triton.Config({"BLOCK_P": block_p, "BLOCK_C": block_c}, num_warps=4)]
+    monkeypatch.setattr(interpreted, "ROWS", 64)  # 3 x 9 x 11 pixels: four programs, the last one partly filled
+    monkeypatch.setitem(sys.modules, "alexnet.bias_relu_triton", interpreted)
+    monkeypatch.setattr(alexnet, "bias_relu_triton", interpreted, raising=False)
+    return interpreted
+
+
+def _bias_relu_inputs(channels_last: bool, dtype=torch.float32):
+    """40 channels (a second tile of 32, partly masked), values that ReLU cuts about half of, a NaN."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 40, 9, 11, generator=gen)
+    x[1, 2, 3, 4] = float("nan")
+    bias, g = torch.randn(40, generator=gen), torch.randn(x.shape, generator=gen)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return x.to(dtype).contiguous(memory_format=layout), bias.to(dtype), g.to(dtype).contiguous(memory_format=layout)
+
+
+def _pytorch_bias_relu(x, bias, g):
+    """nn.Conv2d's bias add then an in-place nn.ReLU, as the model's modules compute them."""
+    xi, bi = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    y = torch.relu_(xi + bi.view(1, -1, 1, 1))
+    y.backward(g)
+    return y.detach(), xi.grad, bi.grad
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_bias_relu_kernels_equal_pytorch(bias_relu_kernels, channels_last: bool) -> None:
+    """Values and the input's gradient bit for bit, NaN included, in the input's layout; the bias's
+    gradient the same sum in another order."""
+    x, bias, g = _bias_relu_inputs(channels_last)
+    want_y, want_dx, want_db = _pytorch_bias_relu(x, bias, g)
+    y = bias_relu_kernels.forward(x, bias)
+    dx, db = bias_relu_kernels.backward(g, y)
+    assert y.stride() == x.stride() and dx.stride() == x.stride() and db.dtype == torch.float32
+    assert torch.equal(y.nan_to_num(-1), want_y.nan_to_num(-1)) and torch.equal(dx, want_dx)
+    assert 0.3 < (dx == 0).float().mean() < 0.7  # ReLU's gradient mask mattered
+    torch.testing.assert_close(db, want_db, rtol=1e-5, atol=1e-5)
+    dx_other_layout, _ = bias_relu_kernels.backward(g.contiguous(memory_format=torch.contiguous_format), y)
+    assert torch.equal(dx_other_layout, want_dx)
+
+
+def test_bias_relu_kernels_in_bfloat16(bias_relu_kernels) -> None:
+    x, bias, g = _bias_relu_inputs(channels_last=True, dtype=torch.bfloat16)
+    want_y, want_dx, want_db = _pytorch_bias_relu(x.float(), bias.float(), g.float())  # sums in float32
+    y = bias_relu_kernels.forward(x, bias)
+    dx, db = bias_relu_kernels.backward(g, y)
+    assert y.dtype == dx.dtype == torch.bfloat16
+    # one bf16 step at most: the interpreter truncates to bf16, GPUs round (as PyTorch does: test_cuda.py)
+    torch.testing.assert_close(y.float().nan_to_num(-1), want_y.nan_to_num(-1), rtol=2**-7, atol=0)
+    mask = want_y.to(torch.bfloat16).float() > 0  # where PyTorch's rounded output passes the gradient
+    torch.testing.assert_close(dx.float(), torch.where(mask | want_y.isnan(), g.float(), 0.0), rtol=0, atol=0)
+    torch.testing.assert_close(db, want_db, rtol=1e-4, atol=1e-4)
+
+
+def test_bias_relu_trains_through_the_kernels_saving_only_its_output(bias_relu_kernels) -> None:
+    from alexnet.bias_relu import bias_relu
+
+    x, bias, g = _bias_relu_inputs(channels_last=True)
+    x.requires_grad_()
+    bias = bias.double().requires_grad_()  # a parameter of another type: cast, and its gradient cast back
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = bias_relu(x, bias, kernels="triton")
+    y.backward(g)
+    assert len(saved) == 1 and saved[0] is y
+    want_y, want_dx, want_db = _pytorch_bias_relu(x, bias.float(), g)
+    assert torch.equal(y.detach().nan_to_num(-1), want_y.nan_to_num(-1)) and torch.equal(x.grad, want_dx)
+    assert bias.grad.dtype == torch.float64
+    torch.testing.assert_close(bias.grad.float(), want_db, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_every_bias_relu_tile_builds_for_an_h100_without_spilling(direction: str, monkeypatch) -> None:
+    if not HAS_PTXAS:
+        pytest.skip("this Triton has no CUDA compiler")
+    module = fresh_copy(monkeypatch, "bias_relu_triton", interpret=False)
+    kernel = getattr(module, f"_{direction}_kernel")
+    assert len(kernel.configs) >= 5
+    pointers = {name: "*fp32" if name == "db_ptr" else "*bf16" for name in kernel.fn.arg_names if name.endswith("_ptr")}
+    for config in kernel.configs:
+        usage = build_for_h100(kernel, pointers, {"ROWS": module.ROWS, **config.kwargs}, config.num_warps)
+        assert " STACK:0 " in usage and " LOCAL:0 " in usage, f"{config}: {usage}"
+
+
+def test_bias_relu_falls_back_to_pytorch_where_triton_cannot_run(monkeypatch) -> None:
+    import alexnet.bias_relu as bias_relu_module
+
+    class TooOld:
+        def forward(*args, **kwargs):
+            raise RuntimeError("Triton only supports GPUs of compute capability 7.0 or newer")
+
+    monkeypatch.setitem(sys.modules, "alexnet.bias_relu_triton", TooOld)
+    monkeypatch.setattr(alexnet, "bias_relu_triton", TooOld, raising=False)
+    monkeypatch.setattr(bias_relu_module, "_UNUSABLE", [])
+    x, bias, g = _bias_relu_inputs(channels_last=True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # what the default looks at
+    with pytest.warns(UserWarning, match="Triton kernels cannot run here.*compute capability") as caught:
+        y = bias_relu_module.bias_relu(x, bias)
+        bias_relu_module.bias_relu(x, bias)  # said once
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: t.device.type == "cuda"))
+    assert len(caught) == 1
+    want_y, _, _ = _pytorch_bias_relu(x, bias, g)
+    assert torch.equal(y.nan_to_num(-1), want_y.nan_to_num(-1))
+    with pytest.raises(RuntimeError, match="compute capability"):  # named explicitly: no fallback
+        bias_relu_module.bias_relu(x, bias, kernels="triton")
+
+
 @pytest.mark.parametrize(("kernels", "pool_kernels"), [(32, (64, 64))], indirect=True)  # big tiles: fewer to interpret
-def test_the_paper_network_through_every_triton_kernel_equals_pytorch(kernels, pool_kernels) -> None:
-    """The paper model as CUDA runs it (LRN and pools in the Triton kernels, here interpreted; the
-    grouped convolutions dense) against PyTorch's operations: logits and every parameter's gradient."""
+@pytest.mark.parametrize("bias_relu_kernels", [(64, 32)], indirect=True)
+def test_the_paper_network_through_every_triton_kernel_equals_pytorch(kernels, pool_kernels, bias_relu_kernels) -> None:
+    """The paper model as CUDA runs it (LRN, pools, biases and ReLUs in the Triton kernels, here
+    interpreted; the grouped convolutions dense) against PyTorch's operations: logits and every
+    parameter's gradient."""
     from alexnet.model import GroupedConv2d, build_model
     from alexnet.pool import MaxPool2d
 
@@ -454,6 +573,7 @@ def test_the_paper_network_through_every_triton_kernel_equals_pytorch(kernels, p
                 m.kernels = "triton" if mode == "triton" else "eager"
             if isinstance(m, GroupedConv2d):
                 m.dense = mode == "triton"
+        model.bias_relu = "triton" if mode == "triton" else "modules"
         model.zero_grad()
         logits = model(x)
         logits.square().sum().backward()

@@ -108,11 +108,11 @@ def _backward_kernel(
     tl.store(dx_ptr + offset[:, None] + c[None, :] * stride_c, dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
-def _layout(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+def flat_layout(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     """x in a layout the kernels index (NCHW or channels_last, H and W flattenable) and its
     (pixels, pixels per image, stride of n, of a pixel, of a channel)."""
     if x.dim() != 4:
-        raise ValueError(f"LRN kernels take (N, C, H, W) tensors, not shape {tuple(x.shape)}")
+        raise ValueError(f"these kernels take (N, C, H, W) tensors, not shape {tuple(x.shape)}")
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
     n, _, h, w = x.shape
@@ -125,7 +125,7 @@ def _grid(meta: dict, pixels: int) -> tuple[int]:
 
 def forward(x: torch.Tensor, size: int, scale: float, k: float, beta: float) -> torch.Tensor:
     """y = x * d^-beta, in x's dtype and memory layout."""
-    x, (pixels, per_image, *strides) = _layout(x)
+    x, (pixels, per_image, *strides) = flat_layout(x)
     y = torch.empty_like(x)
     channels = x.shape[1]
     _forward_kernel[lambda meta: _grid(meta, pixels)](
@@ -137,7 +137,7 @@ def forward(x: torch.Tensor, size: int, scale: float, k: float, beta: float) -> 
 
 def backward(x: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float) -> torch.Tensor:
     """The gradient with respect to x of forward(x) given the gradient `grad` of its output."""
-    x, (pixels, per_image, *strides) = _layout(x)
+    x, (pixels, per_image, *strides) = flat_layout(x)
     if grad.stride() != x.stride():  # the kernel indexes both with x's strides
         grad = torch.empty_like(x).copy_(grad)
     dx = torch.empty_like(x)

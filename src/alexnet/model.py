@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bias_relu import bias_relu
 from .errors import UserError
 from .lrn import LRN_CONVENTIONS, PAPER_LRN, LocalResponseNorm, LRNSpec, tensorflow_lrn
 from .pool import MaxPool2d
@@ -130,7 +131,18 @@ PRESETS = {p.name: p for p in (PAPER, SEED, TORCHVISION)}
 INITS = ("paper", "caffe", "kaiming", "default")
 
 
-class CeilConv2d(nn.Conv2d):
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d, whose convolution can also be asked for without the bias: AlexNet.forward adds the
+    bias together with the ReLU after it, in one operation (bias_relu.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convolve(x, self.bias)
+
+    def convolve(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._conv_forward(x, self.weight, bias)
+
+
+class CeilConv2d(Conv2d):
     """A convolution with cuda-convnet's output size, 1 + ceil((in - k) / stride).
 
     The missing rows and columns are read as zeros past the bottom and right edges, so a 224x224
@@ -149,7 +161,7 @@ class CeilConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.pad_channels = pad_channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def convolve(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         k, s = self.kernel_size[0], self.stride[0]
         extra_h, extra_w = (-(x.shape[-2] - k)) % s, (-(x.shape[-1] - k)) % s
         autocast = torch.is_autocast_enabled(x.device.type)
@@ -160,13 +172,13 @@ class CeilConv2d(nn.Conv2d):
         more = -self.in_channels % 8
         if pad and more and self.groups == 1 and not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
             x = F.pad(x.to(dtype), (0, extra_w, 0, extra_h, 0, more))
-            return self._conv_forward(x, F.pad(self.weight, (0, 0, 0, 0, 0, more)), self.bias)
+            return self._conv_forward(x, F.pad(self.weight, (0, 0, 0, 0, 0, more)), bias)
         if extra_h or extra_w:
             x = F.pad(x, (0, extra_w, 0, extra_h))
-        return super().forward(x)
+        return self._conv_forward(x, self.weight, bias)
 
 
-class GroupedConv2d(nn.Conv2d):
+class GroupedConv2d(Conv2d):
     """A convolution split into `groups` towers (the paper's two GPUs), the same parameters as
     nn.Conv2d(groups=...), which it is everywhere but in how CUDA computes it.
 
@@ -183,12 +195,12 @@ class GroupedConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.dense = dense
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def convolve(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         dense = x.is_cuda if self.dense is None else self.dense
         if not dense or self.padding_mode != "zeros" or torch.jit.is_tracing() or torch.compiler.is_exporting():
-            return super().forward(x)
+            return self._conv_forward(x, self.weight, bias)
         weight = block_diagonal(self.weight, self.groups)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
 
 
 def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -199,16 +211,22 @@ def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 class AlexNet(nn.Module):
+    """`bias_relu`: how each convolution's bias and ReLU run. "modules": the Conv2d and ReLU modules one
+    after the other; "triton": one operation with Triton kernels (bias_relu.py), except where a hook
+    watches either module (the feature taps) or under torch.compile, export and tracing; None (the
+    default): "triton" on CUDA, "modules" elsewhere."""
+
     def __init__(self, preset: Preset, num_classes: int = 1000, dropout: float = 0.5) -> None:
         super().__init__()
         self.preset = preset
+        self.bias_relu: str | None = None
         self.labels: dict[str, str] = {}  # module path -> name in the paper's terms (conv1, lrn1, fc6...)
         self.taps: dict[str, str] = {}  # layer -> module path whose output is that layer's activation
 
         features: list[nn.Module] = []
         in_ch = 3
         for i, c in enumerate(preset.convs, start=1):
-            conv_type = CeilConv2d if (i == 1 and preset.ceil_conv1) else GroupedConv2d if c.groups > 1 else nn.Conv2d
+            conv_type = CeilConv2d if (i == 1 and preset.ceil_conv1) else GroupedConv2d if c.groups > 1 else Conv2d
             self._add(
                 features,
                 "features",
@@ -246,13 +264,42 @@ class AlexNet(nn.Module):
             self.taps[tap] = path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.avgpool(self.features(x))
+        x = self.avgpool(self._features(x))
         return self.classifier(torch.flatten(x, 1))
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """self.features(x), each convolution's bias and ReLU as one operation where `bias_relu` says."""
+        kernels = self.bias_relu or ("triton" if x.is_cuda else "modules")
+        watched = torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.compiler.is_compiling()
+        if kernels == "modules" or watched or _hooked():
+            return self.features(x)
+        layers = list(self.features)
+        i = 0
+        while i < len(layers):
+            conv, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
+            pair = isinstance(conv, Conv2d) and isinstance(after, nn.ReLU) and conv.bias is not None
+            if pair and not _hooked(conv, after):
+                x = bias_relu(conv.convolve(x, None), conv.bias, kernels)
+                i += 2
+            else:
+                x = conv(x)
+                i += 1
+        return x
 
     def named_layers(self) -> dict[str, nn.Module]:
         """conv1..conv5, fc6..fc8: the layers with weights, by their names in the paper."""
         modules = dict(self.named_modules())
         return {label: modules[p] for p, label in self.labels.items() if label.startswith(("conv", "fc"))}
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a hook watches any of `modules` (with none given: all modules, global hooks)."""
+    if not modules:
+        from torch.nn.modules import module
+
+        return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(getattr(m, kind) for m in modules for kind in kinds)
 
 
 def feature_side(preset: Preset, input_size: int) -> int:

@@ -1,0 +1,59 @@
+"""relu(x + bias): a convolution's bias and the ReLU after it as one operation, in one pass each way on CUDA.
+
+The model (model.AlexNet) computes each convolution without its bias and hands the bias here, where
+the layers are not being watched by hooks (feature taps) and not compiled or exported; the modules,
+parameters and checkpoints stay those of nn.Conv2d and nn.ReLU. On CUDA: bias_relu_triton.py's
+kernels, where the forward writes the ReLU's output once and the backward writes the input's gradient
+and sums the bias's from the same tiles. Elsewhere, or where Triton cannot run (one warning):
+PyTorch's two operations.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .errors import warn_slower
+
+_UNUSABLE: list[str] = []  # why the Triton kernels cannot run here, once they have failed
+
+
+class _BiasReLUFunction(torch.autograd.Function):
+    """Saves only the output, as an in-place nn.ReLU does."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        from . import bias_relu_triton  # Triton ships with PyTorch's CUDA wheels on Linux, not everywhere
+
+        y = bias_relu_triton.forward(x, bias)
+        ctx.save_for_backward(y)
+        ctx.bias_dtype = bias.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable  # a second derivative would need a kernel of its own: say so rather than be wrong
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from . import bias_relu_triton
+
+        (y,) = ctx.saved_tensors
+        dx, db = bias_relu_triton.backward(grad, y)
+        return dx, db.to(ctx.bias_dtype)
+
+
+def bias_relu(x: torch.Tensor, bias: torch.Tensor, kernels: str | None = None) -> torch.Tensor:
+    """relu(x + bias[None, :, None, None]) for (N, C, H, W) x, the bias cast to x's type first (as
+    autocast casts a convolution's). `kernels`: "triton" or "eager" runs those or fails; None is Triton
+    on CUDA, falling back to PyTorch's operations with one warning where the kernels cannot run."""
+    bias = bias.to(x.dtype)
+    chosen = kernels or ("triton" if x.is_cuda and x.dim() == 4 and not _UNUSABLE else "eager")
+    if chosen == "triton":
+        try:
+            return _BiasReLUFunction.apply(x, bias)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            if kernels is not None:
+                raise
+            _UNUSABLE.append(warn_slower("bias and ReLU's Triton kernels", e))
+    return F.relu(x + bias.view(1, -1, 1, 1))
