@@ -40,16 +40,36 @@ def fresh_copy(monkeypatch: pytest.MonkeyPatch, name: str, interpret: bool):
     return module
 
 
+def without_triton(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """alexnet.<name> (a *_triton module) replaced by one whose kernels fail as they do on a GPU older
+    than Triton supports, until the test ends."""
+
+    class TooOld:
+        def forward(*args, **kwargs):
+            raise RuntimeError("Triton only supports GPUs of compute capability 7.0 or newer")
+
+        backward = forward
+
+    monkeypatch.setitem(sys.modules, f"alexnet.{name}", TooOld)
+    monkeypatch.setattr(alexnet, name, TooOld, raising=False)
+
+
+def interpreted(monkeypatch: pytest.MonkeyPatch, name: str, **tile: int):
+    """alexnet.<name> (a *_triton module) in Triton's interpreter, both kernels with the one `tile`
+    (the interpreter cannot time tiles to pick one); also what `import alexnet.<name>` gives while the
+    test runs."""
+    module = fresh_copy(monkeypatch, name, interpret=True)
+    for kernel in (module._forward_kernel, module._backward_kernel):
+        kernel.configs = [triton.Config(tile, num_warps=4)]
+    monkeypatch.setitem(sys.modules, f"alexnet.{name}", module)
+    monkeypatch.setattr(alexnet, name, module, raising=False)
+    return module
+
+
 @pytest.fixture
 def kernels(request, monkeypatch):
-    """The kernels interpreted, with one tile size (the interpreter cannot time tiles to pick one): 4
-    pixels unless parametrized; also what `import alexnet.lrn_triton` gives while the test runs."""
-    interpreted = fresh_copy(monkeypatch, "lrn_triton", interpret=True)
-    for kernel in (interpreted._forward_kernel, interpreted._backward_kernel):
-        kernel.configs = [triton.Config({"BLOCK_P": getattr(request, "param", 4)}, num_warps=4)]
-    monkeypatch.setitem(sys.modules, "alexnet.lrn_triton", interpreted)
-    monkeypatch.setattr(alexnet, "lrn_triton", interpreted, raising=False)
-    return interpreted
+    """LRN's kernels interpreted, tiles of 4 pixels unless parametrized."""
+    return interpreted(monkeypatch, "lrn_triton", BLOCK_P=getattr(request, "param", 4))
 
 
 def reference(x: torch.Tensor, g: torch.Tensor, spec: LRNSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,15 +215,7 @@ def test_a_tile_that_gives_a_thread_too_much_is_pruned_and_would_spill(monkeypat
 
 def test_default_falls_back_to_compiled_kernels_where_triton_cannot_run(monkeypatch) -> None:
     """A GPU older than Triton supports: the default moves on to torch.compile's kernels, says so once."""
-
-    class TooOld:
-        def forward(*args):
-            raise RuntimeError("Triton only supports GPUs of compute capability 7.0 or newer")
-
-        backward = forward
-
-    monkeypatch.setitem(sys.modules, "alexnet.lrn_triton", TooOld)
-    monkeypatch.setattr(alexnet, "lrn_triton", TooOld, raising=False)
+    without_triton(monkeypatch, "lrn_triton")
     monkeypatch.setattr(lrn_module, "_UNUSABLE", {})
     used = []
     monkeypatch.setattr(lrn_module, "_compiled", lambda fn: used.append(fn.__name__) or fn)
@@ -296,15 +308,9 @@ def test_the_operator_passes_torch_library_checks(kernels) -> None:
 
 @pytest.fixture
 def pool_kernels(request, monkeypatch):
-    """pool_triton interpreted, one tile (16 pixels x 32 channels unless parametrized); also what
-    `import alexnet.pool_triton` gives while the test runs."""
-    interpreted = fresh_copy(monkeypatch, "pool_triton", interpret=True)
+    """pool_triton interpreted, tiles of 16 pixels x 32 channels unless parametrized."""
     block_p, block_c = getattr(request, "param", (16, 32))
-    for kernel in (interpreted._forward_kernel, interpreted._backward_kernel):
-        kernel.configs = [triton.Config({"BLOCK_P": block_p, "BLOCK_C": block_c}, num_warps=4)]
-    monkeypatch.setitem(sys.modules, "alexnet.pool_triton", interpreted)
-    monkeypatch.setattr(alexnet, "pool_triton", interpreted, raising=False)
-    return interpreted
+    return interpreted(monkeypatch, "pool_triton", BLOCK_P=block_p, BLOCK_C=block_c)
 
 
 def _pool_inputs(shape, size: int, stride: int, channels_last: bool, dtype=torch.float32):
@@ -396,12 +402,7 @@ def test_every_pool_tile_builds_for_an_h100_without_spilling(direction: str, mon
 def test_max_pool_falls_back_to_pytorch_where_triton_cannot_run(monkeypatch) -> None:
     import alexnet.pool as pool_module
 
-    class TooOld:
-        def forward(*args, **kwargs):
-            raise RuntimeError("Triton only supports GPUs of compute capability 7.0 or newer")
-
-    monkeypatch.setitem(sys.modules, "alexnet.pool_triton", TooOld)
-    monkeypatch.setattr(alexnet, "pool_triton", TooOld, raising=False)
+    without_triton(monkeypatch, "pool_triton")
     monkeypatch.setattr(pool_module, "_UNUSABLE", [])
     x, g = _pool_inputs((2, 8, 11, 9), 3, 2, channels_last=True)
     x.requires_grad_()
@@ -415,9 +416,8 @@ def test_max_pool_falls_back_to_pytorch_where_triton_cannot_run(monkeypatch) -> 
     assert len(caught) == 1
     want_y, want_grad = _pytorch_pool(x, g, 3, 2)
     assert torch.equal(y.detach().nan_to_num(-1), want_y.nan_to_num(-1)) and torch.equal(x.grad, want_grad)
+    without_triton(monkeypatch, "pool_triton")
     with pytest.raises(RuntimeError, match="compute capability"):  # named explicitly: no fallback
-        monkeypatch.setitem(sys.modules, "alexnet.pool_triton", TooOld)
-        monkeypatch.setattr(alexnet, "pool_triton", TooOld, raising=False)
         pool_module.MaxPool2d(3, 2, kernels="triton")(x)
 
 
@@ -441,16 +441,11 @@ def test_compiled_and_exported_models_pool_with_pytorchs_operation(pool_kernels,
 
 @pytest.fixture
 def bias_relu_kernels(request, monkeypatch):
-    """bias_relu_triton interpreted, one tile (8 pixels x 32 channels unless parametrized); also what
-    `import alexnet.bias_relu_triton` gives while the test runs."""
-    interpreted = fresh_copy(monkeypatch, "bias_relu_triton", interpret=True)
+    """bias_relu_triton interpreted, tiles of 8 pixels x 32 channels unless parametrized."""
     block_p, block_c = getattr(request, "param", (8, 32))
-    for kernel in (interpreted._forward_kernel, interpreted._backward_kernel):
-        kernel.configs = [triton.Config({"BLOCK_P": block_p, "BLOCK_C": block_c}, num_warps=4)]
-    monkeypatch.setattr(interpreted, "ROWS", 64)  # 3 x 9 x 11 pixels: four programs, the last one partly filled
-    monkeypatch.setitem(sys.modules, "alexnet.bias_relu_triton", interpreted)
-    monkeypatch.setattr(alexnet, "bias_relu_triton", interpreted, raising=False)
-    return interpreted
+    module = interpreted(monkeypatch, "bias_relu_triton", BLOCK_P=block_p, BLOCK_C=block_c)
+    monkeypatch.setattr(module, "ROWS", 64)  # 3 x 9 x 11 pixels: four programs, the last one partly filled
+    return module
 
 
 def _bias_relu_inputs(channels_last: bool, dtype=torch.float32):
@@ -533,12 +528,7 @@ def test_every_bias_relu_tile_builds_for_an_h100_without_spilling(direction: str
 def test_bias_relu_falls_back_to_pytorch_where_triton_cannot_run(monkeypatch) -> None:
     import alexnet.bias_relu as bias_relu_module
 
-    class TooOld:
-        def forward(*args, **kwargs):
-            raise RuntimeError("Triton only supports GPUs of compute capability 7.0 or newer")
-
-    monkeypatch.setitem(sys.modules, "alexnet.bias_relu_triton", TooOld)
-    monkeypatch.setattr(alexnet, "bias_relu_triton", TooOld, raising=False)
+    without_triton(monkeypatch, "bias_relu_triton")
     monkeypatch.setattr(bias_relu_module, "_UNUSABLE", [])
     x, bias, g = _bias_relu_inputs(channels_last=True)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # what the default looks at
