@@ -45,7 +45,7 @@ log "## $(date -u '+%Y-%m-%d %H:%M UTC'), ${gpu:-no GPU}, $($PY -c 'import torch
 log ""
 log "Data: $(basename "$DATA"), its training images listed $COPIES times. QUICK=${QUICK:-}"
 
-run $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_prepare.py -k "cuda or gpu or bf16 or fp16"
+run timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_prepare.py -k "cuda or gpu or bf16 or fp16"
 if [ "$PROFILE" = 1 ]; then
   run timeout 420 $PY benchmarks/step_profile.py --batch-size "$LARGE" --steps "$STEPS" --rounds "$ROUNDS"
 fi
