@@ -275,7 +275,7 @@ def test_bias_and_relu_run_in_the_triton_kernels_by_default(dtype, monkeypatch):
     x = torch.rand(4, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
     results = {}
     for mode in (None, "modules"):
-        model.bias_relu = mode
+        model.bias_relu_kernels = mode
         model.zero_grad()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             logits = model(x)

@@ -487,7 +487,7 @@ def test_bias_and_relu_run_as_one_operation_unless_a_hook_watches(monkeypatch) -
     with torch.no_grad():
         want = model(x)
         assert calls == []
-        model.bias_relu = "triton"
+        model.bias_relu_kernels = "triton"
         torch.testing.assert_close(model(x), want)
         assert calls == ["triton"] * 5
         taps = []

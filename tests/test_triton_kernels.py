@@ -563,7 +563,7 @@ def test_the_paper_network_through_every_triton_kernel_equals_pytorch(kernels, p
                 m.kernels = "triton" if mode == "triton" else "eager"
             if isinstance(m, GroupedConv2d):
                 m.dense = mode == "triton"
-        model.bias_relu = "triton" if mode == "triton" else "modules"
+        model.bias_relu_kernels = "triton" if mode == "triton" else "modules"
         model.zero_grad()
         logits = model(x)
         logits.square().sum().backward()

@@ -211,7 +211,7 @@ def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 class AlexNet(nn.Module):
-    """`bias_relu`: how each convolution's bias and ReLU run. "modules": the Conv2d and ReLU modules one
+    """`bias_relu_kernels`: how each convolution's bias and ReLU run. "modules": the Conv2d and ReLU modules one
     after the other; "triton": one operation with Triton kernels (bias_relu.py), except where a hook
     watches either module (the feature taps) or under torch.compile, export and tracing; None (the
     default): "triton" on CUDA, "modules" elsewhere."""
@@ -219,7 +219,7 @@ class AlexNet(nn.Module):
     def __init__(self, preset: Preset, num_classes: int = 1000, dropout: float = 0.5) -> None:
         super().__init__()
         self.preset = preset
-        self.bias_relu: str | None = None
+        self.bias_relu_kernels: str | None = None
         self.labels: dict[str, str] = {}  # module path -> name in the paper's terms (conv1, lrn1, fc6...)
         self.taps: dict[str, str] = {}  # layer -> module path whose output is that layer's activation
 
@@ -268,8 +268,8 @@ class AlexNet(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
-        """self.features(x), each convolution's bias and ReLU as one operation where `bias_relu` says."""
-        kernels = self.bias_relu or ("triton" if x.is_cuda else "modules")
+        """self.features(x), each convolution's bias and ReLU as one operation where `bias_relu_kernels` says."""
+        kernels = self.bias_relu_kernels or ("triton" if x.is_cuda else "modules")
         watched = torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.compiler.is_compiling()
         if kernels == "modules" or watched or _hooked():
             return self.features(x)
