@@ -110,6 +110,21 @@ def test_resume_can_extend_epochs(tiny_run, tmp_path):
     assert epochs == [1, 2]
 
 
+def test_a_resumed_run_can_turn_a_flag_off(tiny_run, tmp_path):
+    """A run made with --cuda-graphs, resumed where there is no GPU: refused in one line, and resumed
+    with --no-cuda-graphs (flags given --no- forms for this)."""
+    import shutil
+
+    _, run = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "cuda_graphs": True}))
+    assert_one_line_error(run_cli("train", "--resume", copy, "--epochs", "2"), "CUDA graphs need a CUDA device")
+    assert main(["train", "--resume", str(copy), "--epochs", "2", "--no-cuda-graphs", "--no-progress"]) == 0
+    assert len((copy / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 def test_existing_run_dir_is_refused(tiny_run):
     data, run = tiny_run
     assert_one_line_error(run_cli("train", "--data", data, "--run-dir", run), "already exists")

@@ -63,9 +63,11 @@ class Parser(argparse.ArgumentParser):
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field; defaults stay unset so we know what the user gave."""
     for f in dataclasses.fields(TrainConfig):
-        if isinstance(f.default, bool):  # a flag: --tensorboard
+        if isinstance(f.default, bool):  # a flag: --tensorboard; --no-tensorboard turns it off when resuming
             flag = f"--{f.name.replace('_', '-')}"
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=HELP.get(f.name))
+            p.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=HELP.get(f.name)
+            )
             continue
         kind = {int: int, float: float}.get(type(f.default), str)
         if f.name == "groups":
