@@ -5,7 +5,8 @@
 Starts N processes (gloo on the CPU; NCCL with --cuda, one GPU each) and measures, in the same run:
   all-reduce of the fc6-fc8 gradients (58.6M floats) and of the conv gradients (2.3M) alone;
   a DDP training step of the paper preset (global batch --batch) with 25 MB buckets (DDP's default),
-  100 MB buckets, fp16 and bf16 compression hooks, and without communication (no_sync) as the floor.
+  100 MB buckets, each with gradients as views into the buckets (no copy into them), fp16 and bf16
+  compression hooks, and without communication (no_sync) as the floor.
 """
 
 from __future__ import annotations
@@ -57,14 +58,16 @@ def worker(rank: int, world: int, store: str, args: argparse.Namespace, results:
     }
     x = torch.randn(args.batch // world, 3, 224, 224, device=device)
     y = torch.randint(0, 1000, (args.batch // world,), device=device)
-    for name, bucket_mb, hook in (
-        ("DDP step, 25 MB buckets (default)", 25, None),
-        ("DDP step, 100 MB buckets", 100, None),
-        ("DDP step, fp16 compression hook", 25, default_hooks.fp16_compress_hook),
-        ("DDP step, bf16 compression hook", 25, default_hooks.bf16_compress_hook),
-        ("step without communication (no_sync)", 25, "no_sync"),
+    for name, bucket_mb, views, hook in (
+        ("DDP step, 25 MB buckets (default)", 25, False, None),
+        ("DDP step, 100 MB buckets", 100, False, None),
+        ("DDP step, 25 MB buckets, bucket views", 25, True, None),
+        ("DDP step, 100 MB buckets, bucket views", 100, True, None),
+        ("DDP step, fp16 compression hook", 25, False, default_hooks.fp16_compress_hook),
+        ("DDP step, bf16 compression hook", 25, False, default_hooks.bf16_compress_hook),
+        ("step without communication (no_sync)", 25, False, "no_sync"),
     ):
-        ddp = DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
+        ddp = DistributedDataParallel(model, bucket_cap_mb=bucket_mb, gradient_as_bucket_view=views)
         if callable(hook):
             ddp.register_comm_hook(None, hook)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.001, momentum=0.9)

@@ -76,7 +76,7 @@ class TrainConfig:
     channels_last: str = "on"  # on | off: NHWC layout
     compile: bool = False  # torch.compile the model
     cuda_graphs: bool = False  # replay each step from a CUDA graph (one process on CUDA, bf16 or fp32)
-    ddp_bucket_mb: int = 25  # DDP's gradient bucket size (PyTorch's default); 100 was 1.3x faster on CPUs (gloo)
+    ddp_bucket_mb: int = 25  # DDP's gradient bucket size (PyTorch's default; benchmarks/ddp.py compares others)
 
     def resolved(self) -> TrainConfig:
         """Fill preset-dependent defaults and check every value; raises UserError with one line."""
