@@ -74,6 +74,17 @@ def test_bad_input_is_one_line(args, pattern):
     assert_one_line_error(run_cli(*args), pattern)
 
 
+def test_a_run_that_stops_before_writing_anything_leaves_no_directory(tmp_path):
+    """A wrong data path found after the run directory was made: the directory goes too; one that
+    existed before (a resumed run's) stays."""
+    run = tmp_path / "runs" / "new"
+    assert_one_line_error(run_cli("train", "--data", tmp_path / "none", "--run-dir", run), "does not exist")
+    assert not run.exists()
+    run.mkdir(parents=True)
+    assert_one_line_error(run_cli("train", "--data", tmp_path / "none", "--run-dir", run), "does not exist")
+    assert run.is_dir()
+
+
 def test_mismatched_classes_and_corrupt_checkpoint(tmp_path):
     write_image(tmp_path / "d" / "train" / "a" / "1.JPEG")
     write_image(tmp_path / "d" / "train" / "b" / "1.JPEG")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import time
 from collections.abc import Iterable
@@ -153,12 +154,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             distributed.barrier(ranks)  # rank 0 checks and locks the run directory first
             return _train(cfg, run_dir, resume, False, device, ranks, pretrained)
         check_run_directory(run_dir, resume)
+        made = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
-        with RunLock(run_dir):
-            check_run_directory(run_dir, resume)  # again: another process may have started it meanwhile
-            remove_temporaries(run_dir)  # of a process killed mid-write
-            distributed.barrier(ranks)
-            return _train(cfg, run_dir, resume, progress, device, ranks, pretrained)
+        try:
+            with RunLock(run_dir):
+                check_run_directory(run_dir, resume)  # again: another process may have started it meanwhile
+                remove_temporaries(run_dir)  # of a process killed mid-write
+                distributed.barrier(ranks)
+                return _train(cfg, run_dir, resume, progress, device, ranks, pretrained)
+        except BaseException:
+            if made and not (run_dir / "config.json").exists():  # stopped before writing anything (a wrong path)
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
     finally:
         distributed.stop()
 
