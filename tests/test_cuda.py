@@ -285,3 +285,25 @@ def test_bias_and_relu_run_in_the_triton_kernels_by_default(dtype, monkeypatch):
     tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-3}
     for got, want in zip(results[None], results["modules"], strict=True):
         torch.testing.assert_close(got, want, **{**tol, "atol": tol["atol"] * max(want.abs().max().item(), 1)})
+
+
+def test_the_model_falls_back_to_pytorchs_bias_and_relu_where_triton_cannot_run(monkeypatch):
+    """The model's default on CUDA, on a GPU Triton cannot build for: one warning, then PyTorch's
+    operations, with the modules' values (kernels named explicitly would raise instead)."""
+    import alexnet.bias_relu as bias_relu_module
+    from alexnet import bias_relu_triton
+
+    def too_old(*args):
+        raise RuntimeError("Triton only supports GPUs of compute capability 7.0 or newer")
+
+    monkeypatch.setattr(bias_relu_triton, "forward", too_old)
+    monkeypatch.setattr(bias_relu_module, "_UNUSABLE", [])
+    model = build_model("paper", 10, init="caffe").cuda().eval()
+    x = torch.rand(2, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="Triton kernels cannot run here.*compute capability") as caught:
+            got = model(x)
+        model.bias_relu_kernels = "modules"
+        want = model(x)
+    assert len(caught) == 1
+    torch.testing.assert_close(got, want)

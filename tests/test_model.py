@@ -477,7 +477,7 @@ def test_bias_and_relu_run_as_one_operation_unless_a_hook_watches(monkeypatch) -
 
     calls = []
 
-    def spy(x: torch.Tensor, bias: torch.Tensor, kernels: str) -> torch.Tensor:
+    def spy(x: torch.Tensor, bias: torch.Tensor, kernels: str | None) -> torch.Tensor:
         calls.append(kernels)
         return torch.relu(x + bias.view(1, -1, 1, 1))
 

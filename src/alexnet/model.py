@@ -279,7 +279,8 @@ class AlexNet(nn.Module):
             conv, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
             pair = isinstance(conv, Conv2d) and isinstance(after, nn.ReLU) and conv.bias is not None
             if pair and not _hooked(conv, after):
-                x = bias_relu(conv.convolve(x, None), conv.bias, kernels)
+                # None when defaulted: bias_relu falls back to PyTorch's operations where Triton cannot run
+                x = bias_relu(conv.convolve(x, None), conv.bias, self.bias_relu_kernels)
                 i += 2
             else:
                 x = conv(x)
