@@ -13,6 +13,7 @@ of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images alrea
   paper, grouped convs   on CUDA: conv2, conv4, conv5 as cuDNN's grouped convolutions, not dense ones
   paper, conv1 3 chans   on CUDA: conv1's input with its 3 channels, not padded to 8 by us (cuDNN pads)
   paper, bias+ReLU apart on CUDA: each convolution's bias and ReLU as PyTorch's modules, not one operation
+  paper, LRN apart       on CUDA: conv1 and conv2's LRN in kernels of its own, not with the bias and ReLU
   paper, eager LRN       the same with LRN's eager formulas
   paper, no LRN          LRN layers removed
   paper, groups=1        one tower: conv2, conv4 and conv5 see all their input channels
@@ -75,10 +76,27 @@ def set_on(model: nn.Module, kind: type, **attributes) -> nn.Module:
     return model
 
 
+class BiasReLULRN(nn.Module):
+    """A convolution's bias, its ReLU and LRN on the convolution's output: as the model runs them on
+    CUDA ("together", bias_relu.bias_relu_lrn) or as two operations ("apart", fuse_lrn=False)."""
+
+    def __init__(self, channels: int, kernels: str) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(channels))
+        self.lrn = LocalResponseNorm(PAPER_LRN)
+        self.together = kernels == "together"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.together:
+            return bias_relu.bias_relu_lrn(x, self.bias, self.lrn)
+        return self.lrn(bias_relu.bias_relu(x, self.bias))
+
+
 def layers_alone(device: torch.device, dtype: torch.dtype, batch: int, steps: int) -> None:
     """ms per forward + backward of LRN and of max pooling on the paper network's activations, by
     kernels, and the bandwidth that implies for the least traffic each needs: LRN reads x and writes y,
-    then reads x and the gradient and writes dx; a pool reads x, writes y, reads y's gradient, writes dx."""
+    then reads x and the gradient and writes dx; a pool reads x, writes y, reads y's gradient, writes dx.
+    On CUDA also bias, ReLU and LRN together and apart (the least traffic: LRN's)."""
     print(f"\nLayers alone, forward + backward, {dtype}, channels_last, batch {batch}:")
     cuda = device.type == "cuda"
     layers = [  # name, input shape, the layer with given kernels, its kernels, least bytes per unit of x
@@ -88,6 +106,12 @@ def layers_alone(device: torch.device, dtype: torch.dtype, batch: int, steps: in
         ("pool2", (batch, 256, 27, 27), lambda k: MaxPool2d(3, 2, k), POOL_KERNELS, 2 * (1 + 13**2 / 27**2)),
         ("pool5", (batch, 256, 13, 13), lambda k: MaxPool2d(3, 2, k), POOL_KERNELS, 2 * (1 + 6**2 / 13**2)),
     ]
+    if cuda:
+        ways = ("together", "apart")
+        layers += [
+            ("b+r+lrn1", (batch, 96, 55, 55), lambda k: BiasReLULRN(96, k).to(device), ways, 5.0),
+            ("b+r+lrn2", (batch, 256, 27, 27), lambda k: BiasReLULRN(256, k).to(device), ways, 5.0),
+        ]
     for name, shape, layer, kinds, per_x in layers:
         x = torch.rand(shape, device=device).mul(60).to(dtype).contiguous(memory_format=torch.channels_last)
         least = per_x * x.numel() * x.element_size()
@@ -143,6 +167,7 @@ def main() -> None:
         candidates["paper, grouped convs"] = paper_step(set_on(paper_model(), GroupedConv2d, dense=False))
         candidates["paper, conv1 3 chans"] = paper_step(set_on(paper_model(), CeilConv2d, pad_channels=False))
         candidates["paper, bias+ReLU apart"] = paper_step(set_on(paper_model(), AlexNet, bias_relu_kernels="modules"))
+        candidates["paper, LRN apart"] = paper_step(set_on(paper_model(), AlexNet, fuse_lrn=False))
     candidates |= {
         "paper, eager LRN": paper_step(set_on(paper_model(), LocalResponseNorm, kernels="eager")),
         "paper, no LRN": paper_step(without_lrn(paper_model())),
@@ -182,6 +207,7 @@ def main() -> None:
         "LRN": list(lrn._UNUSABLE.items()),
         "max pool": pool._UNUSABLE,
         "bias and ReLU": bias_relu._UNUSABLE,
+        "bias, ReLU and LRN": bias_relu._UNUSABLE_WITH_LRN,
         "augmentation": augment._TRITON_FAILED,
     }
     fell_back = {layer: why for layer, why in fell_back.items() if why}

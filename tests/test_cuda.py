@@ -263,13 +263,25 @@ def test_conv1_pads_its_colour_channels_to_8_on_cuda_under_autocast(monkeypatch)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bias_and_relu_run_in_the_triton_kernels_by_default(dtype, monkeypatch):
     """On CUDA each convolution's bias and ReLU go through bias_relu_triton (once each way per
-    convolution), with the values and gradients of the modules one by one."""
-    from alexnet import bias_relu_triton
+    convolution), conv1's and conv2's with their LRN through lrn_triton's kernels with a bias, with the
+    values and gradients of the modules one by one."""
+    from alexnet import bias_relu_triton, lrn_triton
 
     calls = []
-    for name in ("forward", "backward"):
-        real = getattr(bias_relu_triton, name)
-        monkeypatch.setattr(bias_relu_triton, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+
+    def spy(module, name: str) -> None:
+        real = getattr(module, name)
+
+        def record(*args, **kwargs):
+            with_bias = " with bias" if kwargs.get("bias") is not None else ""
+            calls.append(f"{module.__name__.rsplit('.', 1)[-1]}.{name}{with_bias}")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, record)
+
+    kernels = [(bias_relu_triton, "forward"), (bias_relu_triton, "backward"), (lrn_triton, "forward")]
+    for module, name in kernels + [(lrn_triton, "backward_with_bias")]:
+        spy(module, name)
     torch.manual_seed(0)
     model = build_model("paper", 10, init="caffe").cuda().eval().to(memory_format=torch.channels_last)
     x = torch.rand(4, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
@@ -281,7 +293,9 @@ def test_bias_and_relu_run_in_the_triton_kernels_by_default(dtype, monkeypatch):
             logits = model(x)
         logits.float().square().sum().backward()
         results[mode] = [logits.detach().float()] + [p.grad.clone() for p in model.parameters()]
-    assert calls == ["forward"] * 5 + ["backward"] * 5
+    fused = ["lrn_triton.forward with bias"] * 2 + ["bias_relu_triton.forward"] * 3
+    fused += ["bias_relu_triton.backward"] * 3 + ["lrn_triton.backward_with_bias"] * 2
+    assert calls == fused + ["lrn_triton.forward"] * 2  # "modules": LRN alone, in its Triton kernels
     tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-3}
     for got, want in zip(results[None], results["modules"], strict=True):
         torch.testing.assert_close(got, want, **{**tol, "atol": tol["atol"] * max(want.abs().max().item(), 1)})

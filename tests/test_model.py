@@ -469,6 +469,50 @@ def test_grouped_conv_is_grouped_on_the_cpu_and_when_exported(monkeypatch) -> No
 # ------------------------------------------------------------------------------------ bias and ReLU
 
 
+def test_lrn_joins_the_bias_and_relu_before_it_where_it_runs_in_triton(monkeypatch) -> None:
+    """conv1 and conv2's bias, ReLU and LRN as one operation (bias_relu_lrn) where the bias and ReLU
+    run as one and the LRN's kernels are Triton's; not where a hook watches the LRN, nor with
+    fuse_lrn False. The same values as the modules one by one."""
+    import alexnet.model as model_module
+
+    calls = []
+
+    def spy_bias_relu(x, bias, kernels):
+        calls.append("bias_relu")
+        return torch.relu(x + bias.view(1, -1, 1, 1))
+
+    def spy_bias_relu_lrn(x, bias, lrn, kernels):
+        calls.append(f"bias_relu_lrn {kernels}")
+        return lrn(torch.relu(x + bias.view(1, -1, 1, 1)))
+
+    monkeypatch.setattr(model_module, "bias_relu", spy_bias_relu)
+    monkeypatch.setattr(model_module, "bias_relu_lrn", spy_bias_relu_lrn)
+    model = build_model("paper", 10, init="caffe").eval()
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        want = model(x)
+        model.bias_relu_kernels = "triton"
+        torch.testing.assert_close(model(x), want)
+        assert calls == ["bias_relu"] * 5  # the CPU's LRN is not Triton's
+        lrns = [m for m in model.modules() if isinstance(m, LocalResponseNorm)]
+        for lrn in lrns:
+            lrn.kernels = "triton"
+        for lrn in lrns:  # what runs them here: PyTorch's operations
+            monkeypatch.setattr(lrn, "forward", LocalResponseNorm(lrn.spec, kernels="eager").forward)
+        calls.clear()
+        torch.testing.assert_close(model(x), want)
+        assert calls == ["bias_relu_lrn triton"] * 2 + ["bias_relu"] * 3
+        handle = lrns[0].register_forward_hook(lambda *args: None)
+        calls.clear()
+        torch.testing.assert_close(model(x), want)
+        handle.remove()
+        assert calls == ["bias_relu", "bias_relu_lrn triton"] + ["bias_relu"] * 3
+        model.fuse_lrn = False
+        calls.clear()
+        torch.testing.assert_close(model(x), want)
+        assert calls == ["bias_relu"] * 5
+
+
 def test_bias_and_relu_run_as_one_operation_unless_a_hook_watches(monkeypatch) -> None:
     """bias_relu="triton" (CUDA's default): each convolution runs without its bias and hands it, with
     its output, to bias_relu.bias_relu; except where a hook watches the convolution or its ReLU (a

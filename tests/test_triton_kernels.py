@@ -174,14 +174,21 @@ def build_for_h100(kernel, pointers: dict[str, str] | str, constants: dict, num_
     return next(line for line in usage.stdout.splitlines() if "REG:" in line)
 
 
-def _sm90(kernel, width: int, config) -> str:
-    return build_for_h100(kernel, "*bf16", {"SIZE": 5, "BLOCK_C": width, **config.kwargs}, config.num_warps)
+def _sm90(kernel, width: int, config, bias: bool = False) -> str:
+    """LRN's kernel for sm_90 in bf16; with `bias`, the one that also adds a bias and applies ReLU."""
+    constants = {"SIZE": 5, "BIAS": bias, "BLOCK_C": width, **config.kwargs}
+    pointers = "*bf16"
+    if "db_ptr" in kernel.fn.arg_names:  # the backward: db's partial sums are float32
+        pointers = {name: "*fp32" if name == "db_ptr" else "*bf16" for name in kernel.fn.arg_names}
+        constants["ROWS"] = 1024 if bias else 0
+    return build_for_h100(kernel, pointers, constants, config.num_warps)
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["lrn", "bias_relu_lrn"])
 @pytest.mark.parametrize("width", [128, 256], ids=["conv1", "conv2"])  # 96 and 256 channels
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_every_tile_the_autotuner_may_pick_builds_for_an_h100_without_spilling(
-    width: int, direction: str, monkeypatch
+    width: int, direction: str, bias: bool, monkeypatch
 ) -> None:
     if not HAS_PTXAS:
         pytest.skip("this Triton has no CUDA compiler")
@@ -193,7 +200,7 @@ def test_every_tile_the_autotuner_may_pick_builds_for_an_h100_without_spilling(
     smallest = min(tiles, key=lambda c: c.kwargs["BLOCK_P"] / c.num_warps)
     largest = max(tiles, key=lambda c: c.kwargs["BLOCK_P"] / c.num_warps)
     for config in (smallest, largest):
-        usage = _sm90(kernel, width, config)
+        usage = _sm90(kernel, width, config, bias)
         assert " STACK:0 " in usage and " LOCAL:0 " in usage, f"{config}: {usage}"
 
 
@@ -541,6 +548,89 @@ def test_bias_relu_falls_back_to_pytorch_where_triton_cannot_run(monkeypatch) ->
     assert torch.equal(y.nan_to_num(-1), want_y.nan_to_num(-1))
     with pytest.raises(RuntimeError, match="compute capability"):  # named explicitly: no fallback
         bias_relu_module.bias_relu(x, bias, kernels="triton")
+
+
+# --- A convolution's bias, ReLU and LRN as one operation (lrn_triton.py with a bias) -----------------
+
+
+def _bias_relu_lrn_inputs(channels_last: bool, dtype=torch.float32):
+    """_bias_relu_inputs large enough that LRN bites (its window sums reach k's size)."""
+    x, bias, g = _bias_relu_inputs(channels_last, dtype)
+    return x * 40, bias * 40, g
+
+
+def _apart(x, bias, g):
+    """bias_relu's kernels, then LRN's: values, x's gradient and bias's."""
+    from alexnet import bias_relu_triton, lrn_triton
+
+    s = PAPER_LRN
+    a = bias_relu_triton.forward(x, bias)
+    y = lrn_triton.forward(a, s.size, s.scale, s.k, s.beta)
+    da = lrn_triton.backward(a, g, s.size, s.scale, s.k, s.beta)
+    dx, db = bias_relu_triton.backward(da, a)
+    return y, dx, db
+
+
+@pytest.mark.parametrize(
+    ("channels_last", "dtype", "kernels"),
+    [(False, torch.float32, 8), (True, torch.float32, 8), (True, torch.bfloat16, 8)],
+    ids=["nchw", "channels_last", "bf16"],
+    indirect=["kernels"],
+)
+def test_bias_relu_lrn_kernels_equal_bias_relu_then_lrn(kernels, bias_relu_kernels, channels_last, dtype) -> None:
+    """The same values and x's gradient as the two operations apart, bit for bit, the NaN's spread
+    through LRN's window included; bias's gradient the same sum in another order. 297 pixels: ten
+    programs of 32, the last partly filled, each with its own partial sum of db."""
+    s = PAPER_LRN
+    x, bias, g = _bias_relu_lrn_inputs(channels_last, dtype)
+    y = kernels.forward(x, s.size, s.scale, s.k, s.beta, bias=bias)
+    dx, db = kernels.backward_with_bias(x, bias, g, s.size, s.scale, s.k, s.beta)
+    want_y, want_dx, want_db = _apart(x, bias, g)
+    assert y.stride() == dx.stride() == x.stride() and y.dtype == dx.dtype == dtype and db.dtype == torch.float32
+    assert y.isnan().sum() == PAPER_LRN.size  # the NaN reached the channels whose window holds it, no others
+    assert torch.equal(y.nan_to_num(-1), want_y.nan_to_num(-1))
+    assert torch.equal(dx.nan_to_num(-1), want_dx.nan_to_num(-1))
+    torch.testing.assert_close(db, want_db, rtol=1e-5, atol=1e-5, equal_nan=True)
+    # LRN and the ReLU both matter here: the output is neither relu(x + b) nor its scaled copy
+    a = torch.relu(x.float() + bias.float().view(1, -1, 1, 1))
+    assert 0.3 < (a == 0).float().mean() < 0.7
+    ratio = (y.float() / a)[(a > 1) & y.isfinite()]
+    assert ratio.max() < 0.7 and ratio.max() - ratio.min() > 0.1
+
+
+@pytest.mark.parametrize("kernels", [8], indirect=True)
+def test_bias_relu_lrn_trains_through_the_kernels_saving_its_input_and_bias(kernels, bias_relu_kernels) -> None:
+    from alexnet.bias_relu import bias_relu_lrn
+
+    x, bias, g = _bias_relu_lrn_inputs(channels_last=True)
+    x.requires_grad_()
+    bias = bias.double().requires_grad_()  # a parameter of another type: cast, and its gradient cast back
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = bias_relu_lrn(x, bias, LocalResponseNorm(PAPER_LRN), kernels="triton")
+    y.backward(g)
+    assert len(saved) == 2 and saved[0] is x and saved[1].shape == bias.shape
+    want_y, want_dx, want_db = _apart(x.detach(), bias.detach().float(), g)
+    assert torch.equal(y.detach().nan_to_num(-1), want_y.nan_to_num(-1))
+    assert torch.equal(x.grad.nan_to_num(-1), want_dx.nan_to_num(-1))
+    assert bias.grad.dtype == torch.float64
+    torch.testing.assert_close(bias.grad.float(), want_db, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_bias_relu_lrn_falls_back_to_the_operations_apart_where_triton_cannot_run(monkeypatch) -> None:
+    import alexnet.bias_relu as bias_relu_module
+
+    without_triton(monkeypatch, "lrn_triton")
+    monkeypatch.setattr(bias_relu_module, "_UNUSABLE_WITH_LRN", [])
+    x, bias, g = _bias_relu_lrn_inputs(channels_last=True)
+    lrn = LocalResponseNorm(PAPER_LRN, kernels="eager")
+    with pytest.warns(UserWarning, match="bias, ReLU and LRN.*cannot run here.*compute capability") as caught:
+        y = bias_relu_module.bias_relu_lrn(x, bias, lrn)
+        bias_relu_module.bias_relu_lrn(x, bias, lrn)  # said once
+    assert len(caught) == 1
+    assert torch.equal(y.nan_to_num(-1), lrn(torch.relu(x + bias.view(1, -1, 1, 1))).nan_to_num(-1))
+    with pytest.raises(RuntimeError, match="compute capability"):  # named explicitly: no fallback
+        bias_relu_module.bias_relu_lrn(x, bias, lrn, kernels="triton")
 
 
 @pytest.mark.parametrize(("kernels", "pool_kernels"), [(32, (64, 64))], indirect=True)  # big tiles: fewer to interpret

@@ -1,11 +1,14 @@
-"""relu(x + bias): a convolution's bias and the ReLU after it as one operation, in one pass each way on CUDA.
+"""relu(x + bias): a convolution's bias and the ReLU after it as one operation, in one pass each way on CUDA;
+and lrn(relu(x + bias)), the same with the LRN after them (conv1 and conv2 of the paper).
 
 The model (model.AlexNet) computes each convolution without its bias and hands the bias here, where
 the layers are not being watched by hooks (feature taps) and not compiled or exported; the modules,
 parameters and checkpoints stay those of nn.Conv2d and nn.ReLU. On CUDA: bias_relu_triton.py's
 kernels, where the forward writes the ReLU's output once and the backward writes the input's gradient
 and sums the bias's from the same tiles. Elsewhere, or where Triton cannot run (one warning):
-PyTorch's two operations.
+PyTorch's two operations. With LRN, lrn_triton.py's kernels take the bias: the forward reads x and
+writes LRN's output, the backward reads x and the gradient and writes x's, where the three apart take
+three passes each way.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .errors import warn_slower
+from .lrn import LocalResponseNorm
 
 _UNUSABLE: list[str] = []  # why the Triton kernels cannot run here, once they have failed
+_UNUSABLE_WITH_LRN: list[str] = []
 
 
 class _BiasReLUFunction(torch.autograd.Function):
@@ -57,3 +62,46 @@ def bias_relu(x: torch.Tensor, bias: torch.Tensor, kernels: str | None = None) -
                 raise
             _UNUSABLE.append(warn_slower("bias and ReLU's Triton kernels", e))
     return F.relu(x + bias.view(1, -1, 1, 1))
+
+
+class _BiasReLULRNFunction(torch.autograd.Function):
+    """Saves x (the convolution's output before its bias) and the bias: the backward recomputes
+    relu(x + bias), as LRN's recomputes its window sums."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor, lrn: LocalResponseNorm) -> torch.Tensor:
+        from . import lrn_triton
+
+        s = lrn.spec
+        ctx.save_for_backward(x, bias)
+        ctx.spec = s
+        return lrn_triton.forward(x, s.size, s.scale, s.k, s.beta, bias=bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        from . import lrn_triton
+
+        x, bias = ctx.saved_tensors
+        s = ctx.spec
+        dx, db = lrn_triton.backward_with_bias(x, bias, grad, s.size, s.scale, s.k, s.beta)
+        return dx, db.to(bias.dtype), None
+
+
+def bias_relu_lrn(
+    x: torch.Tensor, bias: torch.Tensor, lrn: LocalResponseNorm, kernels: str | None = None
+) -> torch.Tensor:
+    """lrn(relu(x + bias)), as bias_relu then the module `lrn` compute it, in one Triton kernel each way.
+    `kernels`: "triton" runs those or fails; None falls back to bias_relu and `lrn` with one warning
+    where they cannot run."""
+    bias = bias.to(x.dtype)
+    if kernels is not None or not _UNUSABLE_WITH_LRN:
+        try:
+            return _BiasReLULRNFunction.apply(x, bias, lrn)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            if kernels is not None:
+                raise
+            _UNUSABLE_WITH_LRN.append(warn_slower("the Triton kernels of bias, ReLU and LRN together", e))
+    return lrn(bias_relu(x, bias))

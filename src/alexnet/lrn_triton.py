@@ -6,6 +6,13 @@ The formulas are lrn.py's (float32 arithmetic whatever the storage type):
     y_i  = x_i d_i^-beta
     dx_i = g_i d_i^-beta - 2 s beta x_i sum_{j : i in window(j)} g_j x_j d_j^(-beta-1)
 
+With a bias b (bias_relu.bias_relu_lrn), x is a convolution's output before its bias, and the kernels
+compute LRN of relu(x + b) (rounded to x's type, as PyTorch's bias add) and the gradients of x and b:
+
+    dx_i = dLRN_i where relu(x_i + b_i) > 0 (or NaN), else 0      db = dx summed over pixels
+
+so the convolution's bias, its ReLU and LRN take one pass over memory each way, instead of three.
+
 A program takes a tile of pixels by all channels. The window's neighbours are the same tile loaded
 again shifted by a few channels, so they come from the cache, not from memory: the forward moves x in
 and y out, the backward x and g in and dx out, nothing else. The backward recomputes each neighbour's
@@ -40,72 +47,98 @@ def _tiles(most: int) -> dict:
 
 
 @triton.jit
-def _load(ptr, pixel_offset, channel, stride_c, channels, pixel_ok):
-    """Tile [pixels, channels] of a tensor, as float32, with zeros outside the tensor's channels."""
-    ok = pixel_ok[:, None] & (channel >= 0)[None, :] & (channel < channels)[None, :]
-    return tl.load(ptr + pixel_offset[:, None] + channel[None, :] * stride_c, mask=ok, other=0.0).to(tl.float32)
+def _load(ptr, pixel_offset, channel, stride_c, channels, pixel_ok, b_ptr, BIAS: tl.constexpr):
+    """Tile [pixels, channels] of a tensor, as float32, with zeros outside the tensor's channels.
+    BIAS: of relu(x + b), the sum rounded to x's type first."""
+    channel_ok = (channel >= 0) & (channel < channels)
+    ok = pixel_ok[:, None] & channel_ok[None, :]
+    v = tl.load(ptr + pixel_offset[:, None] + channel[None, :] * stride_c, mask=ok, other=0.0).to(tl.float32)
+    if BIAS:
+        v += tl.load(b_ptr + channel, mask=channel_ok, other=0.0).to(tl.float32)[None, :]
+        v = v.to(ptr.dtype.element_ty).to(tl.float32)
+        v = tl.where((v < 0.0) | ~ok, 0.0, v)  # a NaN stays NaN; outside the tensor 0, not relu(b)
+    return v
 
 
 @triton.jit
-def _pixel_offsets(pixels, per_image, stride_n, stride_p, BLOCK_P: tl.constexpr):
-    """This program's pixels (image n, position p flattened) and their offsets, in int64: large batches
-    pass 2^31 elements."""
-    pixel = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+def _pixel_offsets(start, pixels, per_image, stride_n, stride_p, BLOCK_P: tl.constexpr):
+    """Pixels start.. (image n, position p flattened) and their offsets, in int64: large batches pass
+    2^31 elements."""
+    pixel = start + tl.arange(0, BLOCK_P)
     offset = (pixel // per_image).to(tl.int64) * stride_n + (pixel % per_image).to(tl.int64) * stride_p
     return offset, pixel < pixels
 
 
-@triton.autotune(configs=_CONFIGS, key=["channels", "stride_c"], prune_configs_by=_tiles(most=8))
+@triton.jit
+def _add(a, b):  # tl.sum's combining function; tl.sum itself is not interpreted where the tests load this
+    return a + b
+
+
+_KEY = ["channels", "stride_c", "BIAS"]
+
+
+@triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_tiles(most=8))
 @triton.jit
 def _forward_kernel(
-    x_ptr, y_ptr, pixels, per_image, stride_n, stride_p, stride_c, channels, scale, k, beta,
-    SIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, b_ptr, y_ptr, pixels, per_image, stride_n, stride_p, stride_c, channels, scale, k, beta,
+    SIZE: tl.constexpr, BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    offset, pixel_ok = _pixel_offsets(pixels, per_image, stride_n, stride_p, BLOCK_P)
+    offset, pixel_ok = _pixel_offsets(tl.program_id(0) * BLOCK_P, pixels, per_image, stride_n, stride_p, BLOCK_P)
     c = tl.arange(0, BLOCK_C)
     squares = tl.full((BLOCK_P, BLOCK_C), 0.0, tl.float32)
     for m in tl.static_range(SIZE):
-        v = _load(x_ptr, offset, c + (m - SIZE // 2), stride_c, channels, pixel_ok)
+        v = _load(x_ptr, offset, c + (m - SIZE // 2), stride_c, channels, pixel_ok, b_ptr, BIAS)
         squares += v * v
-    x = _load(x_ptr, offset, c, stride_c, channels, pixel_ok)
+    x = _load(x_ptr, offset, c, stride_c, channels, pixel_ok, b_ptr, BIAS)
     y = x * tl.exp(-beta * tl.log(squares * scale + k))  # powers as exp(e log d): special-function units
     ok = pixel_ok[:, None] & (c < channels)[None, :]
     tl.store(y_ptr + offset[:, None] + c[None, :] * stride_c, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.autotune(configs=_CONFIGS, key=["channels", "stride_c"], prune_configs_by=_tiles(most=4))
+@triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_tiles(most=4))
 @triton.jit
 def _backward_kernel(
-    x_ptr, g_ptr, dx_ptr, pixels, per_image, stride_n, stride_p, stride_c, channels, scale, k, beta,
-    SIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, b_ptr, g_ptr, dx_ptr, db_ptr, pixels, per_image, stride_n, stride_p, stride_c, channels, scale, k, beta,
+    SIZE: tl.constexpr, BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    offset, pixel_ok = _pixel_offsets(pixels, per_image, stride_n, stride_p, BLOCK_P)
+    # A program takes ROWS pixels, a tile at a time, and with BIAS writes db's float32 sum over them
+    # (ROWS = 0: one tile, no sums).
     c = tl.arange(0, BLOCK_C)
-    total = tl.full((BLOCK_P, BLOCK_C), 0.0, tl.float32)  # sum over j with i in window(j) of g_j x_j d_j^(-beta-1)
-    own = tl.full((BLOCK_P, BLOCK_C), 0.0, tl.float32)  # d_i^-beta
-    # j = i - ahead ... i + back (the window mirrored); d_j's window slides one channel at a time
-    squares = tl.full((BLOCK_P, BLOCK_C), 0.0, tl.float32)
-    for m in tl.static_range(SIZE):
-        v = _load(x_ptr, offset, c + (m - SIZE // 2 - (SIZE - 1) // 2), stride_c, channels, pixel_ok)
-        squares += v * v
-    for o in tl.static_range(SIZE):
-        j = c + (o - (SIZE - 1) // 2)
-        if o > 0:
-            enters = _load(x_ptr, offset, j + (SIZE - 1) // 2, stride_c, channels, pixel_ok)
-            leaves = _load(x_ptr, offset, j - SIZE // 2 - 1, stride_c, channels, pixel_ok)
-            squares += enters * enters - leaves * leaves
-        log_d = tl.log(squares * scale + k)
-        x_j = _load(x_ptr, offset, j, stride_c, channels, pixel_ok)
-        g_j = _load(g_ptr, offset, j, stride_c, channels, pixel_ok)
-        inside = ((j >= 0) & (j < channels))[None, :]  # beyond the channels there is no j (nor a d_j to divide by)
-        total += tl.where(inside, g_j * x_j * tl.exp(-(beta + 1.0) * log_d), 0.0)
-        if o == (SIZE - 1) // 2:  # j = i
-            own = tl.exp(-beta * log_d)
-    x = _load(x_ptr, offset, c, stride_c, channels, pixel_ok)
-    g = _load(g_ptr, offset, c, stride_c, channels, pixel_ok)
-    dx = g * own - (2.0 * scale * beta) * x * total
-    ok = pixel_ok[:, None] & (c < channels)[None, :]
-    tl.store(dx_ptr + offset[:, None] + c[None, :] * stride_c, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    span: tl.constexpr = BLOCK_P if ROWS == 0 else ROWS
+    first = tl.program_id(0) * span
+    bias_total = tl.full((BLOCK_C,), 0.0, tl.float32)
+    for start in tl.range(first, first + span, BLOCK_P):
+        offset, pixel_ok = _pixel_offsets(start, pixels, per_image, stride_n, stride_p, BLOCK_P)
+        total = tl.full((BLOCK_P, BLOCK_C), 0.0, tl.float32)  # sum over j with i in window(j) of g_j x_j d_j^(-beta-1)
+        own = tl.full((BLOCK_P, BLOCK_C), 0.0, tl.float32)  # d_i^-beta
+        # j = i - ahead ... i + back (the window mirrored); d_j's window slides one channel at a time
+        squares = tl.full((BLOCK_P, BLOCK_C), 0.0, tl.float32)
+        for m in tl.static_range(SIZE):
+            v = _load(x_ptr, offset, c + (m - SIZE // 2 - (SIZE - 1) // 2), stride_c, channels, pixel_ok, b_ptr, BIAS)
+            squares += v * v
+        for o in tl.static_range(SIZE):
+            j = c + (o - (SIZE - 1) // 2)
+            if o > 0:
+                enters = _load(x_ptr, offset, j + (SIZE - 1) // 2, stride_c, channels, pixel_ok, b_ptr, BIAS)
+                leaves = _load(x_ptr, offset, j - SIZE // 2 - 1, stride_c, channels, pixel_ok, b_ptr, BIAS)
+                squares += enters * enters - leaves * leaves
+            log_d = tl.log(squares * scale + k)
+            x_j = _load(x_ptr, offset, j, stride_c, channels, pixel_ok, b_ptr, BIAS)
+            g_j = _load(g_ptr, offset, j, stride_c, channels, pixel_ok, b_ptr, False)
+            inside = ((j >= 0) & (j < channels))[None, :]  # beyond the channels there is no j (nor a d_j to divide by)
+            total += tl.where(inside, g_j * x_j * tl.exp(-(beta + 1.0) * log_d), 0.0)
+            if o == (SIZE - 1) // 2:  # j = i
+                own = tl.exp(-beta * log_d)
+        x = _load(x_ptr, offset, c, stride_c, channels, pixel_ok, b_ptr, BIAS)
+        g = _load(g_ptr, offset, c, stride_c, channels, pixel_ok, b_ptr, False)
+        dx = g * own - (2.0 * scale * beta) * x * total
+        if BIAS:  # through the ReLU: its gradient passes where the output is not <= 0, as PyTorch's
+            dx = tl.where(x <= 0.0, 0.0, dx).to(dx_ptr.dtype.element_ty).to(tl.float32)
+            bias_total += tl.reduce(dx, 0, _add)  # the sum of what is stored (masked: 0)
+        ok = pixel_ok[:, None] & (c < channels)[None, :]
+        tl.store(dx_ptr + offset[:, None] + c[None, :] * stride_c, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    if BIAS:
+        tl.store(db_ptr + tl.program_id(0).to(tl.int64) * channels + c, bias_total, mask=c < channels)
 
 
 def flat_layout(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -123,27 +156,53 @@ def _grid(meta: dict, pixels: int) -> tuple[int]:
     return (triton.cdiv(pixels, meta["BLOCK_P"]),)
 
 
-def forward(x: torch.Tensor, size: int, scale: float, k: float, beta: float) -> torch.Tensor:
-    """y = x * d^-beta, in x's dtype and memory layout."""
+def rows_per_program(pixels: int) -> int:
+    """Pixels per program of the backward with a bias: enough programs to fill a large GPU (over 700),
+    few enough partial sums of db (at most 1/32 of the pixels)."""
+    return min(1024, max(32, triton.next_power_of_2(pixels // 2048)))
+
+
+def forward(
+    x: torch.Tensor, size: int, scale: float, k: float, beta: float, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = x * d^-beta, in x's dtype and memory layout; with `bias` (in x's dtype), of relu(x + bias)."""
     x, (pixels, per_image, *strides) = flat_layout(x)
     y = torch.empty_like(x)
     channels = x.shape[1]
     _forward_kernel[lambda meta: _grid(meta, pixels)](
-        x, y, pixels, per_image, *strides, channels, scale, k, beta,
-        SIZE=size, BLOCK_C=triton.next_power_of_2(channels),
+        x, x if bias is None else bias, y, pixels, per_image, *strides, channels, scale, k, beta,
+        SIZE=size, BIAS=bias is not None, BLOCK_C=triton.next_power_of_2(channels),
     )  # fmt: skip
     return y
 
 
-def backward(x: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float) -> torch.Tensor:
-    """The gradient with respect to x of forward(x) given the gradient `grad` of its output."""
+def _backward(
+    x: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     x, (pixels, per_image, *strides) = flat_layout(x)
     if grad.stride() != x.stride():  # the kernel indexes both with x's strides
         grad = torch.empty_like(x).copy_(grad)
     dx = torch.empty_like(x)
     channels = x.shape[1]
-    _backward_kernel[lambda meta: _grid(meta, pixels)](
-        x, grad, dx, pixels, per_image, *strides, channels, scale, k, beta,
-        SIZE=size, BLOCK_C=triton.next_power_of_2(channels),
+    rows = 0 if bias is None else rows_per_program(pixels)
+    partial = None if bias is None else x.new_empty(triton.cdiv(pixels, rows), channels, dtype=torch.float32)
+    grid = (lambda meta: _grid(meta, pixels)) if bias is None else (triton.cdiv(pixels, rows),)
+    _backward_kernel[grid](
+        x, x if bias is None else bias, grad, dx, dx if partial is None else partial,
+        pixels, per_image, *strides, channels, scale, k, beta,
+        SIZE=size, BIAS=bias is not None, ROWS=rows, BLOCK_C=triton.next_power_of_2(channels),
     )  # fmt: skip
-    return dx
+    return dx, None if partial is None else partial.sum(0)
+
+
+def backward(x: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float) -> torch.Tensor:
+    """The gradient with respect to x of forward(x) given the gradient `grad` of its output."""
+    return _backward(x, grad, size, scale, k, beta, None)[0]
+
+
+def backward_with_bias(
+    x: torch.Tensor, bias: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of forward(x, ..., bias=bias)'s x and bias (float32, summed over pixels)."""
+    dx, db = _backward(x, grad, size, scale, k, beta, bias)
+    return dx, db

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bias_relu import bias_relu
+from .bias_relu import bias_relu, bias_relu_lrn
 from .errors import UserError
 from .lrn import LRN_CONVENTIONS, PAPER_LRN, LocalResponseNorm, LRNSpec, tensorflow_lrn
 from .pool import MaxPool2d
@@ -214,12 +214,15 @@ class AlexNet(nn.Module):
     """`bias_relu_kernels`: how each convolution's bias and ReLU run. "modules": the Conv2d and ReLU modules one
     after the other; "triton": one operation with Triton kernels (bias_relu.py), except where a hook
     watches either module (the feature taps) or under torch.compile, export and tracing; None (the
-    default): "triton" on CUDA, "modules" elsewhere."""
+    default): "triton" on CUDA, "modules" elsewhere.
+    `fuse_lrn`: where the bias and ReLU run as one operation and the LRN after them would run in its
+    Triton kernels (on CUDA, or named), the three as one (bias_relu.bias_relu_lrn); False keeps LRN apart."""
 
     def __init__(self, preset: Preset, num_classes: int = 1000, dropout: float = 0.5) -> None:
         super().__init__()
         self.preset = preset
         self.bias_relu_kernels: str | None = None
+        self.fuse_lrn = True
         self.labels: dict[str, str] = {}  # module path -> name in the paper's terms (conv1, lrn1, fc6...)
         self.taps: dict[str, str] = {}  # layer -> module path whose output is that layer's activation
 
@@ -276,16 +279,21 @@ class AlexNet(nn.Module):
         layers = list(self.features)
         i = 0
         while i < len(layers):
-            conv, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
-            pair = isinstance(conv, Conv2d) and isinstance(after, nn.ReLU) and conv.bias is not None
-            if pair and not _hooked(conv, after):
-                # None when defaulted: bias_relu falls back to PyTorch's operations where Triton cannot run
-                x = bias_relu(conv.convolve(x, None), conv.bias, self.bias_relu_kernels)
-                i += 2
+            layer, relu, lrn = (layers[i : i + 3] + [None, None])[:3]
+            pair = isinstance(layer, Conv2d) and isinstance(relu, nn.ReLU) and layer.bias is not None
+            if not pair or _hooked(layer, relu):
+                x, i = layer(x), i + 1
+                continue
+            # bias_relu_kernels None when defaulted: falls back to PyTorch's operations where Triton cannot run
+            y = layer.convolve(x, None)
+            if isinstance(lrn, LocalResponseNorm) and self._lrn_in_triton(lrn, x) and not _hooked(lrn):
+                x, i = bias_relu_lrn(y, layer.bias, lrn, self.bias_relu_kernels), i + 3
             else:
-                x = conv(x)
-                i += 1
+                x, i = bias_relu(y, layer.bias, self.bias_relu_kernels), i + 2
         return x
+
+    def _lrn_in_triton(self, lrn: LocalResponseNorm, x: torch.Tensor) -> bool:
+        return self.fuse_lrn and (lrn.kernels == "triton" or (lrn.kernels is None and x.is_cuda))
 
     def named_layers(self) -> dict[str, nn.Module]:
         """conv1..conv5, fc6..fc8: the layers with weights, by their names in the paper."""
