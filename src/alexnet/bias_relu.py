@@ -53,15 +53,24 @@ def bias_relu(x: torch.Tensor, bias: torch.Tensor, kernels: str | None = None) -
     bias = bias.to(x.dtype)
     chosen = kernels or ("triton" if x.is_cuda and x.dim() == 4 and not _UNUSABLE else "eager")
     if chosen == "triton":
-        try:
-            return _BiasReLUFunction.apply(x, bias)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as e:
-            if kernels is not None:
-                raise
-            _UNUSABLE.append(warn_slower("bias and ReLU's Triton kernels", e))
+        y = _in_triton(_BiasReLUFunction, (x, bias), kernels, _UNUSABLE, "bias and ReLU's Triton kernels")
+        if y is not None:
+            return y
     return F.relu(x + bias.view(1, -1, 1, 1))
+
+
+def _in_triton(function, args: tuple, kernels: str | None, unusable: list[str], what: str) -> torch.Tensor | None:
+    """function.apply(*args); where its Triton kernels cannot run: with `kernels` None (defaulted), None,
+    the reason kept in `unusable` and said once as a warning; with kernels named, the error."""
+    try:
+        return function.apply(*args)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:
+        if kernels is not None:
+            raise
+        unusable.append(warn_slower(what, e, stacklevel=4))
+        return None
 
 
 class _BiasReLULRNFunction(torch.autograd.Function):
@@ -96,12 +105,8 @@ def bias_relu_lrn(
     where they cannot run."""
     bias = bias.to(x.dtype)
     if kernels is not None or not _UNUSABLE_WITH_LRN:
-        try:
-            return _BiasReLULRNFunction.apply(x, bias, lrn)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as e:
-            if kernels is not None:
-                raise
-            _UNUSABLE_WITH_LRN.append(warn_slower("the Triton kernels of bias, ReLU and LRN together", e))
+        what = "the Triton kernels of bias, ReLU and LRN together"
+        y = _in_triton(_BiasReLULRNFunction, (x, bias, lrn), kernels, _UNUSABLE_WITH_LRN, what)
+        if y is not None:
+            return y
     return lrn(bias_relu(x, bias))
