@@ -11,7 +11,8 @@ of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images alrea
   paper, CUDA graph      on CUDA: forward, backward and SGD replayed from a CUDA graph (`--cuda-graphs`)
   paper, PyTorch's pool  on CUDA: max pooling in PyTorch's kernels instead of the Triton ones
   paper, grouped convs   on CUDA: conv2, conv4, conv5 as cuDNN's grouped convolutions, not dense ones
-  paper, conv1 3 chans   on CUDA: conv1's input with its 3 channels, not padded to 8 by us (cuDNN pads)
+  paper, conv1 3 chans   on CUDA: conv1 as it is written, 3 input channels (cuDNN pads them to 8)
+  paper, conv1 8 chans   on CUDA: conv1's input padded to 8 channels by us, not as 4x4 blocks of pixels
   paper, bias+ReLU apart on CUDA: each convolution's bias and ReLU as PyTorch's modules, not one operation
   paper, LRN apart       on CUDA: conv1 and conv2's LRN in kernels of its own, not with the bias and ReLU
   paper, eager LRN       the same with LRN's eager formulas
@@ -165,7 +166,8 @@ def main() -> None:
             candidates["paper, CUDA graph"] = paper_step(paper_model(), graph=True)
         candidates["paper, PyTorch's pool"] = paper_step(set_on(paper_model(), MaxPool2d, kernels="eager"))
         candidates["paper, grouped convs"] = paper_step(set_on(paper_model(), GroupedConv2d, dense=False))
-        candidates["paper, conv1 3 chans"] = paper_step(set_on(paper_model(), CeilConv2d, pad_channels=False))
+        candidates["paper, conv1 3 chans"] = paper_step(set_on(paper_model(), CeilConv2d, layout="plain"))
+        candidates["paper, conv1 8 chans"] = paper_step(set_on(paper_model(), CeilConv2d, layout="pad8"))
         candidates["paper, bias+ReLU apart"] = paper_step(set_on(paper_model(), AlexNet, bias_relu_kernels="modules"))
         candidates["paper, LRN apart"] = paper_step(set_on(paper_model(), AlexNet, fuse_lrn=False))
     candidates |= {

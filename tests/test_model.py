@@ -206,33 +206,62 @@ def test_ceil_conv1_224_pads_right_and_bottom(paper: nn.Module) -> None:
     assert 1 + math.ceil((224 - 11) / 4) == 55
 
 
+@pytest.mark.parametrize("size", [224, 227])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_conv1_with_colour_channels_padded_to_8_is_the_same_function(paper: nn.Module, dtype) -> None:
-    """CUDA's default in 16-bit arithmetic (zero channels 4-8 in input and weight, cast before the
-    copy), here forced on the CPU: the same outputs and parameter gradients, and the input given to the
-    convolution has 8 channels in autocast's type, channels_last kept."""
+def test_conv1_in_every_layout_is_the_same_function(paper: nn.Module, dtype, size: int) -> None:
+    """Each input layout (CUDA's default in 16-bit arithmetic is "space_to_depth"), here forced on the
+    CPU: the same outputs and parameter gradients as the plain convolution, and the input given to the
+    convolution is what the layout says, in autocast's type, channels_last; the parameters unchanged."""
     conv1 = paper.features[0]
-    x = torch.randn(4, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, size, size).contiguous(memory_format=torch.channels_last)
     seen = []
-    hook = conv1.register_forward_hook(lambda m, args, out: seen.append(args[0]))
-    results = {}
-    for pad in (False, True):
-        conv1.pad_channels = pad
-        conv1.zero_grad()
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            y = conv1(x)
-        y.float().square().sum().backward()
-        results[pad] = y.detach().float(), conv1.weight.grad.clone(), conv1.bias.grad.clone()
-    conv1.pad_channels = None
-    hook.remove()
-    assert conv1.weight.shape == (96, 3, 11, 11)
+    real = F.conv2d
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "conv2d", lambda x, w, *args: seen.append((x, w)) or real(x, w, *args))
+        results = {}
+        for layout in CeilConv2d.LAYOUTS:
+            conv1.layout = layout
+            conv1.zero_grad()
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                y = conv1(x)
+            y.float().square().sum().backward()
+            results[layout] = y.detach().float(), conv1.weight.grad.clone(), conv1.bias.grad.clone()
+    conv1.layout = None
+    assert conv1.weight.shape == (96, 3, 11, 11) and results["plain"][0].shape == (4, 96, 55, 55)
+    (plain, _), (pad8, pad8_weight), (blocks, blocks_weight) = seen
+    assert plain.shape[1] == 3 and pad8.shape[1] == 8 and pad8_weight.shape == (96, 8, 11, 11)
+    assert blocks.shape == (4, 48, 57, 57) and blocks_weight.shape == (96, 48, 3, 3)  # 4x4 blocks, 228 pixels
+    assert blocks.is_contiguous(memory_format=torch.channels_last)
+    if dtype == torch.bfloat16:
+        assert pad8.dtype == blocks.dtype == torch.bfloat16  # cast before the copy, not after
+    # input channel (c, a, b) of block (Y, X) is pixel (4Y + a, 4X + b) of colour c; zeros past the image
+    c, a, b, by, bx = 2, 3, 1, 5, 7
+    assert torch.equal(blocks[:, c * 16 + a * 4 + b, by, bx], x[:, c, 4 * by + a, 4 * bx + b].to(blocks.dtype))
+    last = blocks[:, :, :, -1].reshape(4, 3, 4, 4, 57)  # the last block column, by (n, c, a, b, Y)
+    for b in range(4):  # pixel column 224 + b: the image's for a 227-pixel one, zeros past it
+        assert (last[:, :, :, b].abs().sum() > 0) == (224 + b < size)
     tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
-    for got, want in zip(results[True], results[False], strict=True):
-        torch.testing.assert_close(got, want, **tol)
+    for layout in ("pad8", "space_to_depth"):
+        for got, want in zip(results[layout], results["plain"], strict=True):
+            torch.testing.assert_close(got, want, **{**tol, "atol": tol["atol"] * want.abs().max().item()})
 
 
-def test_conv1_pads_its_channels_only_on_cuda_in_16_bits(paper: nn.Module, monkeypatch) -> None:
-    """The default: the CPU (fp32 or bf16) keeps 3 channels; so does an export."""
+def test_space_to_depth_for_other_strides_kernels_and_padding() -> None:
+    """The rearrangement is general: kernel 5 at stride 2 (3 blocks of 2, one column of zeros), kernel 4
+    at stride 4 (one block), padding 2, odd input sides."""
+    torch.manual_seed(0)
+    for k, s, pad, side in ((5, 2, 0, 17), (4, 4, 0, 16), (7, 3, 2, 20), (11, 4, 1, 31)):
+        conv = CeilConv2d(3, 6, k, s, pad)
+        x = torch.randn(2, 3, side, side + 1)
+        conv.layout = "plain"
+        want = conv(x)
+        conv.layout = "space_to_depth"
+        torch.testing.assert_close(conv(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_conv1_keeps_its_layout_on_the_cpu_and_in_exports(paper: nn.Module, monkeypatch) -> None:
+    """The default: the CPU (fp32 or bf16) gives the convolution the 3 channels; so does an export or
+    a trace, even with another layout set."""
     conv1 = paper.features[0]
     shapes = []
     real = nn.Conv2d._conv_forward
@@ -242,13 +271,16 @@ def test_conv1_pads_its_channels_only_on_cuda_in_16_bits(paper: nn.Module, monke
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         conv1(x)
-    conv1.pad_channels = True  # even forced: exported graphs hold the plain convolution
-    torch.export.export(conv1, (x,))
-    with warnings.catch_warnings():  # torch.jit's deprecation; export.py still writes TorchScript with it
-        warnings.simplefilter("ignore")
-        torch.jit.trace(conv1, x, check_trace=False)  # the check would rerun it untraced
-    conv1.pad_channels = None
-    assert shapes[0] == 3 and len(shapes) == 3 and set(shapes) == {3}
+    for layout in ("pad8", "space_to_depth"):  # forced: exported graphs hold the plain convolution
+        conv1.layout = layout
+        torch.export.export(conv1, (x,))
+        with warnings.catch_warnings():  # torch.jit's deprecation; export.py still writes TorchScript with it
+            warnings.simplefilter("ignore")
+            torch.jit.trace(conv1, x, check_trace=False)  # the check would rerun it untraced
+    conv1.layout = None
+    assert shapes == [3] * 5
+    with pytest.raises(ValueError, match="unknown conv1 layout 'tiles'"):
+        CeilConv2d(3, 96, 11, 4, layout="tiles")
 
 
 def test_ceil_conv1_227_is_plain_conv(paper: nn.Module) -> None:

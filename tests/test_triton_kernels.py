@@ -637,9 +637,9 @@ def test_bias_relu_lrn_falls_back_to_the_operations_apart_where_triton_cannot_ru
 @pytest.mark.parametrize("bias_relu_kernels", [(64, 32)], indirect=True)
 def test_the_paper_network_through_every_triton_kernel_equals_pytorch(kernels, pool_kernels, bias_relu_kernels) -> None:
     """The paper model as CUDA runs it (LRN, pools, biases and ReLUs in the Triton kernels, here
-    interpreted; the grouped convolutions dense) against PyTorch's operations: logits and every
-    parameter's gradient."""
-    from alexnet.model import GroupedConv2d, build_model
+    interpreted; the grouped convolutions dense, conv1 over blocks of pixels) against PyTorch's
+    operations: logits and every parameter's gradient."""
+    from alexnet.model import CeilConv2d, GroupedConv2d, build_model
     from alexnet.pool import MaxPool2d
 
     torch.manual_seed(0)
@@ -653,6 +653,8 @@ def test_the_paper_network_through_every_triton_kernel_equals_pytorch(kernels, p
                 m.kernels = "triton" if mode == "triton" else "eager"
             if isinstance(m, GroupedConv2d):
                 m.dense = mode == "triton"
+            if isinstance(m, CeilConv2d):
+                m.layout = "space_to_depth" if mode == "triton" else "plain"
         model.bias_relu_kernels = "triton" if mode == "triton" else "modules"
         model.zero_grad()
         logits = model(x)

@@ -149,33 +149,66 @@ class CeilConv2d(Conv2d):
     image gives conv1 the paper's 55x55 output, and a 227x227 one (Caffe's input) gives the same
     with no padding at all.
 
-    `pad_channels`: also pad the 3 colour channels with zeros to 8 (and the weight with zero input
-    channels, so no parameter changes), in the same copy as the pixels and already in the 16-bit type
-    autocast would cast to. cuDNN's bf16/fp16 kernels want channels in multiples of 8 and otherwise pad
-    the input themselves, in the forward and again in the weight gradient (nhwcAddPaddingKernel, 0.7 ms
-    of the paper step's 35 on an H200, after a padding copy and a cast of ours). The same function and
-    gradients. None (the default): on CUDA in 16-bit arithmetic; never under export or tracing.
+    `layout`: how the input reaches the convolution, the same function and gradients each way:
+      "plain"           its 3 colour channels as they are;
+      "pad8"            padded with zero channels to 8 (and the weight with zero input channels, so no
+                        parameter changes), in the same copy as the pixels, already in autocast's 16-bit
+                        type: cuDNN's bf16/fp16 kernels want channels in multiples of 8 and otherwise pad
+                        the input themselves, forward and weight gradient (nhwcAddPaddingKernel, 0.7 ms of
+                        the paper step's 35 on an H200);
+      "space_to_depth"  each 4x4 block of pixels (a stride's worth) as 48 channels, and the 11x11 kernel,
+                        zero-padded to 12x12, as a 3x3 one over them: a stride-1 3x3 convolution of 48
+                        channels, a shape cuDNN's kernels are made for, with 432 products per output
+                        instead of "pad8"'s 968 (the 3 x 11 x 11 = 363 real ones and zeros).
+    None (the default): "space_to_depth" on CUDA in 16-bit arithmetic, "plain" elsewhere and always
+    under export or tracing (an exported graph holds the layer as it is written).
     """
 
-    def __init__(self, *args, pad_channels: bool | None = None, **kwargs) -> None:
+    LAYOUTS = ("plain", "pad8", "space_to_depth")
+
+    def __init__(self, *args, layout: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.pad_channels = pad_channels
+        if layout not in (None, *self.LAYOUTS):
+            raise ValueError(f"unknown conv1 layout {layout!r}: choose one of {', '.join(self.LAYOUTS)}")
+        self.layout = layout
 
     def convolve(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         k, s = self.kernel_size[0], self.stride[0]
         extra_h, extra_w = (-(x.shape[-2] - k)) % s, (-(x.shape[-1] - k)) % s
         autocast = torch.is_autocast_enabled(x.device.type)
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        pad = self.pad_channels
-        if pad is None:
-            pad = x.is_cuda and dtype in (torch.float16, torch.bfloat16)
+        sixteen_bit_cuda = x.is_cuda and dtype in (torch.float16, torch.bfloat16)
+        layout = self.layout or ("space_to_depth" if sixteen_bit_cuda else "plain")
+        if torch.jit.is_tracing() or torch.compiler.is_exporting() or self.groups != 1:
+            layout = "plain"
+        if layout == "space_to_depth" and s > 1 and self.padding_mode == "zeros" and self.dilation == (1, 1):
+            return self._space_to_depth(x.to(dtype), bias, extra_h, extra_w)
         more = -self.in_channels % 8
-        if pad and more and self.groups == 1 and not (torch.jit.is_tracing() or torch.compiler.is_exporting()):
+        if layout == "pad8" and more:
             x = F.pad(x.to(dtype), (0, extra_w, 0, extra_h, 0, more))
             return self._conv_forward(x, F.pad(self.weight, (0, 0, 0, 0, 0, more)), bias)
         if extra_h or extra_w:
             x = F.pad(x, (0, extra_w, 0, extra_h))
         return self._conv_forward(x, self.weight, bias)
+
+    def _space_to_depth(self, x: torch.Tensor, bias: torch.Tensor | None, extra_h: int, extra_w: int) -> torch.Tensor:
+        """The same convolution as a stride-1 one over blocks of stride x stride pixels taken as channels:
+        input channel (c, a, b) of block (Y, X) is x[c, sY + a, sX + b], and the weight's (c, a, b) at
+        (p, q) is the original's at (c, sp + a, sq + b), zero beyond the kernel."""
+        (k, _), (s, _), (pad, _) = self.kernel_size, self.stride, self.padding
+        n, c, h, w = x.shape
+        blocks = -(-k // s)  # the kernel's side in blocks: 11 pixels at stride 4 -> 3 blocks of 4
+        out_h, out_w = (h + 2 * pad + extra_h - k) // s + 1, (w + 2 * pad + extra_w - k) // s + 1
+        # zeros before (the layer's padding) and after, up to the whole blocks the last outputs read
+        x = F.pad(x, (pad, s * (out_w - 1 + blocks) - w - pad, pad, s * (out_h - 1 + blocks) - h - pad))
+        rows, cols = x.shape[-2] // s, x.shape[-1] // s
+        # one copy into channels_last order (n, Y, X, c, a, b), seen as (n, c*s*s, Y, X)
+        x = x.reshape(n, c, rows, s, cols, s).permute(0, 2, 4, 1, 3, 5).reshape(n, rows, cols, c * s * s)
+        x = x.permute(0, 3, 1, 2)
+        o = self.out_channels
+        weight = F.pad(self.weight, (0, blocks * s - k, 0, blocks * s - k)).reshape(o, c, blocks, s, blocks, s)
+        weight = weight.permute(0, 1, 3, 5, 2, 4).reshape(o, c * s * s, blocks, blocks)
+        return F.conv2d(x, weight, bias)
 
 
 class GroupedConv2d(Conv2d):
