@@ -312,7 +312,7 @@ class AlexNet(nn.Module):
         layers = list(self.features)
         i = 0
         while i < len(layers):
-            layer, relu, lrn = (layers[i : i + 3] + [None, None])[:3]
+            layer, relu, lrn = (layers[i : i + 3] + [None, None])[:3]  # this layer and the two after it, if any
             pair = isinstance(layer, Conv2d) and isinstance(relu, nn.ReLU) and layer.bias is not None
             if not pair or _hooked(layer, relu):
                 x, i = layer(x), i + 1
