@@ -75,11 +75,15 @@ def test_bad_input_is_one_line(args, pattern):
 
 
 def test_a_run_that_stops_before_writing_anything_leaves_no_directory(tmp_path):
-    """A wrong data path found after the run directory was made: the directory goes too; one that
-    existed before (a resumed run's) stays."""
+    """A wrong data path found after the run directory was made: the directory goes too, and the
+    folders made above it (runs/); one that existed before (a resumed run's) stays, and so does a
+    folder above that holds other runs."""
     run = tmp_path / "runs" / "new"
     assert_one_line_error(run_cli("train", "--data", tmp_path / "none", "--run-dir", run), "does not exist")
-    assert not run.exists()
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs" / "old").mkdir(parents=True)
+    assert_one_line_error(run_cli("train", "--data", tmp_path / "none", "--run-dir", run), "does not exist")
+    assert not run.exists() and (tmp_path / "runs" / "old").is_dir()
     run.mkdir(parents=True)
     assert_one_line_error(run_cli("train", "--data", tmp_path / "none", "--run-dir", run), "does not exist")
     assert run.is_dir()

@@ -7,6 +7,7 @@ step and resumed from its checkpoint computes exactly what an uninterrupted run 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -154,7 +155,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             distributed.barrier(ranks)  # rank 0 checks and locks the run directory first
             return _train(cfg, run_dir, resume, False, device, ranks, pretrained)
         check_run_directory(run_dir, resume)
-        made = not run_dir.exists()
+        made = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # what mkdir makes, deepest first
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
             with RunLock(run_dir):
@@ -165,6 +166,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         except BaseException:
             if made and not (run_dir / "config.json").exists():  # stopped before writing anything (a wrong path)
                 shutil.rmtree(run_dir, ignore_errors=True)
+                for parent in made[1:]:  # such as runs/, unless something else came into it meanwhile
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()
             raise
     finally:
         distributed.stop()
