@@ -58,7 +58,8 @@ def make_step(
     images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
     gen = torch.Generator().manual_seed(0)
-    return lambda: step(images, labels, gen), lambda: train_batch(images, stats, gen)
+    dtype = step.dtype if step.autocast else torch.float32  # the batch's type as the step makes it
+    return lambda: step(images, labels, gen), lambda: train_batch(images, stats, gen, cuda_dtype=dtype)
 
 
 def without_lrn(model: nn.Module) -> nn.Module:

@@ -49,6 +49,14 @@ def test_gpu_augmentation_runs_the_triton_kernel_and_falls_back_to_pytorch(image
     assert len(caught) == 1
     for batch in (gpu, *slow):
         torch.testing.assert_close(batch.cpu(), cpu, rtol=1e-5, atol=1e-4)
+    # stored in bf16 for a bf16 step, by the kernel or the fallback: float32's values rounded once
+    monkeypatch.setattr(augment_triton, "train_crops", real)
+    monkeypatch.setattr(augment_module, "_TRITON_FAILED", [])
+    half = train_batch(images.cuda(), STATS.to("cuda"), torch.Generator().manual_seed(4), cuda_dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.equal(half, gpu.to(torch.bfloat16))
+    monkeypatch.setattr(augment_module, "_TRITON_FAILED", ["too old"])
+    half = train_batch(images.cuda(), STATS.to("cuda"), torch.Generator().manual_seed(4), cuda_dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.equal(half, slow[0].to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("preset", ["paper", "torchvision"])

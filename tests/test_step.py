@@ -45,6 +45,22 @@ def test_bf16_and_channels_last_stay_close_to_fp32(batch):
     assert cosine > 0.95  # measured 0.97; an unrelated update would be near 0
 
 
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_the_step_asks_for_the_batch_in_the_type_conv1_computes_in(batch, precision, dtype, monkeypatch):
+    """On CUDA the augmentation stores the batch in autocast's 16-bit type (here the CPU: the step asks)."""
+    import alexnet.step as step_module
+
+    asked = []
+
+    def spy(*args):
+        asked.append(args[-1])
+        return train_batch(*args)
+
+    monkeypatch.setattr(step_module, "train_batch", spy)
+    one_step(precision, True, *batch)
+    assert asked == [dtype]
+
+
 def one_step_initial_conv1() -> torch.Tensor:
     torch.manual_seed(0)
     return build_model("paper", 10, dropout=0.0, init="caffe").features[0].weight.detach()

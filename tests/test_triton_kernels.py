@@ -262,6 +262,11 @@ def test_augmentation_kernel_equals_the_cpu_path(monkeypatch, per_pixel: bool, c
     want = _crops_by_slicing(images, stats, top, left, flip, crop, shift)
     assert got.shape == (5, 3, crop, crop) and got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)  # the same arithmetic: rounding at most
+    # stored in bf16 (training in bf16): the same values, rounded once (the interpreter truncates)
+    half = kernels.train_crops(images, stats, top, left, flip, crop, shift, torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.is_contiguous(memory_format=torch.channels_last)
+    assert ((half.float() - want).abs() <= want.abs() * 2**-7 + 1e-6).all()
+    assert (half.float() != got).any()  # rounded, not float32 values in a float32 tensor
 
 
 POINTERS = {"images_ptr": "*u8", "out_ptr": "*fp32", "top_ptr": "*i64", "left_ptr": "*i64", "flip_ptr": "*u8"}
@@ -273,9 +278,10 @@ def test_augmentation_kernel_builds_for_an_h100_without_spilling(monkeypatch) ->
         pytest.skip("this Triton has no CUDA compiler")
     kernel = fresh_copy(monkeypatch, "augment_triton", interpret=False)._train_crops_kernel
     for config in kernel.configs:
-        constants = {"BLOCK_W": 256, **config.kwargs}
-        usage = build_for_h100(kernel, POINTERS, constants, config.num_warps)
-        assert " STACK:0 " in usage and " LOCAL:0 " in usage, f"{config}: {usage}"
+        for out in ("*fp32", "*bf16"):
+            constants = {"BLOCK_W": 256, **config.kwargs}
+            usage = build_for_h100(kernel, POINTERS | {"out_ptr": out}, constants, config.num_warps)
+            assert " STACK:0 " in usage and " LOCAL:0 " in usage, f"{config}: {usage}"
 
 
 def test_a_compiled_model_keeps_lrn_in_the_triton_kernels(kernels, monkeypatch) -> None:

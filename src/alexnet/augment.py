@@ -107,6 +107,7 @@ def train_batch(
     first: int = 0,
     total: int | None = None,
     out: torch.Tensor | None = None,
+    cuda_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Random crop, horizontal reflection, PCA lighting and mean subtraction for (B, 3, S, S) uint8.
 
@@ -116,8 +117,10 @@ def train_batch(
     for all `total` and this share's are used, so the shares together equal the whole batch.
 
     On CUDA the pixels are done in one Triton kernel (augment_triton.py), and the batch comes in
-    channels_last. `out`: a (B' >= B, 3, crop, crop) float tensor to reuse on the CPU; the batch is its
-    first B rows. A new 77 MB batch costs some 20,000 page faults each time (big blocks come from
+    channels_last and of type `cuda_dtype`: computed in float32, stored in autocast's 16-bit type when
+    training in it (the first convolution would cast it anyway; half the bytes written and read). On
+    the CPU it is float32. `out`: a (B' >= B, 3, crop, crop) float tensor to reuse on the CPU; the batch
+    is its first B rows. A new 77 MB batch costs some 20,000 page faults each time (big blocks come from
     mmap), which is most of the augmentation's time.
     """
     b, _, s, _ = images.shape
@@ -141,12 +144,13 @@ def train_batch(
         try:
             from .augment_triton import train_crops  # Triton ships with PyTorch's CUDA wheels on Linux
 
-            return train_crops(images, stats, top, left, flip, crop, shift)
+            return train_crops(images, stats, top, left, flip, crop, shift, cuda_dtype)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # a GPU older than Triton supports (a P100), no Triton: PyTorch's operations
             _TRITON_FAILED.append(warn_slower("the augmentation's Triton kernel", e))
-    return _crops_by_gather(images, stats, top, left, flip, crop) + shift[:, :, None, None] / stats.std
+    batch = _crops_by_gather(images, stats, top, left, flip, crop) + shift[:, :, None, None] / stats.std
+    return batch.to(cuda_dtype)
 
 
 _TRITON_FAILED: list[str] = []  # why the Triton kernel cannot run here, once it has failed

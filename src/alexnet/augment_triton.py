@@ -8,8 +8,8 @@ For each image b, channel c, output row r and column j (augment.py draws the num
 the arithmetic of augment.py's CPU path, so both give the same batch. In PyTorch's operations the same
 work took a gather of the images, another of the mean image, four passes over the float batch and a
 copy into channels_last: 4.6 ms for 512 images on an H200 (benchmarks/RESULTS.md, "augmentation only").
-This kernel reads the uint8 crops once and writes the float batch once, in channels_last, the layout the
-network takes.
+This kernel reads the uint8 crops once and writes the batch once, in channels_last, the layout the
+network takes, and in bf16/fp16 when training in those (the type conv1 would cast it to first).
 
 Imported only on CUDA. Tested on the CPU in Triton's interpreter (tests/test_augment_triton.py).
 """
@@ -45,7 +45,7 @@ def _train_crops_kernel(
         pixel = tl.load(image + c * image_stride_c + y * image_stride_h + x, mask=ok, other=0).to(tl.float32)
         mean = tl.load(mean_ptr + c * mean_stride_c + y * mean_stride_h + x * mean_stride_w, mask=ok, other=0.0)
         value = (tl.load(shift_ptr + b * 3 + c) - mean) + pixel * tl.load(scale_ptr + c)
-        tl.store(out + c * out_stride_c, value, mask=ok)
+        tl.store(out + c * out_stride_c, value.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def train_crops(
@@ -56,8 +56,10 @@ def train_crops(
     flip: torch.Tensor,
     crop: int,
     shift: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """augment._crops_by_slicing's batch for (B, 3, S, S) uint8 images on one device, in channels_last."""
+    """augment._crops_by_slicing's batch for (B, 3, S, S) uint8 images on one device, in channels_last,
+    computed in float32 and stored as `dtype`."""
     b, _, s, _ = images.shape
     if images.stride(3) != 1:
         images = images.contiguous()
@@ -65,7 +67,7 @@ def train_crops(
     mean = (stats.mean / stats.std).expand(3, s, s)  # a mean colour is read with strides 0
     shift = (shift / std).float().contiguous()
     scale = (1.0 / (255.0 * std)).float().contiguous()
-    out = torch.empty((b, 3, crop, crop), device=images.device, memory_format=torch.channels_last)
+    out = torch.empty((b, 3, crop, crop), dtype=dtype, device=images.device, memory_format=torch.channels_last)
     _train_crops_kernel[lambda meta: (b, triton.cdiv(crop, meta["BLOCK_R"]))](
         images, out, top, left, flip.to(torch.uint8), shift, mean, scale, crop,
         images.stride(0), images.stride(1), images.stride(2), *out.stride(), *mean.stride(),

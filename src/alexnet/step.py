@@ -138,7 +138,8 @@ class TrainStep:
         total: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         total = len(labels) if total is None else total
-        x = train_batch(images, self.stats, generator, self.crop, self.lighting, first, total, self.buffer)
+        dtype = self.dtype if self.autocast else torch.float32  # the type conv1 casts the batch to
+        x = train_batch(images, self.stats, generator, self.crop, self.lighting, first, total, self.buffer, dtype)
         # reused next step (x is done with once this step's backward is); an epoch's last batch may be
         # smaller. On CUDA train_batch makes its own, and holding it would only keep it allocated.
         if self.device_type == "cpu" and (self.buffer is None or len(x) >= len(self.buffer)):
