@@ -7,8 +7,8 @@ parameters and checkpoints stay those of nn.Conv2d and nn.ReLU. On CUDA: bias_re
 kernels, where the forward writes the ReLU's output once and the backward writes the input's gradient
 and sums the bias's from the same tiles. Elsewhere, or where Triton cannot run (one warning):
 PyTorch's two operations. With LRN, lrn_triton.py's kernels take the bias: the forward reads x and
-writes LRN's output, the backward reads x and the gradient and writes x's, where the three apart take
-three passes each way.
+writes LRN's output, the backward reads x and the gradient and writes x's, half the traffic of the
+bias+ReLU kernels followed by LRN's.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ compute LRN of relu(x + b) (rounded to x's type, as PyTorch's bias add) and the 
 
     dx_i = dLRN_i where relu(x_i + b_i) > 0 (or NaN), else 0      db = dx summed over pixels
 
-so the convolution's bias, its ReLU and LRN take one pass over memory each way, instead of three.
+so the convolution's bias, its ReLU and LRN take one kernel each way instead of two, and half the
+memory traffic: x in and y out; x and g in and dx out.
 
 A program takes a tile of pixels by all channels. The window's neighbours are the same tile loaded
 again shifted by a few channels, so they come from the cache, not from memory: the forward moves x in
