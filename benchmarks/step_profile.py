@@ -22,8 +22,9 @@ of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images alrea
   augmentation only      alexnet.augment.train_batch alone
 with the time the host takes to enqueue each step (where it nears the step's time, the host limits
 and CUDA graphs would help); then LRN and max pooling alone, forward and backward on the paper
-network's activations, by kernels, against the least memory traffic each needs; and the kernels of
-the paper step that take the most device time, and its time by PyTorch operation (torch.profiler).
+network's activations, by kernels, against the least memory traffic each needs; each convolution
+alone in each of its forms, against its arithmetic; and the kernels of the paper step that take the
+most device time, and its time by PyTorch operation (torch.profiler).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from alexnet import augment, bias_relu, lrn, pool
 from alexnet.augment import make_pixel_stats, train_batch
 from alexnet.lrn import KERNELS as LRN_KERNELS
 from alexnet.lrn import PAPER_LRN, LocalResponseNorm
-from alexnet.model import AlexNet, CeilConv2d, GroupedConv2d, build_model
+from alexnet.model import AlexNet, CeilConv2d, Conv2d, GroupedConv2d, build_model
 from alexnet.pool import KERNELS as POOL_KERNELS
 from alexnet.pool import MaxPool2d
 from alexnet.step import TrainStep, make_optimizer, resolve_precision, tune_for
@@ -118,17 +119,61 @@ def layers_alone(device: torch.device, dtype: torch.dtype, batch: int, steps: in
         x = torch.rand(shape, device=device).mul(60).to(dtype).contiguous(memory_format=torch.channels_last)
         least = per_x * x.numel() * x.element_size()
         for kernels in kinds if cuda else [k for k in kinds if k != "triton"]:
-            module = layer(kernels)
-            g = torch.randn_like(module(x))
-            for i in range(3 + steps):  # 3 to warm up (compiling, autotuning), then timed
-                if i == 3:
-                    sync(device)
-                    start = time.perf_counter()
-                xi = x.detach().requires_grad_()
-                module(xi).backward(g)
-            sync(device)
-            seconds = (time.perf_counter() - start) / steps
+            seconds = seconds_per_pass(layer(kernels), x, steps, device)
             print(f"  {name:<13} {kernels:<9} {seconds * 1e3:8.2f} ms  {least / seconds / 1e9:7.0f} GB/s")
+
+
+def convolutions_alone(device: torch.device, precision: str, batch: int, steps: int) -> None:
+    """ms per forward + backward of each of the paper network's convolutions, in each form the model can
+    give it (conv1's input layouts; towers as cuDNN's grouped convolutions or dense ones), and the rate
+    of the layer's own arithmetic that implies (2 flops per product; not the zeros a form adds)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    print(f"\nConvolutions alone, forward + backward, {precision}, channels_last, batch {batch}:")
+
+    def towers(i: int, o: int, k: int, pad: int) -> dict[str, nn.Module]:
+        return {form: GroupedConv2d(i, o, k, 1, pad, groups=2, dense=form == "dense") for form in ("dense", "grouped")}
+
+    convs = [  # name, input shape, its forms, whether its input's gradient is computed (not for images)
+        ("conv1", (3, 224, 224), {f: CeilConv2d(3, 96, 11, 4, layout=f) for f in CeilConv2d.LAYOUTS}, False),
+        ("conv2", (96, 27, 27), towers(96, 256, 5, 2), True),
+        ("conv3", (256, 13, 13), {"full": Conv2d(256, 384, 3, 1, 1)}, True),
+        ("conv4", (384, 13, 13), towers(384, 384, 3, 1), True),
+        ("conv5", (384, 13, 13), towers(384, 256, 3, 1), True),
+    ]
+    for name, shape, forms, input_grad in convs:
+        x = torch.randn(batch, *shape, device=device).to(dtype or torch.float32)
+        x = x.contiguous(memory_format=torch.channels_last)
+        for form, conv in forms.items():
+            conv = conv.to(device, memory_format=torch.channels_last)
+            seconds = seconds_per_pass(conv, x, steps, device, dtype, input_grad)
+            with torch.no_grad():  # per image: outputs x (inputs / groups x k x k)
+                products = conv(torch.zeros(1, *shape, device=device)).numel() * conv.weight[0].numel()
+            flops = 2 * products * batch * (3 if input_grad else 2)  # forward, weight gradient, input gradient
+            print(f"  {name:<6} {form:<15} {seconds * 1e3:8.2f} ms  {flops / seconds / 1e12:7.1f} TFLOP/s")
+
+
+def seconds_per_pass(
+    module: nn.Module,
+    x: torch.Tensor,
+    steps: int,
+    device: torch.device,
+    autocast: torch.dtype | None = None,
+    input_grad: bool = True,
+) -> float:
+    """Seconds per forward + backward of `module` on `x`, after 3 passes to warm up (compiling, autotuning)."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, autocast or torch.bfloat16, enabled=autocast is not None):
+            return module(x)
+
+    g = torch.randn_like(forward(x))
+    for i in range(3 + steps):
+        if i == 3:
+            sync(device)
+            start = time.perf_counter()
+        forward(x.detach().requires_grad_(input_grad)).backward(g)
+    sync(device)
+    return (time.perf_counter() - start) / steps
 
 
 def sync(device: torch.device) -> None:
@@ -218,6 +263,7 @@ def main() -> None:
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     layers_alone(device, dtype, batch, args.steps)
+    convolutions_alone(device, precision, batch, args.steps)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
