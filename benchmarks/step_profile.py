@@ -11,6 +11,7 @@ of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images alrea
   paper, CUDA graph      on CUDA: forward, backward and SGD replayed from a CUDA graph (`--cuda-graphs`)
   paper, PyTorch's pool  on CUDA: max pooling in PyTorch's kernels instead of the Triton ones
   paper, grouped convs   on CUDA: conv2, conv4, conv5 as cuDNN's grouped convolutions, not dense ones
+  paper, conv towers     on CUDA: conv2, conv4, conv5 as a plain convolution per tower, not dense ones
   paper, conv1 3 chans   on CUDA: conv1 as it is written, 3 input channels (cuDNN pads them to 8)
   paper, conv1 8 chans   on CUDA: conv1's input padded to 8 channels by us, not as 4x4 blocks of pixels
   paper, bias+ReLU apart on CUDA: each convolution's bias and ReLU as PyTorch's modules, not one operation
@@ -131,7 +132,7 @@ def convolutions_alone(device: torch.device, precision: str, batch: int, steps: 
     print(f"\nConvolutions alone, forward + backward, {precision}, channels_last, batch {batch}:")
 
     def towers(i: int, o: int, k: int, pad: int) -> dict[str, nn.Module]:
-        return {form: GroupedConv2d(i, o, k, 1, pad, groups=2, dense=form == "dense") for form in ("dense", "grouped")}
+        return {form: GroupedConv2d(i, o, k, 1, pad, groups=2, form=form) for form in GroupedConv2d.FORMS}
 
     convs = [  # name, input shape, its forms, whether its input's gradient is computed (not for images)
         ("conv1", (3, 224, 224), {f: CeilConv2d(3, 96, 11, 4, layout=f) for f in CeilConv2d.LAYOUTS}, False),
@@ -211,7 +212,8 @@ def main() -> None:
         if precision != "fp16":
             candidates["paper, CUDA graph"] = paper_step(paper_model(), graph=True)
         candidates["paper, PyTorch's pool"] = paper_step(set_on(paper_model(), MaxPool2d, kernels="eager"))
-        candidates["paper, grouped convs"] = paper_step(set_on(paper_model(), GroupedConv2d, dense=False))
+        candidates["paper, grouped convs"] = paper_step(set_on(paper_model(), GroupedConv2d, form="grouped"))
+        candidates["paper, conv towers"] = paper_step(set_on(paper_model(), GroupedConv2d, form="towers"))
         candidates["paper, conv1 3 chans"] = paper_step(set_on(paper_model(), CeilConv2d, layout="plain"))
         candidates["paper, conv1 8 chans"] = paper_step(set_on(paper_model(), CeilConv2d, layout="pad8"))
         candidates["paper, bias+ReLU apart"] = paper_step(set_on(paper_model(), AlexNet, bias_relu_kernels="modules"))

@@ -164,27 +164,30 @@ def test_max_pool_on_cuda_uses_the_triton_kernels_by_default(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dense_grouped_convs_equal_cudnns_grouped_ones(dtype, monkeypatch):
     """conv2 of the paper preset as CUDA runs it by default (one dense convolution, block-diagonal
-    weight) against cuDNN's grouped convolution: values and gradients, in channels_last."""
+    weight), and as a convolution per tower, against cuDNN's grouped convolution: values and
+    gradients, in channels_last."""
     from alexnet.model import GroupedConv2d
 
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the same arithmetic for both
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the same arithmetic for all
     conv = build_model("paper").named_layers()["conv2"].cuda()
-    assert isinstance(conv, GroupedConv2d) and conv.dense is None
+    assert isinstance(conv, GroupedConv2d) and conv.form is None
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(8, 96, 27, 27, generator=gen).cuda().contiguous(memory_format=torch.channels_last)
     g = torch.randn(8, 256, 27, 27, generator=gen).cuda()
     results = {}
-    for dense in (None, False):
-        conv.dense = dense
+    for form in (None, "towers", "grouped"):
+        conv.form = form
         conv.zero_grad()
         xi = x.clone().requires_grad_()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             y = conv(xi)
         y.backward(g.to(y.dtype))
-        results[dense] = (y.detach().float(), xi.grad, conv.weight.grad, conv.bias.grad)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        results[form] = (y.detach().float(), xi.grad, conv.weight.grad, conv.bias.grad)
     tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
-    for got, want in zip(results[None], results[False], strict=True):
-        torch.testing.assert_close(got, want, **tol)
+    for form in (None, "towers"):
+        for got, want in zip(results[form], results["grouped"], strict=True):
+            torch.testing.assert_close(got, want, **tol)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -446,26 +446,32 @@ def test_groups1_conv2_is_full() -> None:
 
 @pytest.mark.parametrize("name, cin, cout", [("conv2", 96, 256), ("conv4", 384, 384), ("conv5", 384, 256)])
 def test_dense_grouped_convs_are_still_two_towers(paper: nn.Module, name: str, cin: int, cout: int) -> None:
-    """As CUDA runs them (one dense convolution, block-diagonal weight): the same towers."""
+    """As CUDA runs them (one dense convolution, block-diagonal weight), and as a convolution per tower:
+    the same towers."""
     conv = paper.named_layers()[name]
     assert isinstance(conv, GroupedConv2d) and conv.groups == 2
-    conv.dense = True
-    try:
-        assert _changed_outputs(conv, 0, cin // 2)[: cout // 2].all()
-        assert not _changed_outputs(conv, 0, cin // 2)[cout // 2 :].any()
-        assert not _changed_outputs(conv, cin // 2, cin)[: cout // 2].any()
-    finally:
-        conv.dense = None
+    for form in ("dense", "towers"):
+        conv.form = form
+        try:
+            assert _changed_outputs(conv, 0, cin // 2)[: cout // 2].all()
+            assert not _changed_outputs(conv, 0, cin // 2)[cout // 2 :].any()
+            assert not _changed_outputs(conv, cin // 2, cin)[: cout // 2].any()
+        finally:
+            conv.form = None
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("form", ["dense", "towers"])
 @pytest.mark.parametrize("groups", [2, 4])
-def test_dense_grouped_conv_gives_the_grouped_values_and_gradients(groups: int) -> None:
-    """The function and every gradient of nn.Conv2d(groups=...), and the same parameters."""
+def test_dense_grouped_conv_gives_the_grouped_values_and_gradients(groups: int, form: str, channels_last) -> None:
+    """The function and every gradient of nn.Conv2d(groups=...), and the same parameters; the output in
+    the input's memory layout."""
     torch.manual_seed(groups)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     grouped = nn.Conv2d(8, 12, 3, padding=1, groups=groups)
-    dense = GroupedConv2d(8, 12, 3, padding=1, groups=groups, dense=True)
+    dense = GroupedConv2d(8, 12, 3, padding=1, groups=groups, form=form)
     dense.load_state_dict(grouped.state_dict())  # the same names and shapes
-    x = torch.randn(2, 8, 7, 7)
+    x = torch.randn(2, 8, 7, 7).contiguous(memory_format=layout)
     g = torch.randn(2, 12, 7, 7)
     results = []
     for conv in (grouped, dense):
@@ -473,6 +479,7 @@ def test_dense_grouped_conv_gives_the_grouped_values_and_gradients(groups: int) 
         y = conv(xi)
         y.backward(g)
         results.append((y.detach(), xi.grad, conv.weight.grad, conv.bias.grad))
+    assert results[1][0].is_contiguous(memory_format=layout)
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     w = block_diagonal(dense.weight, groups)
@@ -492,10 +499,13 @@ def test_grouped_conv_is_grouped_on_the_cpu_and_when_exported(monkeypatch) -> No
     conv(torch.randn(1, 8, 5, 5))
     assert seen == [4]
     monkeypatch.undo()
-    conv.dense = True
-    exported = torch.export.export(conv, (torch.randn(1, 8, 5, 5),))
-    (node,) = [n for n in exported.graph.nodes if n.op == "call_function"]
-    assert node.target == torch.ops.aten.conv2d.default and node.args[-1] == 2  # groups
+    for form in ("dense", "towers"):
+        conv.form = form
+        exported = torch.export.export(conv, (torch.randn(1, 8, 5, 5),))
+        (node,) = [n for n in exported.graph.nodes if n.op == "call_function"]
+        assert node.target == torch.ops.aten.conv2d.default and node.args[-1] == 2  # groups
+    with pytest.raises(ValueError, match="unknown grouped convolution form 'split'"):
+        GroupedConv2d(8, 12, 3, groups=2, form="split")
 
 
 # ------------------------------------------------------------------------------------ bias and ReLU

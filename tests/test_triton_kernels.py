@@ -658,7 +658,7 @@ def test_the_paper_network_through_every_triton_kernel_equals_pytorch(kernels, p
             if isinstance(m, (LocalResponseNorm, MaxPool2d)):
                 m.kernels = "triton" if mode == "triton" else "eager"
             if isinstance(m, GroupedConv2d):
-                m.dense = mode == "triton"
+                m.form = "dense" if mode == "triton" else "grouped"
             if isinstance(m, CeilConv2d):
                 m.layout = "space_to_depth" if mode == "triton" else "plain"
         model.bias_relu_kernels = "triton" if mode == "triton" else "modules"

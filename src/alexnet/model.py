@@ -215,25 +215,40 @@ class GroupedConv2d(Conv2d):
     """A convolution split into `groups` towers (the paper's two GPUs), the same parameters as
     nn.Conv2d(groups=...), which it is everywhere but in how CUDA computes it.
 
-    On CUDA it runs as one dense convolution whose weight is block-diagonal: each tower's filters
-    against its own input channels, zeros elsewhere. That is the same function and, since no parameter
-    owns the zeros, the same gradients. cuDNN's grouped convolutions in channels_last copy each group's
-    channels out (nhwcSliceCKernel, 1.3 ms of the paper step's 35 on an H200), and the paper step with
-    groups=1, twice the arithmetic in these layers, ran 1.05x faster (benchmarks/RESULTS.md).
-    `dense`: True or False forces the choice; None is dense on CUDA. Export and tracing record the
-    grouped convolution.
+    `form`: how it is computed, the same function and, since no parameter owns a zero, the same gradients:
+      "grouped"  PyTorch's grouped convolution. cuDNN's in channels_last copies each group's channels out
+                 (nhwcSliceCKernel, 1.3 ms of the paper step's 35 on an H200);
+      "dense"    one dense convolution whose weight is block-diagonal: each tower's filters against its
+                 own input channels, zeros elsewhere. Twice the arithmetic in these layers, yet the paper
+                 step with groups=1 ran 1.05x faster than with cuDNN's groups (benchmarks/RESULTS.md);
+      "towers"   each tower's input channels copied out, a plain convolution per tower, the outputs
+                 joined: the grouped arithmetic with no zeros, for copies of the input and output.
+    None (the default): "dense" on CUDA, "grouped" elsewhere. Export and tracing record "grouped".
     """
 
-    def __init__(self, *args, dense: bool | None = None, **kwargs) -> None:
+    FORMS = ("grouped", "dense", "towers")
+
+    def __init__(self, *args, form: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.dense = dense
+        if form not in (None, *self.FORMS):
+            raise ValueError(f"unknown grouped convolution form {form!r}: choose one of {', '.join(self.FORMS)}")
+        self.form = form
 
     def convolve(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        dense = x.is_cuda if self.dense is None else self.dense
-        if not dense or self.padding_mode != "zeros" or torch.jit.is_tracing() or torch.compiler.is_exporting():
-            return self._conv_forward(x, self.weight, bias)
-        weight = block_diagonal(self.weight, self.groups)
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+        form = self.form or ("dense" if x.is_cuda else "grouped")
+        if self.padding_mode != "zeros" or torch.jit.is_tracing() or torch.compiler.is_exporting():
+            form = "grouped"
+        if form == "dense":
+            weight = block_diagonal(self.weight, self.groups)
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+        if form == "towers":
+            channels_last = x.is_contiguous(memory_format=torch.channels_last)
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            inputs = [t.contiguous(memory_format=layout) for t in x.chunk(self.groups, 1)]
+            biases = bias.chunk(self.groups) if bias is not None else [None] * self.groups
+            towers = zip(inputs, self.weight.chunk(self.groups), biases, strict=True)
+            return torch.cat([F.conv2d(t, w, b, self.stride, self.padding, self.dilation) for t, w, b in towers], 1)
+        return self._conv_forward(x, self.weight, bias)
 
 
 def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
