@@ -205,5 +205,4 @@ def backward_with_bias(
     x: torch.Tensor, bias: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of forward(x, ..., bias=bias)'s x and bias (float32, summed over pixels)."""
-    dx, db = _backward(x, grad, size, scale, k, beta, bias)
-    return dx, db
+    return _backward(x, grad, size, scale, k, beta, bias)
