@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,8 @@ class RunLock:
                 " --run-dir"
             ) from None
         os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(self.fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        os.fsync(self.fd)  # DDP's other ranks read it, maybe on other machines, to tell they share the directory
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .config import RESUMABLE_OVERRIDES, SCHEDULES, TrainConfig
 from .errors import UserError
 from .model import INITS, PRESETS, build_model, layer_table
@@ -99,7 +100,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             given = {**DEMO_SETTINGS, **given, "data": str(make_demo_dataset(DEMO_DATA))}
         cfg = TrainConfig(**given)
     run_dir = train(cfg, resume=bool(args.resume), progress=not args.no_progress)
-    print(f"run directory: {run_dir}")
+    if distributed.main_process():
+        print(f"run directory: {run_dir}")
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import os
 import re
 import signal
@@ -115,6 +116,12 @@ def open_split(root: str | Path, split: str, classes: list[str] | None = None) -
     if not samples:
         raise UserError(f"no images found in {folder}")
     return Split(samples, classes, read_class_names(root, classes), empty)
+
+
+def listing(split: Split) -> dict:
+    """What identifies a split's sources: how many, and a digest of (path, label) in order."""
+    digest = hashlib.sha256("".join(f"{p}\t{y}\n" for p, y in split.samples).encode()).hexdigest()
+    return {"sources": len(split.samples), "listing_sha256": digest}
 
 
 def _flat_samples(root: Path, folder: Path, classes: list[str] | None) -> list[tuple[str, int]]:

@@ -7,14 +7,17 @@
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK for each process; without them training runs in one
 process. --batch-size stays the global batch: each rank takes a contiguous share of every batch, so
 the steps, the schedule and a resume are the same for any number of processes. Only rank 0 writes the
-run directory and prints. After torchrun restarts failed workers (--max-restarts), the run continues
-from its last checkpoint.
+run directory and prints; the others read its statistics and checkpoints there, so machines must share
+it (checked), and each reads --data itself. After torchrun restarts failed workers (--max-restarts), the
+run continues from its last checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +109,46 @@ def sum_over_ranks(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     if ranks.distributed:
         dist.all_reduce(tensor)
     return tensor
+
+
+@contextlib.contextmanager
+def together(ranks: Ranks) -> Iterator[None]:
+    """Runs a block that may stop on some ranks only (a folder missing on one machine, a full disk on
+    rank 0): then every rank stops, the others with a line that names the rank and its error, where
+    they would otherwise fail in their next collective operation with a traceback, or wait in it."""
+    failure: UserError | OSError | None = None
+    try:
+        yield
+    except (UserError, OSError) as e:
+        if not ranks.distributed:
+            raise
+        failure = e
+    if ranks.distributed:
+        failures: list[str | None] = [None] * ranks.world_size
+        dist.all_gather_object(failures, None if failure is None else str(failure))
+        if failure is not None:
+            raise failure
+        for rank, message in enumerate(failures):
+            if message is not None:
+                raise UserError(f"rank {rank} stopped: {message}")
+
+
+def differing_ranks(value: object, ranks: Ranks) -> str:
+    """Which ranks hold a `value` other than rank 0's ('rank 3', 'ranks 1, 2'), '' where none does.
+
+    Every rank gets the same answer, so all of them can stop together on it.
+    """
+    if not ranks.distributed:
+        return ""
+    values: list[object] = [None] * ranks.world_size
+    dist.all_gather_object(values, value)
+    odd = [str(r) for r, v in enumerate(values) if v != values[0]]
+    return f"rank{'s' if len(odd) > 1 else ''} {', '.join(odd[:8])}{', ...' if len(odd) > 8 else ''}" if odd else ""
+
+
+def main_process() -> bool:
+    """Rank 0 of a torchrun job, or a process torchrun did not start (what prints the final lines)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def union_over_ranks(items: set[str], ranks: Ranks) -> set[str]:

@@ -19,7 +19,6 @@ it exists.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import multiprocessing
@@ -39,7 +38,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from tqdm import tqdm
 
 from .checkpoint import write_atomic, write_text_atomic
-from .data import Split, _one_line, load_image, open_split
+from .data import Split, _one_line, listing, load_image, open_split
 from .errors import UserError
 from .prepared import FORMAT, MANIFEST, PreparedSplit, open_prepared, read_manifest, split_files
 
@@ -85,7 +84,7 @@ def prepare_dataset(
         "size": size,
         "quality": quality if fmt == "jpeg" else None,
         "source": str(src),
-        "splits": {name: _listing(split) for name, split in found.items()},
+        "splits": {name: listing(split) for name, split in found.items()},
     }
 
     # --- a finished dataset, an unfinished one to resume, or a new folder -----------------------------
@@ -146,12 +145,6 @@ def _open_splits(src: Path, splits: Sequence[str] | None) -> dict[str, Split]:
             raise UserError(f"unknown split {name!r}; choose from {', '.join(SPLITS)}")
     classes = open_split(src, "train").classes if (src / "train").is_dir() else None
     return {name: open_split(src, name, classes) for name in names}
-
-
-def _listing(split: Split) -> dict:
-    """What identifies a split's sources: how many, and a digest of (path, label) in order."""
-    digest = hashlib.sha256("".join(f"{p}\t{y}\n" for p, y in split.samples).encode()).hexdigest()
-    return {"sources": len(split.samples), "listing_sha256": digest}
 
 
 def _settings_of(manifest: dict) -> dict:

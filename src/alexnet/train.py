@@ -43,6 +43,7 @@ from .data import (
     ImageDataset,
     display_names,
     image_moments,
+    listing,
     make_loader,
     open_split,
     rank_share,
@@ -201,68 +202,88 @@ def _train(
 
     if ranks.distributed and cfg.batch_size < ranks.world_size:
         raise UserError(f"batch size {cfg.batch_size} is smaller than the {ranks.world_size} processes")
+    # Every rank reads what rank 0 writes here (stats.pt, checkpoints): on several machines that takes a
+    # shared file system. Rank 0's lock names its process and machine; a rank that reads another name
+    # (or none) has a directory of its own, and would train from other statistics and checkpoints.
+    lock = run_dir / "lock"
+    if odd := distributed.differing_ranks(lock.read_text() if lock.is_file() else None, ranks):
+        raise UserError(
+            f"{odd} cannot see the run directory that rank 0 writes ({run_dir}): give every node the same"
+            " --run-dir on a shared file system"
+        )
 
     # --- data: a prepared dataset (alexnet prepare) or an image folder decoded per image ---------
     bad_files: set[str] = set()
     moments = None
     share = {"rank": ranks.rank, "world_size": ranks.world_size}
-    if is_prepared(cfg.data):
-        manifest = read_manifest(cfg.data)
-        if manifest["size"] != cfg.image_size:
-            raise UserError(f"{cfg.data} holds {manifest['size']}px images; pass --image-size {manifest['size']}")
-        train_data, val_data = open_prepared(cfg.data, "train"), open_prepared(cfg.data, "val")
-        classes, names = manifest["classes"], manifest["names"]
-        moments = torch.load(Path(cfg.data) / "stats.pt", weights_only=True)
-        bad_files.update((Path(cfg.data) / "bad.txt").read_text().splitlines())
-        pin = device.type == "cuda"
+    with distributed.together(ranks):  # a rank that cannot open its data stops all of them
+        if is_prepared(cfg.data):
+            manifest = read_manifest(cfg.data)
+            if manifest["size"] != cfg.image_size:
+                raise UserError(f"{cfg.data} holds {manifest['size']}px images; pass --image-size {manifest['size']}")
+            train_data, val_data = open_prepared(cfg.data, "train"), open_prepared(cfg.data, "val")
+            classes, names = manifest["classes"], manifest["names"]
+            moments = torch.load(Path(cfg.data) / "stats.pt", weights_only=True)
+            bad_files.update((Path(cfg.data) / "bad.txt").read_text().splitlines())
+            pin = device.type == "cuda"
 
-        def train_loader(epoch: int, start_step: int) -> Iterable[Batch]:
-            return PreparedLoader(
-                train_data, cfg.batch_size, cfg.seed, epoch, start_step, device=device, pin_memory=pin, **share
+            def train_loader(epoch: int, start_step: int) -> Iterable[Batch]:
+                return PreparedLoader(
+                    train_data, cfg.batch_size, cfg.seed, epoch, start_step, device=device, pin_memory=pin, **share
+                )
+
+            val_loader = PreparedLoader(val_data, cfg.batch_size, shuffle=False, device=device, pin_memory=pin, **share)
+            say(f"data: prepared {manifest['fmt']} dataset {cfg.data}")
+        else:
+            train_split = open_split(cfg.data, "train")
+            val_split = open_split(cfg.data, "val", classes=train_split.classes)
+            for c in train_split.empty_classes:
+                say(f"warning: class folder {c} in {cfg.data}/train has no images")
+            classes, names = train_split.classes, train_split.names
+            train_data = ImageDataset(train_split.samples, cfg.image_size)
+            val_samples = rank_share(val_split.samples, ranks.rank, ranks.world_size)
+            val_loader = make_loader(ImageDataset(val_samples, cfg.image_size), cfg.batch_size, cfg.workers)
+
+            def train_loader(epoch: int, start_step: int) -> Iterable[Batch]:
+                batches = EpochBatches(len(train_data), cfg.batch_size, cfg.seed, epoch, start_step, **share)
+                return make_loader(train_data, 0, cfg.workers, pin_memory=device.type == "cuda", batch_sampler=batches)
+
+            say(f"data: image folder {cfg.data}, decoded per image (alexnet prepare makes it faster)")
+    if ranks.distributed:  # each rank reads --data on its own machine: all must hold the same images
+        if is_prepared(cfg.data):
+            held = [manifest["fmt"], manifest["classes"], {name: s["images"] for name, s in manifest["splits"].items()}]
+        else:
+            held = [classes, listing(train_split), listing(val_split)]
+        if odd := distributed.differing_ranks(held, ranks):
+            raise UserError(
+                f"{odd} found other classes or images in {cfg.data} than rank 0: give every node the same data"
             )
-
-        val_loader = PreparedLoader(val_data, cfg.batch_size, shuffle=False, device=device, pin_memory=pin, **share)
-        say(f"data: prepared {manifest['fmt']} dataset {cfg.data}")
-    else:
-        train_split = open_split(cfg.data, "train")
-        val_split = open_split(cfg.data, "val", classes=train_split.classes)
-        for c in train_split.empty_classes:
-            say(f"warning: class folder {c} in {cfg.data}/train has no images")
-        classes, names = train_split.classes, train_split.names
-        train_data = ImageDataset(train_split.samples, cfg.image_size)
-        val_samples = rank_share(val_split.samples, ranks.rank, ranks.world_size)
-        val_loader = make_loader(ImageDataset(val_samples, cfg.image_size), cfg.batch_size, cfg.workers)
-
-        def train_loader(epoch: int, start_step: int) -> Iterable[Batch]:
-            batches = EpochBatches(len(train_data), cfg.batch_size, cfg.seed, epoch, start_step, **share)
-            return make_loader(train_data, 0, cfg.workers, pin_memory=device.type == "cuda", batch_sampler=batches)
-
-        say(f"data: image folder {cfg.data}, decoded per image (alexnet prepare makes it faster)")
     num_classes = len(classes)
     if num_classes < 2:
         raise UserError(f"{cfg.data}/train needs at least 2 class folders, found {num_classes}")
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
-    if main and not (run_dir / "config.json").is_file():
-        write_text_atomic(run_dir / "config.json", cfg.to_json() + "\n")
-    if main and not (run_dir / "classes.tsv").is_file():
-        write_classes(run_dir / "classes.tsv", classes, names)
 
-    # --- statistics of the training set: mean image and colour covariance, once per run ------------
+    # --- rank 0 writes the config, the classes and the training set's mean image and colour covariance
     stats_path = run_dir / "stats.pt"
-    if main and moments is None and not stats_path.is_file():
-        say(f"computing the mean image and colour covariance of {len(train_data)} training images")
-        loader = make_loader(train_data, cfg.batch_size, cfg.workers)
-        mean_image, cov, count, bad = image_moments(tqdm(loader, desc="stats", leave=False, disable=not progress))
-        moments = {"mean_image": mean_image, "covariance": cov, "images": count}
-        bad_files.update(bad)
-        write_bad_files(run_dir, bad_files)
-        if len(bad_files) > 0.5 * len(train_data):
-            raise UserError(
-                f"{len(bad_files)} of {len(train_data)} training images cannot be read; see {run_dir / 'bad_files.txt'}"
-            )
-    if main and not stats_path.is_file():
-        write_atomic(stats_path, lambda f: torch.save(moments, f))
-    distributed.barrier(ranks)  # the other ranks wait for rank 0's stats.pt
+    with distributed.together(ranks):  # the other ranks wait for them, or for rank 0's error
+        if main and not (run_dir / "config.json").is_file():
+            write_text_atomic(run_dir / "config.json", cfg.to_json() + "\n")
+        if main and not (run_dir / "classes.tsv").is_file():
+            write_classes(run_dir / "classes.tsv", classes, names)
+        if main and moments is None and not stats_path.is_file():
+            say(f"computing the mean image and colour covariance of {len(train_data)} training images")
+            loader = make_loader(train_data, cfg.batch_size, cfg.workers)
+            mean_image, cov, count, bad = image_moments(tqdm(loader, desc="stats", leave=False, disable=not progress))
+            moments = {"mean_image": mean_image, "covariance": cov, "images": count}
+            bad_files.update(bad)
+            write_bad_files(run_dir, bad_files)
+            if len(bad_files) > 0.5 * len(train_data):
+                raise UserError(
+                    f"{len(bad_files)} of {len(train_data)} training images cannot be read; see"
+                    f" {run_dir / 'bad_files.txt'}"
+                )
+        if main and not stats_path.is_file():
+            write_atomic(stats_path, lambda f: torch.save(moments, f))
     moments = torch.load(stats_path, weights_only=True)
     stats = make_pixel_stats(moments["mean_image"], moments["covariance"], cfg.mean, cfg.scale, cfg.pca)
 

@@ -2,6 +2,7 @@
 training started on a run directory that a first one is writing (the lock). Unknown presets and
 options and invalid numbers: tests/test_cli.py."""
 
+import socket
 import subprocess
 import sys
 
@@ -32,7 +33,8 @@ def test_a_second_training_in_the_same_run_directory_is_refused(fault_data, refe
     assert code == 2 and "already exists; resume it with --resume" in line
     code, line = one_line_error(["train", "--resume", str(run_dir), "--no-progress"])
     assert code == 2 and line == (
-        f"alexnet: error: {run_dir} is in use by another training (pid {first.pid}); wait for it or pick another"
+        f"alexnet: error: {run_dir} is in use by another training (pid {first.pid} on {socket.gethostname()});"
+        " wait for it or pick another"
         " --run-dir"
     )
     _, err = first.communicate(timeout=300)

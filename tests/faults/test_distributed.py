@@ -1,12 +1,17 @@
 """DDP under torchrun on the CPU (gloo): 2 processes compute what 1 process computes on the same global
-batch, only rank 0 writes and prints, and a worker killed mid-run is restarted by torchrun
+batch, only rank 0 writes and prints, 2 machines (two torchrun agents at one rendezvous, each in a
+folder of its own) train as 2 processes of one machine do, nodes that do not share the run directory or
+hold other data stop at once with one line, and a worker killed mid-run is restarted by torchrun
 (--max-restarts) and the run continues from its last checkpoint to the same weights."""
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,13 +38,35 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def torchrun(tmp_path, args: list[str], max_restarts: int = 0, slow: float = 0.0) -> subprocess.Popen:
+def torchrun(
+    tmp_path, args: list[str], max_restarts: int = 0, slow: float = 0.0, launch: tuple[str, ...] = (), cwd=None
+) -> subprocess.Popen:
+    """One machine's torchrun agent: 2 processes (--standalone) unless `launch` says otherwise."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command = [sys.executable, "-m", "torch.distributed.run", *(launch or ("--standalone", "--nproc-per-node", "2"))]
     command += [f"--max-restarts={max_restarts}", str(driver), *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "SLOW_STEPS": str(slow)}
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+
+
+def two_machines(tmp_path, args: list[str], data: tuple[Path | None, Path | None]) -> list[tuple[int, str, str]]:
+    """(exit status, stdout, stderr) of two torchrun agents, one process each, that meet at a c10d
+    rendezvous as two machines do (`--nnodes 2 --rdzv-endpoint`). Each runs in a folder of its own,
+    its machine, holding a copy of `data` (or none) as ./data."""
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = ("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d")
+    launch += (f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={tmp_path.name}")
+    procs = []
+    for name, source in zip(("machine-a", "machine-b"), data, strict=True):
+        (tmp_path / name).mkdir()
+        if source is not None:
+            shutil.copytree(source, tmp_path / name / "data")
+        procs.append(torchrun(tmp_path, args, launch=launch, cwd=tmp_path / name))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    return [(p.returncode, *output) for p, output in zip(procs, outputs, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +77,12 @@ def one_process_run(fault_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_process_run(fault_data, tmp_path_factory):
+    """Two machines, one process each, a copy of the data each, and the run directory shared."""
     with scoped_folder(tmp_path_factory, "two") as tmp:
-        proc = torchrun(tmp, cli_args(fault_data, tmp / "run", **DDP))
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-3000:]
-        yield tmp / "run", out
+        ended = two_machines(tmp, cli_args(Path("data"), tmp / "run", **DDP), (fault_data, fault_data))
+        for code, _, err in ended:
+            assert code == 0, err[-3000:]
+        yield tmp / "run", "".join(out for _, out, _ in ended)
 
 
 def test_two_processes_equal_one_on_the_same_global_batch(one_process_run, two_process_run):
@@ -73,6 +101,7 @@ def test_two_processes_equal_one_on_the_same_global_batch(one_process_run, two_p
     for k in one:
         assert (two[k] - one[k]).norm() < 1e-3 * (one[k] - start[k]).norm(), k
     assert out.count("epoch 1/2: train loss") == 1  # rank 0 alone prints
+    assert out.count("run directory:") == 1
     assert "DDP over 2 processes" in out
     a, b = load_checkpoint(one_process_run / "last.pt"), load_checkpoint(run_dir / "last.pt")
     assert a["run_state"] == pytest.approx(b["run_state"], rel=1e-5)  # losses and counts over all ranks
@@ -90,10 +119,44 @@ def test_a_killed_worker_is_restarted_and_the_run_continues(fault_data, two_proc
         return last.is_file() and load_checkpoint(last)["run_state"]["step_in_epoch"] >= 2
 
     wait_for(past_step_2, proc=proc)
-    rank0 = int((run_dir / "lock").read_text())  # the lock file names the process that holds it
+    rank0 = int((run_dir / "lock").read_text().split()[0])  # the lock file names the process that holds it
     os.kill(rank0, signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     (tmp_path / "stderr.txt").write_text(err)
     assert proc.returncode == 0, err[-3000:]
     assert "resuming" in out and "at epoch 1, step" in out
     assert_same_weights(checkpoint_weights(run_dir / "last.pt"), checkpoint_weights(two_process_run[0] / "last.pt"))
+
+
+NOT_SHARED = "alexnet: error: rank 1 cannot see the run directory that rank 0 writes (run): give every node the same"
+NOT_SHARED += " --run-dir on a shared file system"
+MISSING = "alexnet: error: data folder data does not exist"
+OTHER = "alexnet: error: rank 1 found other classes or images in data than rank 0: give every node the same data"
+
+
+@pytest.mark.parametrize(
+    "fault, lines",
+    [
+        ("run_dir_not_shared", [[NOT_SHARED, NOT_SHARED]]),
+        # the machine without data is rank 0 or rank 1, as the rendezvous decides; the other names it
+        (
+            "data_missing_on_one_machine",
+            [sorted([MISSING, MISSING.replace("error: ", f"error: rank {r} stopped: ")]) for r in (0, 1)],
+        ),
+        ("other_data_on_one_machine", [[OTHER, OTHER]]),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_machines_that_do_not_share_what_they_must_all_stop_with_one_line(fault_data, tmp_path, fault, lines):
+    run_dir = Path("run") if fault == "run_dir_not_shared" else tmp_path / "run"  # relative: one each
+    data = (fault_data, None if fault == "data_missing_on_one_machine" else fault_data)
+    if fault == "other_data_on_one_machine":
+        shutil.copytree(fault_data, tmp_path / "fewer")
+        next((tmp_path / "fewer" / "train").glob("*/*")).unlink()
+        data = (fault_data, tmp_path / "fewer")
+    ended = two_machines(tmp_path, cli_args(Path("data"), run_dir, **DDP), data)
+    for code, _, err in ended:
+        assert code != 0 and "[rank" not in err, err[-3000:]  # torchrun marks a worker's traceback [rankN]
+    said = sorted(line for _, _, err in ended for line in err.splitlines() if line.startswith("alexnet"))
+    assert said in lines
+    assert not list(tmp_path.rglob("run")), "a run directory was left behind"
