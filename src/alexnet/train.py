@@ -142,11 +142,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     if cfg.data is None:
         raise UserError("no --data given")
     device = pick_device(cfg.device)
-    # --init-from: read and checked now, so a wrong file stops the run before its directory is made
-    pretrained = read_pretrained(cfg.init_from, cfg) if cfg.init_from and not resume else None
     ranks, device = distributed.start(device)
     tune_for(device)
     try:
+        # --init-from: read and checked now, so a wrong file stops the run before its directory is made
+        with distributed.together(ranks):  # on every machine: one without the file stops them all
+            pretrained = read_pretrained(cfg.init_from, cfg) if cfg.init_from and not resume else None
         if cfg.cuda_graphs:  # before the run directory is made
             check_cuda_graphs(device, resolve_precision(cfg.precision, device), cfg.compile, ranks.distributed)
         if ranks.distributed and not cfg.run_dir:  # a default name would differ between processes

@@ -61,7 +61,7 @@ def two_machines(tmp_path, args: list[str], data: tuple[Path | None, Path | None
     launch += (f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={tmp_path.name}")
     procs = []
     for name, source in zip(("machine-a", "machine-b"), data, strict=True):
-        (tmp_path / name).mkdir()
+        (tmp_path / name).mkdir(exist_ok=True)
         if source is not None:
             shutil.copytree(source, tmp_path / name / "data")
         procs.append(torchrun(tmp_path, args, launch=launch, cwd=tmp_path / name))
@@ -131,6 +131,7 @@ def test_a_killed_worker_is_restarted_and_the_run_continues(fault_data, two_proc
 NOT_SHARED = "alexnet: error: rank 1 cannot see the run directory that rank 0 writes (run): give every node the same"
 NOT_SHARED += " --run-dir on a shared file system"
 MISSING = "alexnet: error: data folder data does not exist"
+NO_WEIGHTS = "alexnet: error: weights.pt does not exist"
 OTHER = "alexnet: error: rank 1 found other classes or images in data than rank 0: give every node the same data"
 
 
@@ -144,6 +145,10 @@ OTHER = "alexnet: error: rank 1 found other classes or images in data than rank 
             [sorted([MISSING, MISSING.replace("error: ", f"error: rank {r} stopped: ")]) for r in (0, 1)],
         ),
         ("other_data_on_one_machine", [[OTHER, OTHER]]),
+        (
+            "init_from_missing_on_one_machine",
+            [sorted([NO_WEIGHTS, NO_WEIGHTS.replace("error: ", f"error: rank {r} stopped: ")]) for r in (0, 1)],
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -154,7 +159,12 @@ def test_machines_that_do_not_share_what_they_must_all_stop_with_one_line(fault_
         shutil.copytree(fault_data, tmp_path / "fewer")
         next((tmp_path / "fewer" / "train").glob("*/*")).unlink()
         data = (fault_data, tmp_path / "fewer")
-    ended = two_machines(tmp_path, cli_args(Path("data"), run_dir, **DDP), data)
+    settings = dict(DDP)
+    if fault == "init_from_missing_on_one_machine":  # a weights file on machine-a only
+        (tmp_path / "machine-a").mkdir()
+        torch.save(build_model("torchvision", num_classes=3).state_dict(), tmp_path / "machine-a" / "weights.pt")
+        settings["init_from"] = "weights.pt"
+    ended = two_machines(tmp_path, cli_args(Path("data"), run_dir, **settings), data)
     for code, _, err in ended:
         assert code != 0 and "[rank" not in err, err[-3000:]  # torchrun marks a worker's traceback [rankN]
     said = sorted(line for _, _, err in ended for line in err.splitlines() if line.startswith("alexnet"))
