@@ -23,7 +23,7 @@ import torch
 
 from . import distributed
 from .config import RESUMABLE_OVERRIDES, SCHEDULES, TrainConfig
-from .errors import UserError
+from .errors import UserError, one_line
 from .model import INITS, PRESETS, build_model, layer_table
 
 DEMO_DATA = "alexnet-demo-data"
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head`: nothing left to say
         return 0
     except OSError as e:  # a full disk, a permission, a file that vanished: say which, in one line
-        print(f"alexnet: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        print(f"alexnet: error: {one_line(e)}", file=sys.stderr)
         return 1
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def together(ranks: Ranks) -> Iterator[None]:
         failure = e
     if ranks.distributed:
         failures: list[str | None] = [None] * ranks.world_size
-        dist.all_gather_object(failures, None if failure is None else str(failure))
+        dist.all_gather_object(failures, None if failure is None else one_line(failure))
         if failure is not None:
             raise failure
         for rank, message in enumerate(failures):

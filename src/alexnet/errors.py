@@ -1,11 +1,19 @@
-"""The one exception type the command line turns into a one-line message instead of a traceback, and
-the one-line warning given where fast kernels cannot run and slower ones stand in."""
+"""The one exception type the command line turns into a one-line message instead of a traceback, the
+line it prints for a failed write, and the one-line warning given where fast kernels cannot run and
+slower ones stand in."""
 
 import warnings
 
 
 class UserError(Exception):
     """Bad input from the person running alexnet: a wrong path, an unknown preset, an invalid number."""
+
+
+def one_line(error: UserError | OSError) -> str:
+    """What to tell of `error`: a full disk, a permission, a file that vanished say which file."""
+    if isinstance(error, OSError):
+        return f"{error.strerror or error}{f': {error.filename}' if error.filename else ''}"
+    return str(error)
 
 
 def warn_slower(what: str, error: BaseException, stacklevel: int = 3) -> str:

@@ -348,14 +348,21 @@ def _train(
             link_atomic(run_dir / "last.pt", run_dir / "best.pt")  # in case a crash came between the two
     elif resume:
         say(f"{run_dir} has no checkpoint yet: starting it from the beginning")
-    if main:
-        # drop metric lines of epochs the checkpoint does not contain (written just before a crash)
-        kept = [m for m in read_jsonl(run_dir / "metrics.jsonl") if m["epoch"] <= state.epoch]
-        write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
+    # Rank 0 alone writes; each of its writes below runs in `together`, so that a full disk stops every
+    # rank with rank 0's line, where on other machines they would fail in their next collective.
+    with distributed.together(ranks):
+        if main:
+            # drop metric lines of epochs the checkpoint does not contain (written just before a crash)
+            kept = [m for m in read_jsonl(run_dir / "metrics.jsonl") if m["epoch"] <= state.epoch]
+            write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
 
     def checkpoint(path: Path) -> None:
-        if not main:
-            return
+        """Rank 0's checkpoint, which every rank waits for: call it on every rank."""
+        with distributed.together(ranks):
+            if main:
+                write_checkpoint(path)
+
+    def write_checkpoint(path: Path) -> None:
         save_checkpoint(
             {
                 "config": cfg.__dict__,
@@ -453,8 +460,7 @@ def _train(
                     checkpoint(run_dir / "last.pt")
                 if stopping:
                     bar.close()
-                    checkpoint(run_dir / "last.pt")
-                    distributed.barrier(ranks)  # no rank exits before rank 0's checkpoint is whole
+                    checkpoint(run_dir / "last.pt")  # no rank exits before rank 0's checkpoint is whole
                     raise Interrupted(run_dir, stop.signum or signal.SIGTERM, epoch, state.step_in_epoch)
             bar.close()
             if diverged:  # --on-nan rollback: back to the last checkpoint, with a tenth of the learning rate
@@ -495,14 +501,15 @@ def _train(
             state = RunState(
                 epoch=epoch + 1, best_top1_err=min(state.best_top1_err, val.top1_err), best_epoch=best_epoch
             )
-            if main:
-                append_jsonl(run_dir / "metrics.jsonl", record)
-                if tb:
-                    tb.epoch(record, model)
-                checkpoint(run_dir / "last.pt")
-                if improved:
-                    link_atomic(run_dir / "last.pt", run_dir / "best.pt")
-                write_bad_files(run_dir, bad_files)
+            with distributed.together(ranks):
+                if main:
+                    append_jsonl(run_dir / "metrics.jsonl", record)
+                    if tb:
+                        tb.epoch(record, model)
+                    write_checkpoint(run_dir / "last.pt")
+                    if improved:
+                        link_atomic(run_dir / "last.pt", run_dir / "best.pt")
+                    write_bad_files(run_dir, bad_files)
 
     if tb:
         tb.close()

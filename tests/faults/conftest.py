@@ -1,5 +1,5 @@
-"""Shared by the fault-injection tests: a tiny real training run, and `alexnet` as a separate process
-(so that a fault can really kill it)."""
+"""Shared by the fault-injection tests: a tiny real training run, `alexnet` as a separate process
+(so that a fault can really kill it), and a small disk."""
 
 import os
 import signal
@@ -15,6 +15,7 @@ from conftest import make_tiny_dataset, scoped_folder
 
 from alexnet.checkpoint import load_checkpoint
 from alexnet.config import TrainConfig
+from alexnet.model import build_model
 from alexnet.train import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,3 +83,22 @@ def reference_run(fault_data, tmp_path_factory) -> Iterator[Path]:
     """The uninterrupted run every interrupted one must end up equal to."""
     with scoped_folder(tmp_path_factory, "reference") as root:
         yield train(TrainConfig(data=str(fault_data), run_dir=str(root / "run"), **CHECKPOINTED), progress=False)
+
+
+def checkpoint_bytes() -> int:
+    """About the size of a TINY run's checkpoint: weights and momentum, 4 bytes each."""
+    model = build_model("torchvision", num_classes=3)
+    return 2 * 4 * sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs with room for 1.5 checkpoints: the first fits, writing the second beside it does not."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    size = int(1.5 * checkpoint_bytes())
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)

@@ -4,35 +4,12 @@ files left behind."""
 import os
 import resource
 import signal
-import subprocess
 from pathlib import Path
-
-import pytest
 
 from alexnet.checkpoint import load_checkpoint
 from alexnet.cli import main
-from alexnet.model import build_model
 
 from .conftest import TINY, alexnet_process, cli_args
-
-
-def checkpoint_bytes() -> int:
-    """About the size of a TINY run's checkpoint: weights and momentum, 4 bytes each."""
-    model = build_model("torchvision", num_classes=3)
-    return 2 * 4 * sum(p.numel() for p in model.parameters())
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs with room for 1.5 checkpoints: the first fits, writing the second beside it does not."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    size = int(1.5 * checkpoint_bytes())
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
-    if result.returncode:
-        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_full_disk_keeps_the_previous_checkpoint(fault_data, small_disk, capsys):

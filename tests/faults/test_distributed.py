@@ -1,8 +1,9 @@
 """DDP under torchrun on the CPU (gloo): 2 processes compute what 1 process computes on the same global
 batch, only rank 0 writes and prints, 2 machines (two torchrun agents at one rendezvous, each in a
 folder of its own) train as 2 processes of one machine do, nodes that do not share the run directory or
-hold other data stop at once with one line, and a worker killed mid-run is restarted by torchrun
-(--max-restarts) and the run continues from its last checkpoint to the same weights."""
+hold other data stop at once with one line, so do both machines when rank 0's disk is full, and a
+worker killed mid-run is restarted by torchrun (--max-restarts) and the run continues from its last
+checkpoint to the same weights."""
 
 import json
 import os
@@ -22,7 +23,7 @@ from alexnet.config import TrainConfig
 from alexnet.model import build_model
 from alexnet.train import train
 
-from .conftest import CHECKPOINTED, ROOT, assert_same_weights, checkpoint_weights, cli_args, wait_for
+from .conftest import CHECKPOINTED, ROOT, TINY, assert_same_weights, checkpoint_weights, cli_args, wait_for
 
 # No dropout: each rank draws its own dropout masks, which one process cannot reproduce.
 DDP = {**CHECKPOINTED, "dropout": 0.0}
@@ -170,3 +171,18 @@ def test_machines_that_do_not_share_what_they_must_all_stop_with_one_line(fault_
     said = sorted(line for _, _, err in ended for line in err.splitlines() if line.startswith("alexnet"))
     assert said in lines
     assert not list(tmp_path.rglob("run")), "a run directory was left behind"
+
+
+@pytest.mark.parametrize("when", ["mid_epoch", "epoch_end"])
+def test_a_full_disk_on_rank_0_stops_both_machines_with_its_line(fault_data, small_disk, tmp_path, when):
+    """Room for one checkpoint: the second (step 2, or epoch 2's) does not fit."""
+    run_dir = small_disk / "run"
+    settings = {**(CHECKPOINTED if when == "mid_epoch" else TINY), "dropout": 0.0}
+    ended = two_machines(tmp_path, cli_args(Path("data"), run_dir, **settings), (fault_data, fault_data))
+    for code, _, err in ended:
+        assert code != 0 and "[rank" not in err, err[-3000:]  # no traceback from the rank that did not write
+    full = f"No space left on device; the previous last.pt is unchanged: {run_dir / 'last.pt'}"
+    said = sorted(line for _, _, err in ended for line in err.splitlines() if line.startswith("alexnet"))
+    assert said == [f"alexnet: error: {full}", f"alexnet: error: rank 0 stopped: {full}"]
+    state = load_checkpoint(run_dir / "last.pt")["run_state"]
+    assert (state["epoch"], state["step_in_epoch"]) == ((0, 1) if when == "mid_epoch" else (1, 0))
