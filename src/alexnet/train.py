@@ -224,6 +224,7 @@ def _train(
                 raise UserError(f"{cfg.data} holds {manifest['size']}px images; pass --image-size {manifest['size']}")
             train_data, val_data = open_prepared(cfg.data, "train"), open_prepared(cfg.data, "val")
             classes, names = manifest["classes"], manifest["names"]
+            held = [manifest["fmt"], classes, {name: info["images"] for name, info in manifest["splits"].items()}]
             moments = torch.load(Path(cfg.data) / "stats.pt", weights_only=True)
             bad_files.update((Path(cfg.data) / "bad.txt").read_text().splitlines())
             pin = device.type == "cuda"
@@ -241,6 +242,7 @@ def _train(
             for c in train_split.empty_classes:
                 say(f"warning: class folder {c} in {cfg.data}/train has no images")
             classes, names = train_split.classes, train_split.names
+            held = [classes, listing(train_split), listing(val_split)] if ranks.distributed else None
             train_data = ImageDataset(train_split.samples, cfg.image_size)
             val_samples = rank_share(val_split.samples, ranks.rank, ranks.world_size)
             val_loader = make_loader(ImageDataset(val_samples, cfg.image_size), cfg.batch_size, cfg.workers)
@@ -250,15 +252,9 @@ def _train(
                 return make_loader(train_data, 0, cfg.workers, pin_memory=device.type == "cuda", batch_sampler=batches)
 
             say(f"data: image folder {cfg.data}, decoded per image (alexnet prepare makes it faster)")
-    if ranks.distributed:  # each rank reads --data on its own machine: all must hold the same images
-        if is_prepared(cfg.data):
-            held = [manifest["fmt"], manifest["classes"], {name: s["images"] for name, s in manifest["splits"].items()}]
-        else:
-            held = [classes, listing(train_split), listing(val_split)]
-        if odd := distributed.differing_ranks(held, ranks):
-            raise UserError(
-                f"{odd} found other classes or images in {cfg.data} than rank 0: give every node the same data"
-            )
+    # each rank reads --data on its own machine: all must hold what rank 0's holds (`held`)
+    if odd := distributed.differing_ranks(held, ranks):
+        raise UserError(f"{odd} found other classes or images in {cfg.data} than rank 0: give every node the same data")
     num_classes = len(classes)
     if num_classes < 2:
         raise UserError(f"{cfg.data}/train needs at least 2 class folders, found {num_classes}")
