@@ -273,6 +273,37 @@ def test_loader_on_the_gpu(prepared, fmt):
         assert (a.images.float() - b.images.cpu().float()).abs().mean() < 1  # nvjpeg vs libjpeg-turbo IDCT
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_raw_batches_reach_the_gpu_while_the_consumers_stream_is_busy(prepared):
+    """The copy runs on the loader's stream, not after the kernels queued on the consumer's stream, and
+    what the consumer queues next waits for it."""
+    split = open_prepared(prepared["raw"], "train")
+    want = [int(b.images.sum(dtype=torch.int64)) for b in PreparedLoader(split, batch_size=8)]
+    loader = PreparedLoader(split, batch_size=8, device="cuda", pin_memory=True)
+    batches = iter(loader)
+    first = next(batches)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # the consumer's stream busy for some 0.1 s
+    busy = torch.cuda.Event()
+    busy.record()
+    second = next(batches)
+    reader = torch.cuda.Stream()  # reads the batch as soon as the loader's copy is done
+    reader.wait_stream(loader.copy_stream)
+    with torch.cuda.stream(reader):
+        early = second.images.sum(dtype=torch.int64)
+    reader.synchronize()
+    assert not busy.query() and int(early) == want[1]  # there before the consumer's stream was free
+    sums = [first.images.sum(dtype=torch.int64), second.images.sum(dtype=torch.int64)]
+    while True:  # each copy held back on its stream: the consumer's sums still wait for it
+        with torch.cuda.stream(loader.copy_stream):
+            torch.cuda._sleep(20_000_000)
+        batch = next(batches, None)
+        if batch is None:
+            break
+        sums.append(batch.images.sum(dtype=torch.int64))
+    assert [int(s) for s in sums] == want
+
+
 @pytest.mark.parametrize("fmt", FMTS)
 def test_check_dataset_finds_damage(prepared, fmt, tmp_path):
     out = tmp_path / "copy"
