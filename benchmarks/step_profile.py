@@ -15,7 +15,7 @@ of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images alrea
   paper, conv1 3 chans   on CUDA: conv1 as it is written, 3 input channels (cuDNN pads them to 8)
   paper, conv1 8 chans   on CUDA: conv1's input padded to 8 channels by us, not as 4x4 blocks of pixels
   paper, bias+ReLU apart on CUDA: each convolution's bias and ReLU as PyTorch's modules, not one operation
-  paper, LRN apart       on CUDA: conv1 and conv2's LRN in kernels of its own, not with the bias and ReLU
+  paper, LRN with bias   on CUDA: conv1 and conv2's bias, ReLU and LRN in LRN's kernels, not LRN apart (fuse_lrn)
   paper, eager LRN       the same with LRN's eager formulas
   paper, no LRN          LRN layers removed
   paper, groups=1        one tower: conv2, conv4 and conv5 see all their input channels
@@ -82,7 +82,7 @@ def set_on(model: nn.Module, kind: type, **attributes) -> nn.Module:
 
 class BiasReLULRN(nn.Module):
     """A convolution's bias, its ReLU and LRN on the convolution's output: as the model runs them on
-    CUDA ("together", bias_relu.bias_relu_lrn) or as two operations ("apart", fuse_lrn=False)."""
+    CUDA by default ("apart": bias_relu.bias_relu, then LRN) or as one ("together", fuse_lrn=True)."""
 
     def __init__(self, channels: int, kernels: str) -> None:
         super().__init__()
@@ -217,7 +217,7 @@ def main() -> None:
         candidates["paper, conv1 3 chans"] = paper_step(set_on(paper_model(), CeilConv2d, layout="plain"))
         candidates["paper, conv1 8 chans"] = paper_step(set_on(paper_model(), CeilConv2d, layout="pad8"))
         candidates["paper, bias+ReLU apart"] = paper_step(set_on(paper_model(), AlexNet, bias_relu_kernels="modules"))
-        candidates["paper, LRN apart"] = paper_step(set_on(paper_model(), AlexNet, fuse_lrn=False))
+        candidates["paper, LRN with bias"] = paper_step(set_on(paper_model(), AlexNet, fuse_lrn=True))
     candidates |= {
         "paper, eager LRN": paper_step(set_on(paper_model(), LocalResponseNorm, kernels="eager")),
         "paper, no LRN": paper_step(without_lrn(paper_model())),

@@ -263,14 +263,16 @@ class AlexNet(nn.Module):
     after the other; "triton": one operation with Triton kernels (bias_relu.py), except where a hook
     watches either module (the feature taps) or under torch.compile, export and tracing; None (the
     default): "triton" on CUDA, "modules" elsewhere.
-    `fuse_lrn`: where the bias and ReLU run as one operation and the LRN after them would run in its
-    Triton kernels (on CUDA, or named), the three as one (bias_relu.bias_relu_lrn); False keeps LRN apart."""
+    `fuse_lrn`: True runs conv1's and conv2's bias, ReLU and LRN as one operation (bias_relu.bias_relu_lrn)
+    where the bias and ReLU run as one and the LRN in its Triton kernels (on CUDA, or named). False, the
+    default, keeps LRN apart: on an H200 the step ran 1.13x faster so (benchmarks/RESULTS.md), the
+    fused kernels saving memory traffic but running slower than the two apart."""
 
     def __init__(self, preset: Preset, num_classes: int = 1000, dropout: float = 0.5) -> None:
         super().__init__()
         self.preset = preset
         self.bias_relu_kernels: str | None = None
-        self.fuse_lrn = True
+        self.fuse_lrn = False
         self.labels: dict[str, str] = {}  # module path -> name in the paper's terms (conv1, lrn1, fc6...)
         self.taps: dict[str, str] = {}  # layer -> module path whose output is that layer's activation
 
