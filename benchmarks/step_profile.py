@@ -100,12 +100,15 @@ def layers_alone(device: torch.device, dtype: torch.dtype, batch: int, steps: in
     """ms per forward + backward of LRN and of max pooling on the paper network's activations, by
     kernels, and the bandwidth that implies for the least traffic each needs: LRN reads x and writes y,
     then reads x and the gradient and writes dx; a pool reads x, writes y, reads y's gradient, writes dx.
-    On CUDA also bias, ReLU and LRN together and apart (the least traffic: LRN's)."""
+    On CUDA also bias, ReLU and LRN together and apart (the least traffic: LRN's). A multiplication by
+    1.5, forward and backward, on conv1's output is the reference: what bandwidth such a layer can reach."""
     print(f"\nLayers alone, forward + backward, {dtype}, channels_last, batch {batch}:")
     cuda = device.type == "cuda"
     layers = [  # name, input shape, the layer with given kernels, its kernels, least bytes per unit of x
         ("lrn1 (conv1)", (batch, 96, 55, 55), lambda k: LocalResponseNorm(PAPER_LRN, k), LRN_KERNELS, 5.0),
         ("lrn2 (conv2)", (batch, 256, 27, 27), lambda k: LocalResponseNorm(PAPER_LRN, k), LRN_KERNELS, 5.0),
+        # a reference for the GB/s an elementwise layer gets here: y = 1.5 x, dx = 1.5 g, in PyTorch's kernels
+        ("x * 1.5", (batch, 96, 55, 55), lambda k: lambda x: x * 1.5, ["pytorch"], 4.0),
         ("pool1", (batch, 96, 55, 55), lambda k: MaxPool2d(3, 2, k), POOL_KERNELS, 2 * (1 + 27**2 / 55**2)),
         ("pool2", (batch, 256, 27, 27), lambda k: MaxPool2d(3, 2, k), POOL_KERNELS, 2 * (1 + 13**2 / 27**2)),
         ("pool5", (batch, 256, 13, 13), lambda k: MaxPool2d(3, 2, k), POOL_KERNELS, 2 * (1 + 6**2 / 13**2)),
