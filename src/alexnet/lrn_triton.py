@@ -206,3 +206,150 @@ def backward_with_bias(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of forward(x, ..., bias=bias)'s x and bias (float32, summed over pixels)."""
     return _backward(x, grad, size, scale, k, beta, bias)
+
+
+# --- Channel-serial kernels: a thread takes a pixel and goes through its channels, 8 at a time ------
+# The tile kernels above read each neighbour as the tile again, shifted by a channel or two: loads of
+# 2 or 4 bytes each (cuobjdump -sass of the sm_90 build: 24 of the forward's 25 loads, 54 of the
+# backward's 57), some 3 load instructions per element forward and 14 backward, and each exp and log of
+# a window recomputed for every neighbour. These load a pixel's channels 8 at a time (16 bytes in bf16),
+# keep the chunks before and after in registers, and take the neighbours from there: one 16-byte load
+# per 8 channels and tensor, one store, each d computed once (and again for the window's overlap). Not the
+# default until measured on a GPU ("triton-serial" in lrn.py; step_profile.py compares them).
+
+CHUNK = 8  # channels per load; windows up to CHUNK + 1 channels wide fit the chunks either side
+_SERIAL_CONFIGS = [triton.Config({"BLOCK_P": 32 * w}, num_warps=w) for w in (1, 2, 4, 8)]
+
+
+@triton.jit
+def _chunk(ptr, offset, c0, stride_c, channels, pixel_ok):
+    """[pixels, CHUNK] float32 of channels c0.. (zeros outside the tensor's channels)."""
+    c = c0 + tl.arange(0, 8)
+    ok = pixel_ok[:, None] & ((c >= 0) & (c < channels))[None, :]
+    return tl.load(ptr + offset[:, None] + c[None, :] * stride_c, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _columns(v, BLOCK_P: tl.constexpr):
+    """A [pixels, 8] chunk as its 8 channels, each [pixels], in order; no data moves (a thread holds its
+    pixel's 8). Channel 4a + 2b + c sits at [.., a, b, c] after the reshape; split takes the last axis."""
+    x0, x1 = tl.split(tl.reshape(v, (BLOCK_P, 2, 2, 2)))
+    x00, x01 = tl.split(x0)
+    x10, x11 = tl.split(x1)
+    c0, c4 = tl.split(x00)
+    c2, c6 = tl.split(x01)
+    c1, c5 = tl.split(x10)
+    c3, c7 = tl.split(x11)
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _chunk_of(cols, BLOCK_P: tl.constexpr):
+    """_columns' inverse: 8 channels, each [pixels], as a [pixels, 8] chunk."""
+    x0 = tl.join(tl.join(cols[0], cols[4]), tl.join(cols[2], cols[6]))
+    x1 = tl.join(tl.join(cols[1], cols[5]), tl.join(cols[3], cols[7]))
+    return tl.reshape(tl.join(x0, x1), (BLOCK_P, 8))
+
+
+@triton.jit
+def _store_chunk(ptr, v, offset, c0, stride_c, channels, pixel_ok):
+    c = c0 + tl.arange(0, 8)
+    ok = pixel_ok[:, None] & (c < channels)[None, :]
+    tl.store(ptr + offset[:, None] + c[None, :] * stride_c, v.to(ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _squares(cols, t, SIZE: tl.constexpr):
+    """The sum of squares over the window of column t (of the 24: the chunk before, this, after)."""
+    s = cols[t - SIZE // 2] * cols[t - SIZE // 2]
+    for m in tl.static_range(1, SIZE):
+        s += cols[t - SIZE // 2 + m] * cols[t - SIZE // 2 + m]
+    return s
+
+
+@triton.autotune(configs=_SERIAL_CONFIGS, key=["channels", "stride_c"])
+@triton.jit
+def _forward_serial_kernel(
+    x_ptr, y_ptr, pixels, per_image, stride_n, stride_p, stride_c, channels, scale, k, beta,
+    SIZE: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    offset, pixel_ok = _pixel_offsets(tl.program_id(0) * BLOCK_P, pixels, per_image, stride_n, stride_p, BLOCK_P)
+    before = tl.full((BLOCK_P, 8), 0.0, tl.float32)
+    here = _chunk(x_ptr, offset, 0, stride_c, channels, pixel_ok)
+    for c0 in tl.range(0, channels, 8):
+        after = _chunk(x_ptr, offset, c0 + 8, stride_c, channels, pixel_ok)
+        cols = _columns(before, BLOCK_P) + _columns(here, BLOCK_P) + _columns(after, BLOCK_P)
+        y = ()
+        for i in tl.static_range(8):
+            d = _squares(cols, 8 + i, SIZE) * scale + k
+            y = y + (cols[8 + i] * tl.exp(-beta * tl.log(d)),)
+        _store_chunk(y_ptr, _chunk_of(y, BLOCK_P), offset, c0, stride_c, channels, pixel_ok)
+        before, here = here, after
+
+
+@triton.autotune(configs=_SERIAL_CONFIGS, key=["channels", "stride_c"])
+@triton.jit
+def _backward_serial_kernel(
+    x_ptr, g_ptr, dx_ptr, pixels, per_image, stride_n, stride_p, stride_c, channels, scale, k, beta,
+    SIZE: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    # Columns t of the 24 (chunk before, this one, after) are channels c0 - 8 + t. dx of this chunk's
+    # columns 8..15 needs u_j = g_j x_j d_j^(-beta-1) for j from 8 - ahead to 15 + back, and those d_j
+    # the squares of columns back further out either side: within the 24 for windows up to 9 wide.
+    back: tl.constexpr = SIZE // 2
+    ahead: tl.constexpr = (SIZE - 1) // 2
+    offset, pixel_ok = _pixel_offsets(tl.program_id(0) * BLOCK_P, pixels, per_image, stride_n, stride_p, BLOCK_P)
+    x_before = tl.full((BLOCK_P, 8), 0.0, tl.float32)
+    g_before = tl.full((BLOCK_P, 8), 0.0, tl.float32)
+    x_here = _chunk(x_ptr, offset, 0, stride_c, channels, pixel_ok)
+    g_here = _chunk(g_ptr, offset, 0, stride_c, channels, pixel_ok)
+    for c0 in tl.range(0, channels, 8):
+        x_after = _chunk(x_ptr, offset, c0 + 8, stride_c, channels, pixel_ok)
+        g_after = _chunk(g_ptr, offset, c0 + 8, stride_c, channels, pixel_ok)
+        xs = _columns(x_before, BLOCK_P) + _columns(x_here, BLOCK_P) + _columns(x_after, BLOCK_P)
+        gs = _columns(g_before, BLOCK_P) + _columns(g_here, BLOCK_P) + _columns(g_after, BLOCK_P)
+        u = ()  # u_j for columns 8 - ahead .. 15 + back
+        own = ()  # d^-beta for columns 8..15
+        for t in tl.static_range(8 - ahead, 16 + back):
+            log_d = tl.log(_squares(xs, t, SIZE) * scale + k)
+            j = c0 - 8 + t
+            inside = (j >= 0) & (j < channels)  # beyond the channels there is no j (nor a d_j to divide by)
+            u = u + (tl.where(inside, gs[t] * xs[t] * tl.exp(-(beta + 1.0) * log_d), 0.0),)
+            if t >= 8 and t < 16:
+                own = own + (tl.exp(-beta * log_d),)
+        dx = ()
+        for i in tl.static_range(8):
+            total = u[i]  # columns 8 + i - ahead .. 8 + i + back: u's entries i .. i + SIZE - 1
+            for m in tl.static_range(1, SIZE):
+                total += u[i + m]
+            dx = dx + (gs[8 + i] * own[i] - (2.0 * scale * beta) * xs[8 + i] * total,)
+        _store_chunk(dx_ptr, _chunk_of(dx, BLOCK_P), offset, c0, stride_c, channels, pixel_ok)
+        x_before, x_here, g_before, g_here = x_here, x_after, g_here, g_after
+
+
+def forward_serial(x: torch.Tensor, size: int, scale: float, k: float, beta: float) -> torch.Tensor:
+    """forward(x, ...) by the channel-serial kernel (windows up to 9 channels; wider ones: the tiles')."""
+    if size > CHUNK + 1:
+        return forward(x, size, scale, k, beta)
+    x, (pixels, per_image, *strides) = flat_layout(x)
+    y = torch.empty_like(x)
+    _forward_serial_kernel[lambda meta: _grid(meta, pixels)](
+        x, y, pixels, per_image, *strides, x.shape[1], scale, k, beta, SIZE=size
+    )
+    return y
+
+
+def backward_serial(
+    x: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float
+) -> torch.Tensor:
+    """backward(x, grad, ...) by the channel-serial kernel (windows up to 9 channels; wider: the tiles')."""
+    if size > CHUNK + 1:
+        return backward(x, grad, size, scale, k, beta)
+    x, (pixels, per_image, *strides) = flat_layout(x)
+    if grad.stride() != x.stride():  # the kernel indexes both with x's strides
+        grad = torch.empty_like(x).copy_(grad)
+    dx = torch.empty_like(x)
+    _backward_serial_kernel[lambda meta: _grid(meta, pixels)](
+        x, grad, dx, pixels, per_image, *strides, x.shape[1], scale, k, beta, SIZE=size
+    )
+    return dx
