@@ -274,17 +274,28 @@ def main() -> None:
     convolutions_alone(device, precision, batch, args.steps)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(3):
             paper()
         sync(device)
     events = prof.key_averages()
+    spent = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     if device.type == "cuda":
         print("\nthe paper step's kernels that take the most device time, over 3 steps:")
-        print(events.table(sort_by="self_device_time_total", row_limit=args.kernels, max_name_column_width=60))
-        by_operation(events, "self_device_time_total", args.kernels)
-    else:
-        by_operation(events, "self_cpu_time_total", args.kernels)
+        print(events.table(sort_by=spent, row_limit=args.kernels, max_name_column_width=60))
+    by_operation(events, spent, args.kernels)
+    copies(prof.key_averages(group_by_input_shape=True), spent, args.kernels)
+
+
+def copies(events, time: str, rows: int) -> None:
+    """The step's copies (aten::copy_: casts, layout changes, the space-to-depth blocks) by the shapes
+    they copy, costliest first: what the copies that by_operation adds up are of."""
+    found = sorted(
+        (e for e in events if e.key == "aten::copy_" and getattr(e, time) > 0), key=lambda e: -getattr(e, time)
+    )
+    print(f"\nthe paper step's copies by shape ({time.replace('_total', '')}, per step):")
+    for e in found[:rows]:
+        print(f"  {getattr(e, time) / 3e3:8.3f} ms  {e.count / 3:5.1f} calls  {e.input_shapes}")
 
 
 def by_operation(events, time: str, rows: int) -> None:
