@@ -116,9 +116,7 @@ def test_kernels_equal_the_float64_formula(kernels, spec: LRNSpec, channels_last
 SERIAL_CASES = {  # spec, channels_last, channels
     "paper-channels_last": (PAPER_LRN, True, 20),
     "paper-nchw": (PAPER_LRN, False, 20),
-    "paper-9_channels": (PAPER_LRN, True, 9),
     "even": (SPECS[2], True, 20),
-    "three": (SPECS[3], True, 20),
     "nine": (LRNSpec(9, 1.0, 0.75, 1.0, True), True, 20),
     "eleven_by_the_tiles": (LRNSpec(11, 1.0, 0.75, 1.0, True), True, 20),
     "no_k_first_channel_zero": (LRNSpec(5, 1.0, 0.75, 0.0, True), True, 20),
@@ -126,9 +124,10 @@ SERIAL_CASES = {  # spec, channels_last, channels
 
 
 @pytest.mark.parametrize(("spec", "channels_last", "channels"), SERIAL_CASES.values(), ids=SERIAL_CASES.keys())
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")  # k = 0
 def test_channel_serial_kernels_equal_the_float64_formula(kernels, spec: LRNSpec, channels_last, channels) -> None:
     """8 channels at a time, each window's neighbours from the chunks either side: 20 channels (three
-    chunks, the last partly masked) or 9; windows of 3 to 9 channels, and 11, which the tile kernels take.
+    chunks, the last partly masked); windows of 4, 5 and 9 channels, and 11, which the tile kernels take.
     With k = 0 and channel 0 all zeros, the d_j of channels before the first are 0: no such j may count."""
     x, g = _inputs(spec, channels_last, c=channels)
     if spec.k == 0:
