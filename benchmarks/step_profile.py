@@ -26,7 +26,7 @@ with the time the host takes to enqueue each step (where it nears the step's tim
 and CUDA graphs would help); then LRN and max pooling alone, forward and backward on the paper
 network's activations, by kernels, against the least memory traffic each needs; each convolution
 alone in each of its forms, against its arithmetic; and the kernels of the paper step that take the
-most device time, and its time by PyTorch operation (torch.profiler).
+most device time, its time by PyTorch operation and its copies by shape (torch.profiler).
 """
 
 from __future__ import annotations
@@ -212,8 +212,7 @@ def main() -> None:
     candidates = {"paper": paper}
     if device.type == "cuda":
         candidates["paper, compiled LRN"] = paper_step(set_on(paper_model(), LocalResponseNorm, kernels="compiled"))
-        serial = set_on(paper_model(), LocalResponseNorm, kernels="triton-serial")
-        candidates["paper, serial LRN"] = paper_step(serial)
+        candidates["paper, serial LRN"] = paper_step(set_on(paper_model(), LocalResponseNorm, kernels="triton-serial"))
         candidates["paper, model compiled"] = paper_step(paper_model(), compile=True)
         if precision != "fp16":
             candidates["paper, CUDA graph"] = paper_step(paper_model(), graph=True)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lrn_triton import flat_layout
+from .lrn_triton import flat_layout, with_strides_of
 
 ROWS = 512  # pixels per program: a fixed number, so that the partial sums of db have a known shape
 
@@ -104,8 +104,7 @@ def forward(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 def backward(grad: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of forward's x and bias (float32) from its output `y` and that output's gradient."""
     y, (pixels, per_image, *strides) = flat_layout(y)
-    if grad.stride() != y.stride():  # the kernel indexes both with y's strides
-        grad = torch.empty_like(y).copy_(grad)
+    grad = with_strides_of(y, grad)
     dx = torch.empty_like(y)
     channels = y.shape[1]
     partial = torch.empty(triton.cdiv(pixels, ROWS), channels, dtype=torch.float32, device=y.device)

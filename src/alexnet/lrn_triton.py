@@ -153,6 +153,11 @@ def flat_layout(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return x, (n * h * w, h * w, x.stride(0), x.stride(3), x.stride(1))
 
 
+def with_strides_of(like: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`t` in `like`'s strides, copied only where they differ: the kernels index both with one set."""
+    return t if t.stride() == like.stride() else torch.empty_like(like, dtype=t.dtype).copy_(t)
+
+
 def _grid(meta: dict, pixels: int) -> tuple[int]:
     return (triton.cdiv(pixels, meta["BLOCK_P"]),)
 
@@ -181,8 +186,7 @@ def _backward(
     x: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     x, (pixels, per_image, *strides) = flat_layout(x)
-    if grad.stride() != x.stride():  # the kernel indexes both with x's strides
-        grad = torch.empty_like(x).copy_(grad)
+    grad = with_strides_of(x, grad)
     dx = torch.empty_like(x)
     channels = x.shape[1]
     rows = 0 if bias is None else rows_per_program(pixels)
@@ -346,8 +350,7 @@ def backward_serial(
     if size > CHUNK + 1:
         return backward(x, grad, size, scale, k, beta)
     x, (pixels, per_image, *strides) = flat_layout(x)
-    if grad.stride() != x.stride():  # the kernel indexes both with x's strides
-        grad = torch.empty_like(x).copy_(grad)
+    grad = with_strides_of(x, grad)
     dx = torch.empty_like(x)
     _backward_serial_kernel[lambda meta: _grid(meta, pixels)](
         x, grad, dx, pixels, per_image, *strides, x.shape[1], scale, k, beta, SIZE=size
