@@ -7,7 +7,6 @@ of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images alrea
   paper                  the paper preset as `alexnet train` runs it (LRN's Triton kernels on CUDA,
                          torch.compile's on the CPU)
   paper, compiled LRN    on CUDA: LRN in torch.compile's kernels instead of the Triton ones
-  paper, serial LRN      on CUDA: LRN in the channel-serial Triton kernels (a thread per pixel, 8 channels at a time)
   paper, model compiled  on CUDA: the whole model through torch.compile (`alexnet train --compile`)
   paper, CUDA graph      on CUDA: forward, backward and SGD replayed from a CUDA graph (`--cuda-graphs`)
   paper, PyTorch's pool  on CUDA: max pooling in PyTorch's kernels instead of the Triton ones
@@ -212,7 +211,6 @@ def main() -> None:
     candidates = {"paper": paper}
     if device.type == "cuda":
         candidates["paper, compiled LRN"] = paper_step(set_on(paper_model(), LocalResponseNorm, kernels="compiled"))
-        candidates["paper, serial LRN"] = paper_step(set_on(paper_model(), LocalResponseNorm, kernels="triton-serial"))
         candidates["paper, model compiled"] = paper_step(paper_model(), compile=True)
         if precision != "fp16":
             candidates["paper, CUDA graph"] = paper_step(paper_model(), graph=True)
