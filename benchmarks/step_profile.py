@@ -5,10 +5,11 @@
 In one process, in rounds that alternate between them (the median round kept), the training images/s
 of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images already on the device for:
   paper                  the paper preset as `alexnet train` runs it (LRN's Triton kernels on CUDA,
-                         torch.compile's on the CPU)
+                         torch.compile's on the CPU), but eager: every line below but one is, so that
+                         the host's time per step shows
   paper, compiled LRN    on CUDA: LRN in torch.compile's kernels instead of the Triton ones
   paper, model compiled  on CUDA: the whole model through torch.compile (`alexnet train --compile`)
-  paper, CUDA graph      on CUDA: forward, backward and SGD replayed from a CUDA graph (`--cuda-graphs`)
+  paper, CUDA graph      on CUDA: forward, backward and SGD replayed from a CUDA graph (train's default)
   paper, PyTorch's pool  on CUDA: max pooling in PyTorch's kernels instead of the Triton ones
   paper, grouped convs   on CUDA: conv2, conv4, conv5 as cuDNN's grouped convolutions, not dense ones
   paper, conv towers     on CUDA: conv2, conv4, conv5 as a plain convolution per tower, not dense ones

@@ -229,16 +229,16 @@ def test_cuda_graph_steps_train_as_eager_steps_do(images, precision, monkeypatch
         assert (graphed - eager).norm() <= 1e-2 * eager.norm()
 
 
-def test_train_with_cuda_graphs_equals_eager_training(imagenette_ci, tmp_path):
-    """`alexnet train --cuda-graphs` end to end (epochs with a smaller last batch, validation between
-    them): the same training losses and validation errors as without graphs."""
+def test_train_with_cuda_graphs_equals_eager_training(imagenette_ci, tmp_path, capsys):
+    """`alexnet train` on one GPU (CUDA graphs by default) end to end, epochs with a smaller last batch
+    and validation between them: the same training losses and validation errors as without graphs."""
     import json
 
     from alexnet.config import TrainConfig
     from alexnet.train import train
 
     metrics = {}
-    for graphs in (False, True):
+    for graphs in (False, None):
         cfg = TrainConfig(
             data=str(imagenette_ci),
             run_dir=str(tmp_path / f"graphs-{graphs}"),
@@ -250,9 +250,11 @@ def test_train_with_cuda_graphs_equals_eager_training(imagenette_ci, tmp_path):
             cuda_graphs=graphs,
         )
         run = train(cfg, progress=False)
+        said = capsys.readouterr().out
+        assert ("CUDA graphs" in said) == (graphs is None), said
         metrics[graphs] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for key in ("train_loss", "val_loss"):
-        assert [m[key] for m in metrics[True]] == pytest.approx([m[key] for m in metrics[False]], rel=5e-3)
+        assert [m[key] for m in metrics[None]] == pytest.approx([m[key] for m in metrics[False]], rel=5e-3)
 
 
 def test_conv1_takes_its_input_as_blocks_of_pixels_on_cuda_under_autocast(monkeypatch):

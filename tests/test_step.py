@@ -195,7 +195,7 @@ def test_cuda_graph_steps_warm_up_capture_once_and_replay(batch, monkeypatch):
         lrs.append(optimizer.param_groups[0]["lr"])
         yield
 
-    monkeypatch.setattr(step_module, "check_cuda_graphs", lambda *a: None)
+    monkeypatch.setattr(step_module, "resolve_cuda_graphs", lambda *a: True)
     monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream())
     monkeypatch.setattr(torch.cuda, "stream", lambda s: events.append("side") or contextlib.nullcontext())
@@ -223,19 +223,24 @@ def test_cuda_graph_steps_warm_up_capture_once_and_replay(batch, monkeypatch):
     assert [run() for _ in range(4)] == ["side", "side", "side", "capture replay"]
 
 
-def test_cuda_graphs_say_in_one_line_what_they_do_not_cover():
-    from alexnet.step import check_cuda_graphs
+def test_cuda_graphs_are_the_default_where_they_apply_and_say_in_one_line_where_not():
+    from alexnet.step import resolve_cuda_graphs
 
-    cuda = torch.device("cuda")
-    check_cuda_graphs(cuda, "bf16", False, False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_cuda_graphs(None, cuda, "bf16", False, False) is True
+    assert resolve_cuda_graphs(None, cuda, "fp32", False, False) is True
+    assert resolve_cuda_graphs(True, cuda, "bf16", False, False) is True
+    assert resolve_cuda_graphs(False, cuda, "bf16", False, False) is False
     for args, says in (
-        ((torch.device("cpu"), "fp32", False, False), "need a CUDA device"),
+        ((cpu, "fp32", False, False), "need a CUDA device"),
         ((cuda, "fp16", False, False), "not fp16"),
         ((cuda, "bf16", True, False), "--compile"),
         ((cuda, "bf16", False, True), "DDP"),
     ):
+        assert resolve_cuda_graphs(None, *args) is False  # the default: off, silently
+        assert resolve_cuda_graphs(False, *args) is False
         with pytest.raises(UserError, match=says):
-            check_cuda_graphs(*args)
+            resolve_cuda_graphs(True, *args)  # asked for: refused in one line
     model = build_model("paper", 10)
     optimizer = make_optimizer(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0)
     with pytest.raises(UserError, match="need a CUDA device"):

@@ -4,7 +4,8 @@ Measured, each in rounds that alternate between the candidates (so that a noisy 
 them alike), the median round reported:
   torchvision fp32 eager  torchvision.models.alexnet, fp32, NCHW, SGD, on ready float tensors: the baseline
   model-only              this project's TrainStep (augmentation from uint8 256x256, forward, backward,
-                          SGD) in the chosen precision and layout, on images already in memory
+                          SGD) in the chosen precision and layout, on images already in memory; on one
+                          GPU replayed from a CUDA graph, as `alexnet train` does (--no-cuda-graphs: not)
   end-to-end              the same step fed by PreparedLoader from a prepared dataset (--data)
 """
 
@@ -22,7 +23,7 @@ from .augment import make_pixel_stats
 from .errors import UserError
 from .model import build_model
 from .prepared import PreparedLoader, is_prepared, open_prepared
-from .step import TrainStep, check_cuda_graphs, make_optimizer, resolve_channels_last, resolve_precision, tune_for
+from .step import TrainStep, make_optimizer, resolve_channels_last, resolve_cuda_graphs, resolve_precision, tune_for
 
 
 @dataclass
@@ -85,7 +86,7 @@ def run_benchmark(
     precision: str = "auto",
     channels_last: str = "on",
     compile: bool = False,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool | None = None,
     data: str | None = None,
     steps: int = 10,
     warmup: int = 3,
@@ -99,8 +100,7 @@ def run_benchmark(
     tune_for(device)  # for every candidate, the baseline too
     precision = resolve_precision(precision, device)
     layout = resolve_channels_last(channels_last)
-    if cuda_graphs:
-        check_cuda_graphs(device, precision, compile, distributed=False)
+    cuda_graphs = resolve_cuda_graphs(cuda_graphs, device, precision, compile, distributed=False)  # as train's
     split = None
     if data is not None:  # checked before anything is built
         if not is_prepared(data):

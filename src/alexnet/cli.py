@@ -50,7 +50,7 @@ HELP = {
     "precision": "auto (bf16 on CUDA, fp32 on the CPU), fp32, bf16 or fp16 (CUDA, with loss scaling)",
     "channels_last": "NHWC layout, faster on CUDA and on the CPU: on (default) or off",
     "compile": "torch.compile the model (slower start, faster steps)",
-    "cuda_graphs": "capture a training step in a CUDA graph and replay it (one GPU, bf16 or fp32)",
+    "cuda_graphs": "replay each training step from a CUDA graph (default: on one GPU in bf16 or fp32, not compiled)",
     "ddp_bucket_mb": "under torchrun: DDP's gradient bucket size in MB (default 25, as PyTorch's)",
     "checkpoint_every": "also write last.pt every this many steps (0: at the end of each epoch only)",
 }
@@ -64,7 +64,7 @@ class Parser(argparse.ArgumentParser):
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field; defaults stay unset so we know what the user gave."""
     for f in dataclasses.fields(TrainConfig):
-        if isinstance(f.default, bool):  # a flag: --tensorboard; --no-tensorboard turns it off when resuming
+        if f.type in ("bool", "bool | None"):  # a flag: --tensorboard; --no-tensorboard turns it off when resuming
             flag = f"--{f.name.replace('_', '-')}"
             p.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=HELP.get(f.name)
@@ -341,7 +341,7 @@ def build_parser() -> Parser:
     p.add_argument("--precision", default="auto", help=HELP["precision"])
     p.add_argument("--channels-last", default="on", help=HELP["channels_last"])
     p.add_argument("--compile", action="store_true", help=HELP["compile"])
-    p.add_argument("--cuda-graphs", action="store_true", help=HELP["cuda_graphs"])
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, help=HELP["cuda_graphs"])
     p.add_argument("--data", help="a prepared dataset (alexnet prepare): also measure end-to-end training from it")
     p.add_argument("--steps", type=int, default=10, help="steps per round")
     p.add_argument("--warmup", type=int, default=3, help="steps before timing")

@@ -75,7 +75,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     channels_last: str = "on"  # on | off: NHWC layout
     compile: bool = False  # torch.compile the model
-    cuda_graphs: bool = False  # replay each step from a CUDA graph (one process on CUDA, bf16 or fp32)
+    cuda_graphs: bool | None = None  # replay each step from a CUDA graph; None: where they apply (step.py)
     ddp_bucket_mb: int = 25  # DDP's gradient bucket size (PyTorch's default; benchmarks/ddp.py compares others)
 
     def resolved(self) -> TrainConfig:

@@ -55,7 +55,7 @@ from .export import read_safetensors
 from .model import build_model
 from .prepared import PreparedLoader, is_prepared, open_prepared, read_manifest
 from .schedule import make_scheduler, scale_learning_rate, steps_each_iteration
-from .step import TrainStep, check_cuda_graphs, make_optimizer, resolve_channels_last, resolve_precision, tune_for
+from .step import TrainStep, make_optimizer, resolve_channels_last, resolve_cuda_graphs, resolve_precision, tune_for
 from .tblog import TensorBoardLog
 from .weights import freeze_layers, load_pretrained, read_pretrained
 
@@ -148,8 +148,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         # --init-from: read and checked now, so a wrong file stops the run before its directory is made
         with distributed.together(ranks):  # on every machine: one without the file stops them all
             pretrained = read_pretrained(cfg.init_from, cfg) if cfg.init_from and not resume else None
-        if cfg.cuda_graphs:  # before the run directory is made
-            check_cuda_graphs(device, resolve_precision(cfg.precision, device), cfg.compile, ranks.distributed)
+        # --cuda-graphs where they cannot run: stopped before the run directory is made
+        resolve_cuda_graphs(
+            cfg.cuda_graphs, device, resolve_precision(cfg.precision, device), cfg.compile, ranks.distributed
+        )
         if ranks.distributed and not cfg.run_dir:  # a default name would differ between processes
             raise UserError("under torchrun, give every process the same --run-dir")
         run_dir = Path(cfg.run_dir or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -315,12 +317,12 @@ def _train(
         precision,
         channels_last,
         world_size=ranks.world_size,
-        cuda_graph=cfg.cuda_graphs,
+        cuda_graph=resolve_cuda_graphs(cfg.cuda_graphs, device, precision, cfg.compile, ranks.distributed),
     )
     ddp = f", DDP over {ranks.world_size} processes" if ranks.distributed else ""
     say(
         f"device: {device}{ddp}, precision {precision}{', channels_last' if channels_last else ''}"
-        f"{', compiled' if cfg.compile else ''}{', CUDA graphs' if cfg.cuda_graphs else ''}"
+        f"{', compiled' if cfg.compile else ''}{', CUDA graphs' if step_fn.cuda_graph else ''}"
     )
 
     def restore(ckpt: dict) -> RunState:
