@@ -2,11 +2,10 @@
 # On one NVIDIA H100 or H200, in under 6 minutes: the tests that need CUDA, a one-GPU torchrun run (DDP
 # over NCCL), and `alexnet benchmark` for the paper and torchvision presets at batch 256 and 512,
 # model-only and end-to-end from prepared data (steps replayed from CUDA graphs, the default), and for
-# the paper preset without them (--no-cuda-graphs). PROFILE=1
-# adds step_profile.py (where the paper step's time goes: each departure from torchvision, each kernel
-# choice, CUDA graphs, by kernel and by operation; about 2 minutes); EXTRAS=1 the prepared loader alone
-# by threads, JPEG end-to-end and fp16 benchmarks. Appends everything, with the device's name and the
-# date, to benchmarks/RESULTS.md.
+# the paper preset without them (--no-cuda-graphs). PROFILE=1 adds step_profile.py (where the paper
+# step's time goes: each departure from torchvision, each kernel choice, CUDA graphs, by kernel and by
+# operation; about 2 minutes); EXTRAS=1 the prepared loader alone by threads, JPEG end-to-end and fp16
+# benchmarks. Appends everything, with the device's name and the date, to benchmarks/RESULTS.md.
 #
 #   bash benchmarks/gpu_check.sh                # data: ../shared/data/imagenette-dev
 #   DATA=folder bash benchmarks/gpu_check.sh    # any ImageNet-layout folder with train/ and val/
