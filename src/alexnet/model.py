@@ -199,12 +199,19 @@ class CeilConv2d(Conv2d):
         n, c, h, w = x.shape
         blocks = -(-k // s)  # the kernel's side in blocks: 11 pixels at stride 4 -> 3 blocks of 4
         out_h, out_w = (h + 2 * pad + extra_h - k) // s + 1, (w + 2 * pad + extra_w - k) // s + 1
-        # zeros before (the layer's padding) and after, up to the whole blocks the last outputs read
-        x = F.pad(x, (pad, s * (out_w - 1 + blocks) - w - pad, pad, s * (out_h - 1 + blocks) - h - pad))
-        rows, cols = x.shape[-2] // s, x.shape[-1] // s
-        # one copy into channels_last order (n, Y, X, c, a, b), seen as (n, c*s*s, Y, X)
-        x = x.reshape(n, c, rows, s, cols, s).permute(0, 2, 4, 1, 3, 5).reshape(n, rows, cols, c * s * s)
-        x = x.permute(0, 3, 1, 2)
+        rows, cols = out_h - 1 + blocks, out_w - 1 + blocks  # the whole blocks the outputs read
+        top, left, bottom, right = pad // s, pad // s, (pad + h) // s, (pad + w) // s
+        if pad % s == 0 and h % s == 0 and w % s == 0 and bottom <= rows and right <= cols:
+            # the image is whole blocks (224 pixels, 56 of 4): one copy of it into channels_last order
+            # (n, Y, X, c, a, b), zeros around it; not a padded copy first and then this one
+            x_blocks = x.new_empty(n, rows, cols, c, s, s)
+            for around in (x_blocks[:, :top], x_blocks[:, bottom:], x_blocks[:, :, :left], x_blocks[:, :, right:]):
+                around.zero_()
+            x_blocks[:, top:bottom, left:right] = x.reshape(n, c, h // s, s, w // s, s).permute(0, 2, 4, 1, 3, 5)
+        else:  # zeros before (the layer's padding) and after, then the same rearrangement
+            x = F.pad(x, (pad, s * cols - w - pad, pad, s * rows - h - pad))
+            x_blocks = x.reshape(n, c, rows, s, cols, s).permute(0, 2, 4, 1, 3, 5)
+        x = x_blocks.reshape(n, rows, cols, c * s * s).permute(0, 3, 1, 2)  # seen as (n, c*s*s, Y, X)
         o = self.out_channels
         weight = F.pad(self.weight, (0, blocks * s - k, 0, blocks * s - k)).reshape(o, c, blocks, s, blocks, s)
         weight = weight.permute(0, 1, 3, 5, 2, 4).reshape(o, c * s * s, blocks, blocks)
