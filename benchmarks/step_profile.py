@@ -8,6 +8,7 @@ of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images alrea
                          torch.compile's on the CPU), but eager: every line below but one is, so that
                          the host's time per step shows
   paper, compiled LRN    on CUDA: LRN in torch.compile's kernels instead of the Triton ones
+  paper, band LRN        on CUDA: LRN in the band kernels (window sums on tensor cores), a candidate
   paper, model compiled  on CUDA: the whole model through torch.compile (`alexnet train --compile`)
   paper, CUDA graph      on CUDA: forward, backward and SGD replayed from a CUDA graph (train's default)
   paper, PyTorch's pool  on CUDA: max pooling in PyTorch's kernels instead of the Triton ones
@@ -125,7 +126,7 @@ def layers_alone(device: torch.device, dtype: torch.dtype, batch: int, steps: in
     for name, shape, layer, kinds, per_x in layers:
         x = torch.rand(shape, device=device).mul(60).to(dtype).contiguous(memory_format=torch.channels_last)
         least = per_x * x.numel() * x.element_size()
-        for kernels in kinds if cuda else [k for k in kinds if k != "triton"]:
+        for kernels in kinds if cuda else [k for k in kinds if not k.startswith("triton")]:
             seconds = seconds_per_pass(layer(kernels), x, steps, device)
             print(f"  {name:<13} {kernels:<9} {seconds * 1e3:8.2f} ms  {least / seconds / 1e9:7.0f} GB/s")
 
@@ -239,6 +240,7 @@ def main() -> None:
     candidates = {"paper": paper}
     if device.type == "cuda":
         candidates["paper, compiled LRN"] = paper_step(set_on(paper_model(), LocalResponseNorm, kernels="compiled"))
+        candidates["paper, band LRN"] = paper_step(set_on(paper_model(), LocalResponseNorm, kernels="triton-band"))
         candidates["paper, model compiled"] = paper_step(paper_model(), compile=True)
         if precision != "fp16":
             candidates["paper, CUDA graph"] = paper_step(paper_model(), graph=True)

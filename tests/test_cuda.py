@@ -86,8 +86,11 @@ def test_mixed_precision_step_follows_fp32(images, precision):
 
 
 LAYOUTS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
-LRN_CASES = [  # every Triton case; two of torch.compile's, each of which compiles for a minute's part
+LRN_CASES = [  # every Triton case (the band kernels' a candidate); two of torch.compile's, each of which
+    # compiles for a minute's part
     *[("triton", d, layout, c) for d in (torch.float32, torch.bfloat16) for layout in LAYOUTS for c in (96, 256)],
+    *[("triton-band", d, "channels_last", c) for d in (torch.float32, torch.bfloat16) for c in (96, 256)],
+    ("triton-band", torch.bfloat16, "nchw", 96),
     ("compiled", torch.bfloat16, "channels_last", 96),
     ("compiled", torch.float32, "nchw", 256),
 ]
@@ -95,8 +98,9 @@ LRN_CASES = [  # every Triton case; two of torch.compile's, each of which compil
 
 @pytest.mark.parametrize(("kernels", "dtype", "layout", "channels"), LRN_CASES)
 def test_fused_lrn_equals_eager_on_cuda(kernels, dtype, layout, channels):
-    """LRN's Triton kernels (the default on CUDA) and torch.compile's (the fallback where Triton's cannot
-    run) give the eager formulas' values and gradients, for conv1's and conv2's numbers of channels."""
+    """LRN's Triton kernels (the default on CUDA; the band kernels, a candidate) and torch.compile's (the
+    fallback where Triton's cannot run) give the eager formulas' values and gradients, for conv1's and
+    conv2's numbers of channels."""
     layout = LAYOUTS[layout]
     gen = torch.Generator().manual_seed(1)
     x = (torch.rand(8, channels, 27, 27, generator=gen) * 60).to("cuda", dtype).contiguous(memory_format=layout)

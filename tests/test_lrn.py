@@ -228,7 +228,9 @@ def test_default_falls_back_to_the_same_formulas_where_the_compiler_fails(monkey
 
 
 def test_unknown_kernels_are_refused() -> None:
-    with pytest.raises(ValueError, match="unknown LRN kernels 'cudnn': choose one of triton, compiled, eager"):
+    with pytest.raises(
+        ValueError, match="unknown LRN kernels 'cudnn': choose one of triton-band, triton, compiled, eager"
+    ):
         LocalResponseNorm(PAPER_LRN, kernels="cudnn")
 
 

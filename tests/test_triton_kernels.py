@@ -9,6 +9,7 @@ or spills registers to memory, fails here first. tests/test_cuda.py runs the sam
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,7 @@ import torch
 
 import alexnet
 import alexnet.lrn as lrn_module
-from alexnet.lrn import CAFFE_LRN, PAPER_LRN, LocalResponseNorm, LRNSpec
+from alexnet.lrn import CAFFE_LRN, PAPER_LRN, LocalResponseNorm, LRNSpec, tensorflow_lrn
 
 triton = pytest.importorskip("triton")
 PACKAGE = Path(alexnet.__file__).parent
@@ -145,10 +146,13 @@ def test_local_response_norm_trains_through_the_kernels(kernels) -> None:
 # --- LRN built for an H100 -------------------------------------------------------------------------
 
 
-def build_for_h100(kernel, pointers: dict[str, str] | str, constants: dict, num_warps: int) -> str:
+def build_for_h100(
+    kernel, pointers: dict[str, str] | str, constants: dict, num_warps: int, aligned: tuple[str, ...] = (), sass=False
+) -> str:
     """Compile `kernel` (an autotuner's) for sm_90: its `*_ptr` arguments of the types `pointers`
-    gives ("*bf16": all; or by name), `constants` fixed, others 32-bit. Returns cuobjdump's resource
-    usage line (registers, spills)."""
+    gives ("*bf16": all; or by name), `constants` fixed, others 32-bit; pointers and the arguments named
+    in `aligned` known to be multiples of 16, as Triton specializes them on a GPU where they are.
+    Returns cuobjdump's resource usage line (registers, spills), or with `sass` the machine code."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -161,8 +165,9 @@ def build_for_h100(kernel, pointers: dict[str, str] | str, constants: dict, num_
         return "constexpr" if name in constants else "fp32" if name in floats else "i32"
 
     signature = {name: kind(name) for name in fn.arg_names}
+    sixteens = [i for i, name in enumerate(fn.arg_names) if name in aligned or (aligned and name.endswith("_ptr"))]
     compiled = triton.compile(
-        ASTSource(fn, signature, constexprs=constants),
+        ASTSource(fn, signature, constexprs=constants, attrs={(i,): [["tt.divisibility", 16]] for i in sixteens}),
         target=GPUTarget("cuda", 90, 32),
         options={"num_warps": num_warps},
     )
@@ -170,8 +175,9 @@ def build_for_h100(kernel, pointers: dict[str, str] | str, constants: dict, num_
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
-    return next(line for line in usage.stdout.splitlines() if "REG:" in line)
+        flag = "-sass" if sass else "--dump-resource-usage"
+        out = subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
+    return out if sass else next(line for line in out.splitlines() if "REG:" in line)
 
 
 def _sm90(kernel, width: int, config, bias: bool = False) -> str:
@@ -215,6 +221,127 @@ def test_a_tile_that_gives_a_thread_too_much_is_pruned_and_would_spill(monkeypat
     kept = kernel.early_config_prune(kernel.configs, {}, SIZE=5, BLOCK_C=128)
     assert all((c.kwargs["BLOCK_P"], c.num_warps) != (16, 4) for c in kept)
     assert " STACK:0 " not in _sm90(kernel, 128, too_big)
+
+
+# --- LRN's band kernels (a candidate) ------------------------------------------------------------
+
+
+@pytest.fixture
+def bf16_dots_in_the_interpreter(monkeypatch):
+    """Triton 3.8's interpreter multiplies a bf16 tl.dot's raw 16-bit patterns as integers (it keeps
+    bf16 as uint16); here it multiplies their values, as a GPU's tensor cores do."""
+    from triton.runtime import interpreter
+
+    real = interpreter.InterpreterBuilder.create_dot
+
+    def as_float32(h):
+        if h.dtype.scalar != triton.language.bfloat16:
+            return h
+        return interpreter.TensorHandle((h.data.astype("uint32") << 16).view("float32"), triton.language.float32)
+
+    def create_dot(self, a, b, d, *args):
+        return real(self, as_float32(a), as_float32(b), d, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+@pytest.fixture
+def band_kernels(monkeypatch, bf16_dots_in_the_interpreter):
+    """LRN's band kernels interpreted, 16 rows (pixel x W channels) a program."""
+    module = interpreted(monkeypatch, "lrn_triton", BLOCK_P=4)
+    for kernel in (module._band_forward_kernel, module._band_backward_kernel):
+        kernel.configs = [triton.Config({"BLOCK_R": 16}, num_warps=4)]
+    return module
+
+
+BAND_SPECS = {  # windows of 3 to 11: both row widths, and 9, the most that rows of 16 + 2 x 8 take
+    "paper": PAPER_LRN,
+    "even": LRNSpec(4, 0.5, 0.75, 1.0, True),
+    "three": LRNSpec(3, 2.0, 0.6, 1.5, False),
+    "nine": LRNSpec(9, 0.5, 0.75, 1.0, True),
+    "tensorflow": tensorflow_lrn(depth_radius=5, bias=1.0, alpha=0.2, beta=0.75),
+    "k=0": LRNSpec(5, 1.0, 0.75, 0.0, True),  # d = 0 past the channels
+}
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")  # k=0
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+@pytest.mark.parametrize("spec", BAND_SPECS.values(), ids=BAND_SPECS.keys())
+def test_band_kernels_equal_the_float64_formula(band_kernels, spec: LRNSpec, channels_last: bool) -> None:
+    """40 channels: rows of 16 channels, the last one partly past the tensor; 105 pixels, so 315 rows,
+    not a whole number of programs; the gradient given in the other layout."""
+    x, g = _inputs(spec, channels_last, c=40)
+    want_y, want_grad = reference(x, g, spec)
+    args = (spec.size, spec.scale, spec.k, spec.beta)
+    y = band_kernels.band_forward(x, *args)
+    grad = band_kernels.band_backward(x, g, *args)
+    other = band_kernels.band_backward(
+        x, g.contiguous() if channels_last else g.to(memory_format=torch.channels_last), *args
+    )
+    for got in (y, grad, other):
+        assert got.dtype == x.dtype and got.stride() == x.stride()
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(other, grad, rtol=0, atol=0)
+    assert (want_grad - g.double()).abs().max() > 1e-2 * g.abs().max()  # the normalisation's gradient matters
+
+
+def test_band_kernels_in_bfloat16_equal_the_tile_kernels(band_kernels) -> None:
+    """bf16 in and out, the squares in two bf16 pieces: the tile kernels' values (both interpreted)."""
+    x, g = _inputs(PAPER_LRN, channels_last=True, dtype=torch.bfloat16, c=96)
+    args = (5, PAPER_LRN.scale, PAPER_LRN.k, PAPER_LRN.beta)
+    y, grad = band_kernels.band_forward(x, *args), band_kernels.band_backward(x, g, *args)
+    assert y.dtype == grad.dtype == torch.bfloat16
+    want_y, want_grad = reference(x, g, PAPER_LRN)
+    torch.testing.assert_close(y.double(), want_y, rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(y, band_kernels.forward(x, *args), rtol=2**-7, atol=0)
+    torch.testing.assert_close(grad, band_kernels.backward(x, g, *args), rtol=2**-7, atol=2**-7)
+
+
+def test_local_response_norm_trains_through_the_band_kernels(band_kernels) -> None:
+    x, g = _inputs(PAPER_LRN, channels_last=True)
+    x.requires_grad_()
+    y = LocalResponseNorm(PAPER_LRN, kernels="triton-band")(x)
+    y.backward(g)
+    want_y, want_grad = reference(x, g, PAPER_LRN)
+    torch.testing.assert_close(y.detach().double(), want_y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_band_widths_reach_as_far_as_the_backward_needs() -> None:
+    from alexnet import lrn_triton
+
+    assert [lrn_triton.band_widths(size) for size in (1, 5, 9, 10, 17)] == [(16, 8)] * 3 + [(32, 16)] * 2
+    with pytest.raises(ValueError, match="up to 17 channels, not 18"):
+        lrn_triton.band_widths(18)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_every_band_tile_builds_for_an_h100_with_wide_loads_and_tensor_cores(direction: str, monkeypatch) -> None:
+    """For conv1's LRN in bf16 channels_last (channel stride 1, which Triton specializes on a GPU):
+    only 8- and 16-byte loads and stores (the tile kernels' are mostly 2-byte), the sums on tensor
+    cores, no spills, in every tile the autotuner may pick; for a window of 11 (rows of 32 + 2 x 16)
+    and float32's 3 pieces, no spills."""
+    if not HAS_PTXAS:
+        pytest.skip("this Triton has no CUDA compiler")
+    lrn_triton = fresh_copy(monkeypatch, "lrn_triton", interpret=False)
+    kernel = getattr(lrn_triton, f"_band_{direction}_kernel")
+    aligned = ("stride_n", "stride_p", "channels")
+    for size, pieces in ((5, 2), (11, 3)):
+        w, halo = lrn_triton.band_widths(size)
+        shape = {"stride_c": 1, "SIZE": size, "PIECES": pieces, "W": w, "HALO": halo}
+        tiles = kernel.early_config_prune(kernel.configs, {}, **shape)
+        assert len(tiles) >= 3  # a real choice for the autotuner
+        for config in tiles if size == 5 else tiles[:1]:
+            constants = {**shape, **config.kwargs}
+            usage = build_for_h100(kernel, "*bf16", constants, config.num_warps, aligned)
+            assert " STACK:0 " in usage and " LOCAL:0 " in usage, f"{size}, {config}: {usage}"
+            if size == 5:
+                sass = build_for_h100(kernel, "*bf16", constants, config.num_warps, aligned, sass=True)
+                memory = re.findall(r"\b(?:LDG|STG)\.[\w.]+", sass)
+                assert memory and {m.split(".")[-1] for m in memory} <= {"64", "128"}, f"{config}: {set(memory)}"
+                assert re.search(r"\bH(?:G)?MMA\.", sass), f"{config}: no tensor-core instruction"
 
 
 # --- Falling back -----------------------------------------------------------------------------

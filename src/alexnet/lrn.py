@@ -138,14 +138,18 @@ def _compiled(fn):  # compiled on first use only: importing the package stays fa
     return torch.compile(fn)
 
 
-KERNELS = ("triton", "compiled", "eager")  # fastest first; where one cannot run, the next is used
+# Where one cannot run, the next is used. "triton-band" is a candidate, measured against "triton" by
+# benchmarks/step_profile.py before it may become CUDA's default.
+KERNELS = ("triton-band", "triton", "compiled", "eager")
 _UNUSABLE: dict[str, str] = {}  # kernels that failed here -> why, said once
 
 
 def _kernel(kernels: str, backward: bool) -> Callable[..., torch.Tensor]:
-    if kernels == "triton":
+    if kernels.startswith("triton"):
         from . import lrn_triton  # Triton ships with PyTorch's CUDA wheels on Linux, not everywhere
 
+        if kernels == "triton-band":
+            return lrn_triton.band_backward if backward else lrn_triton.band_forward
         return lrn_triton.backward if backward else lrn_triton.forward
     formula = _fused_backward if backward else _fused_forward
     return _compiled(formula) if kernels == "compiled" else formula
@@ -218,6 +222,9 @@ class LocalResponseNorm(nn.Module):
 
     `kernels`: what computes it, one of KERNELS:
       "triton"    hand-written Triton kernels, one pass over memory each way (CUDA only: lrn_triton.py);
+      "triton-band"  the same, the window's sums as products with a band matrix on tensor cores, each
+                  pixel's channels loaded once (a candidate: 16-byte loads, 3 exps and logs where the
+                  tile kernels take 10; not yet measured on a GPU);
       "compiled"  kernels fused by torch.compile from the formulas, on any device. Compiling takes some
                   20 s on 2 CPU cores, once per process, and pays off over many steps: the paper step
                   ran 1.35x faster on those cores (benchmarks/step_profile.py), 1.23x on an H200;
@@ -244,7 +251,7 @@ class LocalResponseNorm(nn.Module):
             kernels = "eager"
         compiling = torch.compiler.is_compiling()
         with torch.autocast(device_type=x.device.type, enabled=False):
-            if kernels == "triton" or (kernels == "compiled" and not compiling):
+            if kernels.startswith("triton") or (kernels == "compiled" and not compiling):
                 return _lrn_op(x, s.size, s.scale, s.k, s.beta, kernels, self.kernels is None)
             if compiling:  # inside a compiled model, which fuses the formula and its gradient itself
                 return _fused_forward(x, s.size, s.scale, s.k, s.beta)

@@ -210,3 +210,160 @@ def backward_with_bias(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of forward(x, ..., bias=bias)'s x and bias (float32, summed over pixels)."""
     return _backward(x, grad, size, scale, k, beta, bias)
+
+
+# --- Band kernels: the window's sums as matrix products on tensor cores (a candidate) ----------------
+# The tile kernels above load the tile again for each shift of the window: a shift by one channel is
+# not 16-byte aligned in channels_last, so their sm_90 code loads 2 or 4 bytes at a time (24 of the
+# forward's 25 load instructions), and the backward takes 10 exps and logs per element. Here a row is
+# one pixel's W channels with HALO more on either side, loaded once (16-byte loads), and the sums over
+# the window are products with a 0/1 band matrix: sum_{j in window(i)} v_j = (v @ B)_i, on tensor cores,
+# which are otherwise idle here. Their operands are bf16, so v (float32) goes in as 2 or 3 bf16 pieces
+# (v = hi + lo (+ rest), accumulated in float32): exact for the squares of bf16 values (16 bits), within
+# float32's rounding otherwise. The backward computes d, and g x d^(-beta-1), across the whole row (3 exps
+# and logs per element, for twice the elements) and stores the middle W channels.
+# Not CUDA's default until benchmarks/step_profile.py measures it ("paper, band LRN").
+
+_BAND_CONFIGS = [triton.Config({"BLOCK_R": r}, num_warps=w) for r in (32, 64, 128) for w in (4, 8)]
+
+
+def _band_tiles(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Those that give a thread at most 16 elements of a [BLOCK_R, W + 2 HALO] row tile (with 32 the
+    backward takes 234 registers on an H100, a quarter of the threads an SM could run) and at least 4
+    outputs (with 2 its loads and stores are 4 bytes wide, tests/test_triton_kernels.py)."""
+    w, tile = kwargs["W"], kwargs["W"] + 2 * kwargs["HALO"]
+
+    def fits(config: triton.Config) -> bool:
+        rows, threads = config.kwargs["BLOCK_R"], 32 * config.num_warps
+        return rows * tile <= 16 * threads and rows * w >= 4 * threads
+
+    return [config for config in configs if fits(config)]
+
+
+def band_widths(size: int) -> tuple[int, int]:
+    """(W, HALO) for a window of `size` channels: W channels per row and HALO either side, a power of two
+    in all, with HALO >= size - 1 (the backward's reach: d_j's window around each j of i's)."""
+    for w, halo in ((16, 8), (32, 16)):
+        if size - 1 <= halo:
+            return w, halo
+    raise ValueError(f"the band kernels take windows of up to 17 channels, not {size}")
+
+
+@triton.jit
+def _band(INS: tl.constexpr, OUTS: tl.constexpr, SHIFT: tl.constexpr, LOW: tl.constexpr, HIGH: tl.constexpr):
+    """[INS, OUTS] bf16: at (j, i) 1 where LOW <= (j - SHIFT) - i <= HIGH, else 0."""
+    gap = (tl.arange(0, INS)[:, None] - SHIFT) - tl.arange(0, OUTS)[None, :]
+    return tl.where((gap >= LOW) & (gap <= HIGH), 1.0, 0.0).to(tl.bfloat16)
+
+
+@triton.jit
+def _band_sum(v, band, PIECES: tl.constexpr):
+    """v @ band in float32 arithmetic, v split into PIECES bf16 pieces for the tensor cores."""
+    piece = v.to(tl.bfloat16)
+    total = tl.dot(piece, band, out_dtype=tl.float32)
+    rest = v - piece.to(tl.float32)
+    for _ in tl.static_range(PIECES - 1):
+        piece = rest.to(tl.bfloat16)
+        total = tl.dot(piece, band, total)
+        rest = rest - piece.to(tl.float32)
+    return total
+
+
+@triton.jit
+def _band_rows(r, chunks, per_image, stride_n, stride_p, rows, W: tl.constexpr):
+    """Rows r (pixel r // chunks, its channels from (r % chunks) * W): offsets in int64, first channel, ok."""
+    pixel = r // chunks
+    offset = (pixel // per_image).to(tl.int64) * stride_n + (pixel % per_image).to(tl.int64) * stride_p
+    return offset, (r % chunks) * W, r < rows
+
+
+@triton.jit
+def _band_load(ptr, offset, channel, stride_c, channels, row_ok):
+    ok = row_ok[:, None] & (channel >= 0) & (channel < channels)
+    return tl.load(ptr + offset[:, None] + channel.to(tl.int64) * stride_c, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.autotune(
+    configs=_BAND_CONFIGS, key=["channels", "stride_c", "SIZE"], prune_configs_by={"early_config_prune": _band_tiles}
+)
+@triton.jit
+def _band_forward_kernel(
+    x_ptr, y_ptr, rows, chunks, per_image, stride_n, stride_p, stride_c, channels, scale, k, beta,
+    SIZE: tl.constexpr, PIECES: tl.constexpr, W: tl.constexpr, HALO: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offset, first, row_ok = _band_rows(r, chunks, per_image, stride_n, stride_p, rows, W)
+    TILE: tl.constexpr = W + 2 * HALO
+    row = first[:, None] + (tl.arange(0, TILE) - HALO)[None, :]  # the row's channels
+    around = _band_load(x_ptr, offset, row, stride_c, channels, row_ok)
+    # output i (channel first + i) sums tile column j (channel first + j - HALO) where j - HALO - i is in
+    # the window: -(SIZE // 2) .. (SIZE - 1) // 2
+    squares = _band_sum(around * around, _band(TILE, W, HALO, -(SIZE // 2), (SIZE - 1) // 2), PIECES)
+    channel = first[:, None] + tl.arange(0, W)[None, :]
+    x = _band_load(x_ptr, offset, channel, stride_c, channels, row_ok)  # again, from the cache
+    y = x * tl.exp(-beta * tl.log(squares * scale + k))
+    ok = row_ok[:, None] & (channel < channels)
+    tl.store(y_ptr + offset[:, None] + channel.to(tl.int64) * stride_c, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.autotune(
+    configs=_BAND_CONFIGS, key=["channels", "stride_c", "SIZE"], prune_configs_by={"early_config_prune": _band_tiles}
+)
+@triton.jit
+def _band_backward_kernel(
+    x_ptr, g_ptr, dx_ptr, rows, chunks, per_image, stride_n, stride_p, stride_c, channels, scale, k, beta,
+    SIZE: tl.constexpr, PIECES: tl.constexpr, W: tl.constexpr, HALO: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offset, first, row_ok = _band_rows(r, chunks, per_image, stride_n, stride_p, rows, W)
+    TILE: tl.constexpr = W + 2 * HALO
+    column = tl.arange(0, TILE)
+    channel = first[:, None] + (column - HALO)[None, :]
+    x = _band_load(x_ptr, offset, channel, stride_c, channels, row_ok)
+    g = _band_load(g_ptr, offset, channel, stride_c, channels, row_ok)
+    BACK: tl.constexpr = SIZE // 2
+    AHEAD: tl.constexpr = (SIZE - 1) // 2
+    log_d = tl.log(_band_sum(x * x, _band(TILE, TILE, 0, -BACK, AHEAD), PIECES) * scale + k)
+    own = tl.exp(-beta * log_d)  # d^-beta
+    # g_j x_j d_j^(-beta-1). Near the row's ends d_j misses part of its window, but the middle's sums do
+    # not reach those columns (HALO >= SIZE - 1). Beyond the channels it is 0: there d_j may be 0 (k = 0),
+    # and one NaN would spoil the row's every sum (0 x NaN in the product).
+    inside = (channel >= 0) & (channel < channels)
+    t = tl.where(inside, g * x * own * tl.exp(-log_d), 0.0)
+    total = _band_sum(t, _band(TILE, TILE, 0, -AHEAD, BACK), PIECES)  # sum over j with i in window(j)
+    dx = g * own - (2.0 * scale * beta) * x * total
+    middle = (column >= HALO) & (column < HALO + W)
+    ok = row_ok[:, None] & middle[None, :] & (channel >= 0) & (channel < channels)
+    tl.store(dx_ptr + offset[:, None] + channel.to(tl.int64) * stride_c, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+def _band_launch(kernel, tensors: tuple, x: torch.Tensor, size: int, scale: float, k: float, beta: float) -> None:
+    _, (pixels, per_image, *strides) = flat_layout(x)
+    w, halo = band_widths(size)
+    channels = x.shape[1]
+    chunks = triton.cdiv(channels, w)
+    rows = pixels * chunks
+    if rows >= 2**31:
+        raise ValueError(f"the band kernels index rows in 32 bits: {rows} rows is too many; use the tile kernels")
+    pieces = 2 if x.dtype == torch.bfloat16 else 3  # bf16 squares are 16 bits: two bf16 pieces hold them
+    kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]),)](
+        *tensors, rows, chunks, per_image, *strides, channels, scale, k, beta,
+        SIZE=size, PIECES=pieces, W=w, HALO=halo,
+    )  # fmt: skip
+
+
+def band_forward(x: torch.Tensor, size: int, scale: float, k: float, beta: float) -> torch.Tensor:
+    """forward(x, ...) in the band kernels."""
+    x, _ = flat_layout(x)
+    y = torch.empty_like(x)
+    _band_launch(_band_forward_kernel, (x, y), x, size, scale, k, beta)
+    return y
+
+
+def band_backward(x: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float) -> torch.Tensor:
+    """backward(x, grad, ...) in the band kernels."""
+    x, _ = flat_layout(x)
+    grad = with_strides_of(x, grad)
+    dx = torch.empty_like(x)
+    _band_launch(_band_backward_kernel, (x, grad, dx), x, size, scale, k, beta)
+    return dx
