@@ -18,6 +18,7 @@ of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images alrea
   paper, conv1 8 chans   on CUDA: conv1's input padded to 8 channels by us, not as 4x4 blocks of pixels
   paper, bias+ReLU apart on CUDA: each convolution's bias and ReLU as PyTorch's modules, not one operation
   paper, LRN with bias   on CUDA: conv1 and conv2's bias, ReLU and LRN in LRN's kernels, not LRN apart (fuse_lrn)
+  paper, band LRN with bias  the same in the band kernels (a candidate)
   paper, eager LRN       the same with LRN's eager formulas
   paper, no LRN          LRN layers removed
   paper, groups=1        one tower: conv2, conv4 and conv5 see all their input channels
@@ -86,13 +87,14 @@ def set_on(model: nn.Module, kind: type, **attributes) -> nn.Module:
 
 class BiasReLULRN(nn.Module):
     """A convolution's bias, its ReLU and LRN on the convolution's output: as the model runs them on
-    CUDA by default ("apart": bias_relu.bias_relu, then LRN) or as one ("together", fuse_lrn=True)."""
+    CUDA by default ("apart": bias_relu.bias_relu, then LRN) or as one ("together", fuse_lrn=True); "band
+    ...": the same with LRN in the band kernels (a candidate)."""
 
     def __init__(self, channels: int, kernels: str) -> None:
         super().__init__()
         self.bias = nn.Parameter(torch.randn(channels))
-        self.lrn = LocalResponseNorm(PAPER_LRN)
-        self.together = kernels == "together"
+        self.lrn = LocalResponseNorm(PAPER_LRN, "triton-band" if kernels.startswith("band") else None)
+        self.together = kernels.endswith("together")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.together:
@@ -118,7 +120,7 @@ def layers_alone(device: torch.device, dtype: torch.dtype, batch: int, steps: in
         ("pool5", (batch, 256, 13, 13), lambda k: MaxPool2d(3, 2, k), POOL_KERNELS, 2 * (1 + 6**2 / 13**2)),
     ]
     if cuda:
-        ways = ("together", "apart")
+        ways = ("together", "apart", "band together", "band apart")
         layers += [
             ("b+r+lrn1", (batch, 96, 55, 55), lambda k: BiasReLULRN(96, k).to(device), ways, 5.0),
             ("b+r+lrn2", (batch, 256, 27, 27), lambda k: BiasReLULRN(256, k).to(device), ways, 5.0),
@@ -128,7 +130,7 @@ def layers_alone(device: torch.device, dtype: torch.dtype, batch: int, steps: in
         least = per_x * x.numel() * x.element_size()
         for kernels in kinds if cuda else [k for k in kinds if not k.startswith("triton")]:
             seconds = seconds_per_pass(layer(kernels), x, steps, device)
-            print(f"  {name:<13} {kernels:<9} {seconds * 1e3:8.2f} ms  {least / seconds / 1e9:7.0f} GB/s")
+            print(f"  {name:<13} {kernels:<13} {seconds * 1e3:8.2f} ms  {least / seconds / 1e9:7.0f} GB/s")
 
 
 def convolutions_alone(device: torch.device, precision: str, batch: int, steps: int) -> None:
@@ -251,6 +253,8 @@ def main() -> None:
         candidates["paper, conv1 8 chans"] = paper_step(set_on(paper_model(), CeilConv2d, layout="pad8"))
         candidates["paper, bias+ReLU apart"] = paper_step(set_on(paper_model(), AlexNet, bias_relu_kernels="modules"))
         candidates["paper, LRN with bias"] = paper_step(set_on(paper_model(), AlexNet, fuse_lrn=True))
+        band = set_on(paper_model(), LocalResponseNorm, kernels="triton-band")
+        candidates["paper, band LRN with bias"] = paper_step(set_on(band, AlexNet, fuse_lrn=True))
     candidates |= {
         "paper, eager LRN": paper_step(set_on(paper_model(), LocalResponseNorm, kernels="eager")),
         "paper, no LRN": paper_step(without_lrn(paper_model())),

@@ -284,6 +284,34 @@ def test_conv1_takes_its_input_as_blocks_of_pixels_on_cuda_under_autocast(monkey
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_band_kernels_with_a_bias_equal_pytorchs_operations_on_cuda(dtype):
+    """fuse_lrn's operation with LRN in the band kernels (a candidate): relu(x + b) then the eager LRN's
+    values and gradients (x's and b's), for conv1's and conv2's numbers of channels."""
+    from alexnet.bias_relu import bias_relu_lrn
+
+    gen = torch.Generator().manual_seed(2)
+    for channels in (96, 256):
+        x = (torch.randn(8, channels, 27, 27, generator=gen) * 40).to("cuda", dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        bias = (torch.randn(channels, generator=gen) * 20).to("cuda", dtype)
+        g = torch.randn(x.shape, generator=gen).to("cuda", dtype).contiguous(memory_format=torch.channels_last)
+        got, want = {}, {}
+        for out, band in ((got, True), (want, False)):
+            xi, bi = x.clone().requires_grad_(), bias.clone().requires_grad_()
+            if band:
+                y = bias_relu_lrn(xi, bi, LocalResponseNorm(PAPER_LRN, kernels="triton-band"), kernels="triton")
+            else:
+                y = LocalResponseNorm(PAPER_LRN, kernels="eager")(torch.relu(xi + bi.view(1, -1, 1, 1)))
+            out["y"], (out["dx"], out["db"]) = y.detach(), torch.autograd.grad(y, (xi, bi), g)
+        assert got["y"].stride() == x.stride() and got["dx"].stride() == x.stride()
+        tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+        torch.testing.assert_close(got["y"], want["y"], **tol)
+        torch.testing.assert_close(got["dx"], want["dx"], **tol)
+        scale = want["db"].abs().max().item()  # a sum over 5,832 pixels
+        torch.testing.assert_close(got["db"], want["db"], rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bias_and_relu_run_in_the_triton_kernels_by_default(dtype, monkeypatch):
     """On CUDA each convolution's bias and ReLU go through bias_relu_triton (once each way per
     convolution) and conv1's and conv2's LRN through lrn_triton's kernels after them; with fuse_lrn,

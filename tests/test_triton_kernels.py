@@ -309,6 +309,52 @@ def test_local_response_norm_trains_through_the_band_kernels(band_kernels) -> No
     torch.testing.assert_close(x.grad.double(), want_grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_band_kernels_with_a_bias_equal_bias_relu_then_band_lrn(band_kernels, bias_relu_kernels, dtype) -> None:
+    """lrn(relu(x + b)) in one band kernel each way: the values and x's gradient of bias_relu's kernels
+    followed by the band kernels, bit for bit; b's gradient the same sum in another order. 297 pixels:
+    programs of 32 (ROWS) in tiles of 16, each with its own partial sums of db. A NaN spreads through the
+    product to its rows' channels (16 to 32 here, not just the window's 5), in its own pixel only."""
+    s = PAPER_LRN
+    x, bias, g = _bias_relu_lrn_inputs(channels_last=True, dtype=dtype)
+    args = (s.size, s.scale, s.k, s.beta)
+    y = band_kernels.band_forward(x, *args, bias=bias)
+    dx, db = band_kernels.band_backward_with_bias(x, bias, g, *args)
+    a = bias_relu_kernels.forward(x, bias)
+    want_y = band_kernels.band_forward(a, *args)
+    want_dx, want_db = bias_relu_kernels.backward(band_kernels.band_backward(a, g, *args), a)
+    assert y.stride() == dx.stride() == x.stride() and y.dtype == dx.dtype == dtype and db.dtype == torch.float32
+    assert torch.equal(y.nan_to_num(-1), want_y.nan_to_num(-1))
+    assert torch.equal(dx.nan_to_num(-1), want_dx.nan_to_num(-1))
+    torch.testing.assert_close(db, want_db, rtol=1e-4, atol=1e-4, equal_nan=True)
+    nan_pixels = y.isnan().any(1)
+    assert nan_pixels.sum() == 1 and nan_pixels[1, 3, 4] and 16 <= y[1, :, 3, 4].isnan().sum() <= 32
+    # the ReLU and LRN both matter: 0.3-0.7 of relu(x + b) is 0, and LRN scales the rest unevenly
+    relu = torch.relu(x.float() + bias.float().view(1, -1, 1, 1))
+    ratio = (y.float() / relu)[(relu > 1) & y.isfinite()]
+    assert 0.3 < (relu == 0).float().mean() < 0.7 and ratio.max() < 0.7 and ratio.max() - ratio.min() > 0.1
+
+
+def test_bias_relu_lrn_runs_the_band_kernels_where_lrn_names_them(band_kernels, monkeypatch) -> None:
+    """AlexNet.fuse_lrn's operation, given an LRN module with kernels="triton-band"."""
+    from alexnet.bias_relu import bias_relu_lrn
+
+    calls = []
+    for name in ("band_forward", "band_backward_with_bias", "forward", "backward_with_bias"):
+        real = getattr(band_kernels, name)
+        monkeypatch.setattr(
+            band_kernels, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k)
+        )
+    x, bias, g = _bias_relu_lrn_inputs(channels_last=True)
+    x.requires_grad_()
+    y = bias_relu_lrn(x, bias, LocalResponseNorm(PAPER_LRN, kernels="triton-band"), kernels="triton")
+    y.backward(g)
+    assert calls == ["band_forward", "band_backward_with_bias"]
+    s = PAPER_LRN
+    want_dx, _ = band_kernels.band_backward_with_bias(x.detach(), bias, g, s.size, s.scale, s.k, s.beta)
+    assert torch.equal(x.grad.nan_to_num(-1), want_dx.nan_to_num(-1))
+
+
 def test_band_widths_reach_as_far_as_the_backward_needs() -> None:
     from alexnet import lrn_triton
 
@@ -321,24 +367,27 @@ def test_band_widths_reach_as_far_as_the_backward_needs() -> None:
 def test_every_band_tile_builds_for_an_h100_with_wide_loads_and_tensor_cores(direction: str, monkeypatch) -> None:
     """For conv1's LRN in bf16 channels_last (channel stride 1, which Triton specializes on a GPU):
     only 8- and 16-byte loads and stores (the tile kernels' are mostly 2-byte), the sums on tensor
-    cores, no spills, in every tile the autotuner may pick; for a window of 11 (rows of 32 + 2 x 16)
-    and float32's 3 pieces, no spills."""
+    cores, no spills, in every tile the autotuner may pick, with a bias too; for a window of 11 (rows
+    of 32 + 2 x 16) and float32's 3 pieces, no spills."""
     if not HAS_PTXAS:
         pytest.skip("this Triton has no CUDA compiler")
     lrn_triton = fresh_copy(monkeypatch, "lrn_triton", interpret=False)
     kernel = getattr(lrn_triton, f"_band_{direction}_kernel")
+    pointers = {name: "*fp32" if name == "db_ptr" else "*bf16" for name in kernel.fn.arg_names if name.endswith("_ptr")}
     aligned = ("stride_n", "stride_p", "channels")
-    for size, pieces in ((5, 2), (11, 3)):
+    for size, pieces, bias in ((5, 2, False), (5, 2, True), (11, 3, False)):
         w, halo = lrn_triton.band_widths(size)
-        shape = {"stride_c": 1, "SIZE": size, "PIECES": pieces, "W": w, "HALO": halo}
+        shape = {"stride_c": 1, "SIZE": size, "BIAS": bias, "PIECES": pieces, "W": w, "HALO": halo}
+        if direction == "backward":
+            shape["ROWS"] = 1024 if bias else 0
         tiles = kernel.early_config_prune(kernel.configs, {}, **shape)
         assert len(tiles) >= 3  # a real choice for the autotuner
         for config in tiles if size == 5 else tiles[:1]:
             constants = {**shape, **config.kwargs}
-            usage = build_for_h100(kernel, "*bf16", constants, config.num_warps, aligned)
-            assert " STACK:0 " in usage and " LOCAL:0 " in usage, f"{size}, {config}: {usage}"
-            if size == 5:
-                sass = build_for_h100(kernel, "*bf16", constants, config.num_warps, aligned, sass=True)
+            usage = build_for_h100(kernel, pointers, constants, config.num_warps, aligned)
+            assert " STACK:0 " in usage and " LOCAL:0 " in usage, f"{size}, {bias}, {config}: {usage}"
+            if size == 5 and not bias:
+                sass = build_for_h100(kernel, pointers, constants, config.num_warps, aligned, sass=True)
                 memory = re.findall(r"\b(?:LDG|STG)\.[\w.]+", sass)
                 assert memory and {m.split(".")[-1] for m in memory} <= {"64", "128"}, f"{config}: {set(memory)}"
                 assert re.search(r"\bH(?:G)?MMA\.", sass), f"{config}: no tensor-core instruction"

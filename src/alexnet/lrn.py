@@ -224,7 +224,8 @@ class LocalResponseNorm(nn.Module):
       "triton"    hand-written Triton kernels, one pass over memory each way (CUDA only: lrn_triton.py);
       "triton-band"  the same, the window's sums as products with a band matrix on tensor cores, each
                   pixel's channels loaded once (a candidate: 16-byte loads, 3 exps and logs where the
-                  tile kernels take 10; not yet measured on a GPU);
+                  tile kernels take 10; not yet measured on a GPU; a NaN in x spreads to the 16-32
+                  channels of its rows, not only its window's);
       "compiled"  kernels fused by torch.compile from the formulas, on any device. Compiling takes some
                   20 s on 2 CPU cores, once per process, and pays off over many steps: the paper step
                   ran 1.35x faster on those cores (benchmarks/step_profile.py), 1.23x on an H200;

@@ -221,8 +221,11 @@ def backward_with_bias(
 # which are otherwise idle here. Their operands are bf16, so v (float32) goes in as 2 or 3 bf16 pieces
 # (v = hi + lo (+ rest), accumulated in float32): exact for the squares of bf16 values (16 bits), within
 # float32's rounding otherwise. The backward computes d, and g x d^(-beta-1), across the whole row (3 exps
-# and logs per element, for twice the elements) and stores the middle W channels.
-# Not CUDA's default until benchmarks/step_profile.py measures it ("paper, band LRN").
+# and logs per element, for twice the elements) and stores the middle W channels. With a bias, as the
+# tile kernels: relu(x + b) as x is read, the ReLU's mask and db's partial sums in the backward, which
+# here costs next to nothing, x being read once. One difference: a NaN or infinity in x spreads to every
+# channel of its rows (0 x NaN in the product is NaN), where the formula spreads it to its window.
+# Not CUDA's default until benchmarks/step_profile.py measures it ("paper, band LRN", "... with bias").
 
 _BAND_CONFIGS = [triton.Config({"BLOCK_R": r}, num_warps=w) for r in (32, 64, 128) for w in (4, 8)]
 
@@ -231,11 +234,11 @@ def _band_tiles(configs: list[triton.Config], named_args: dict, **kwargs) -> lis
     """Those that give a thread at most 16 elements of a [BLOCK_R, W + 2 HALO] row tile (with 32 the
     backward takes 234 registers on an H100, a quarter of the threads an SM could run) and at least 4
     outputs (with 2 its loads and stores are 4 bytes wide, tests/test_triton_kernels.py)."""
-    w, tile = kwargs["W"], kwargs["W"] + 2 * kwargs["HALO"]
+    w, tile, most = kwargs["W"], kwargs["W"] + 2 * kwargs["HALO"], kwargs.get("ROWS") or 128
 
-    def fits(config: triton.Config) -> bool:
+    def fits(config: triton.Config) -> bool:  # and no more rows than the backward's ROWS pixels a program
         rows, threads = config.kwargs["BLOCK_R"], 32 * config.num_warps
-        return rows * tile <= 16 * threads and rows * w >= 4 * threads
+        return rows * tile <= 16 * threads and rows * w >= 4 * threads and rows <= most
 
     return [config for config in configs if fits(config)]
 
@@ -269,101 +272,127 @@ def _band_sum(v, band, PIECES: tl.constexpr):
     return total
 
 
-@triton.jit
-def _band_rows(r, chunks, per_image, stride_n, stride_p, rows, W: tl.constexpr):
-    """Rows r (pixel r // chunks, its channels from (r % chunks) * W): offsets in int64, first channel, ok."""
-    pixel = r // chunks
-    offset = (pixel // per_image).to(tl.int64) * stride_n + (pixel % per_image).to(tl.int64) * stride_p
-    return offset, (r % chunks) * W, r < rows
-
-
-@triton.jit
-def _band_load(ptr, offset, channel, stride_c, channels, row_ok):
-    ok = row_ok[:, None] & (channel >= 0) & (channel < channels)
-    return tl.load(ptr + offset[:, None] + channel.to(tl.int64) * stride_c, mask=ok, other=0.0).to(tl.float32)
-
-
 @triton.autotune(
-    configs=_BAND_CONFIGS, key=["channels", "stride_c", "SIZE"], prune_configs_by={"early_config_prune": _band_tiles}
+    configs=_BAND_CONFIGS,
+    key=["channels", "stride_c", "SIZE", "BIAS"],
+    prune_configs_by={"early_config_prune": _band_tiles},
 )
 @triton.jit
 def _band_forward_kernel(
-    x_ptr, y_ptr, rows, chunks, per_image, stride_n, stride_p, stride_c, channels, scale, k, beta,
-    SIZE: tl.constexpr, PIECES: tl.constexpr, W: tl.constexpr, HALO: tl.constexpr, BLOCK_R: tl.constexpr,
+    x_ptr, b_ptr, y_ptr, pixels, per_image, stride_n, stride_p, stride_c, channels, scale, k, beta,
+    SIZE: tl.constexpr, BIAS: tl.constexpr, PIECES: tl.constexpr, W: tl.constexpr, HALO: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offset, first, row_ok = _band_rows(r, chunks, per_image, stride_n, stride_p, rows, W)
+    # a program: BLOCK_R pixels' rows of channels first .. first + W - 1, with HALO more either side
+    offset, pixel_ok = _pixel_offsets(tl.program_id(0) * BLOCK_R, pixels, per_image, stride_n, stride_p, BLOCK_R)
+    first = tl.program_id(1) * W
     TILE: tl.constexpr = W + 2 * HALO
-    row = first[:, None] + (tl.arange(0, TILE) - HALO)[None, :]  # the row's channels
-    around = _band_load(x_ptr, offset, row, stride_c, channels, row_ok)
-    # output i (channel first + i) sums tile column j (channel first + j - HALO) where j - HALO - i is in
+    around = _load(x_ptr, offset, first - HALO + tl.arange(0, TILE), stride_c, channels, pixel_ok, b_ptr, BIAS)
+    # output i (channel first + i) sums row column j (channel first + j - HALO) where j - HALO - i is in
     # the window: -(SIZE // 2) .. (SIZE - 1) // 2
     squares = _band_sum(around * around, _band(TILE, W, HALO, -(SIZE // 2), (SIZE - 1) // 2), PIECES)
-    channel = first[:, None] + tl.arange(0, W)[None, :]
-    x = _band_load(x_ptr, offset, channel, stride_c, channels, row_ok)  # again, from the cache
+    c = first + tl.arange(0, W)
+    x = _load(x_ptr, offset, c, stride_c, channels, pixel_ok, b_ptr, BIAS)  # again, from the cache
     y = x * tl.exp(-beta * tl.log(squares * scale + k))
-    ok = row_ok[:, None] & (channel < channels)
-    tl.store(y_ptr + offset[:, None] + channel.to(tl.int64) * stride_c, y.to(y_ptr.dtype.element_ty), mask=ok)
+    ok = pixel_ok[:, None] & (c < channels)[None, :]
+    tl.store(y_ptr + offset[:, None] + c[None, :] * stride_c, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.autotune(
-    configs=_BAND_CONFIGS, key=["channels", "stride_c", "SIZE"], prune_configs_by={"early_config_prune": _band_tiles}
+    configs=_BAND_CONFIGS,
+    key=["channels", "stride_c", "SIZE", "BIAS", "ROWS"],  # ROWS: no tile of more pixels than a program takes
+    prune_configs_by={"early_config_prune": _band_tiles},
 )
 @triton.jit
 def _band_backward_kernel(
-    x_ptr, g_ptr, dx_ptr, rows, chunks, per_image, stride_n, stride_p, stride_c, channels, scale, k, beta,
-    SIZE: tl.constexpr, PIECES: tl.constexpr, W: tl.constexpr, HALO: tl.constexpr, BLOCK_R: tl.constexpr,
+    x_ptr, b_ptr, g_ptr, dx_ptr, db_ptr, pixels, per_image, stride_n, stride_p, stride_c, channels, scale, k, beta,
+    SIZE: tl.constexpr, BIAS: tl.constexpr, ROWS: tl.constexpr, PIECES: tl.constexpr, W: tl.constexpr,
+    HALO: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offset, first, row_ok = _band_rows(r, chunks, per_image, stride_n, stride_p, rows, W)
+    # As the tile kernels' backward: a program takes ROWS pixels, BLOCK_R at a time, and with BIAS writes
+    # db's float32 sums over them for its W channels (ROWS = 0: BLOCK_R pixels, no sums).
+    first = tl.program_id(1) * W
     TILE: tl.constexpr = W + 2 * HALO
     column = tl.arange(0, TILE)
-    channel = first[:, None] + (column - HALO)[None, :]
-    x = _band_load(x_ptr, offset, channel, stride_c, channels, row_ok)
-    g = _band_load(g_ptr, offset, channel, stride_c, channels, row_ok)
+    c = first - HALO + column
+    inside = (c >= 0) & (c < channels)
+    middle = (column >= HALO) & (column < HALO + W)
     BACK: tl.constexpr = SIZE // 2
     AHEAD: tl.constexpr = (SIZE - 1) // 2
-    log_d = tl.log(_band_sum(x * x, _band(TILE, TILE, 0, -BACK, AHEAD), PIECES) * scale + k)
-    own = tl.exp(-beta * log_d)  # d^-beta
-    # g_j x_j d_j^(-beta-1). Near the row's ends d_j misses part of its window, but the middle's sums do
-    # not reach those columns (HALO >= SIZE - 1). Beyond the channels it is 0: there d_j may be 0 (k = 0),
-    # and one NaN would spoil the row's every sum (0 x NaN in the product).
-    inside = (channel >= 0) & (channel < channels)
-    t = tl.where(inside, g * x * own * tl.exp(-log_d), 0.0)
-    total = _band_sum(t, _band(TILE, TILE, 0, -AHEAD, BACK), PIECES)  # sum over j with i in window(j)
-    dx = g * own - (2.0 * scale * beta) * x * total
-    middle = (column >= HALO) & (column < HALO + W)
-    ok = row_ok[:, None] & middle[None, :] & (channel >= 0) & (channel < channels)
-    tl.store(dx_ptr + offset[:, None] + channel.to(tl.int64) * stride_c, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    span: tl.constexpr = BLOCK_R if ROWS == 0 else ROWS
+    bias_total = tl.full((TILE,), 0.0, tl.float32)
+    for start in tl.range(tl.program_id(0) * span, (tl.program_id(0) + 1) * span, BLOCK_R):
+        offset, pixel_ok = _pixel_offsets(start, pixels, per_image, stride_n, stride_p, BLOCK_R)
+        x = _load(x_ptr, offset, c, stride_c, channels, pixel_ok, b_ptr, BIAS)
+        g = _load(g_ptr, offset, c, stride_c, channels, pixel_ok, b_ptr, False)
+        log_d = tl.log(_band_sum(x * x, _band(TILE, TILE, 0, -BACK, AHEAD), PIECES) * scale + k)
+        own = tl.exp(-beta * log_d)  # d^-beta
+        # g_j x_j d_j^(-beta-1). Near the row's ends d_j misses part of its window, but the middle's sums
+        # do not reach those columns (HALO >= SIZE - 1). Beyond the channels it is 0: there d_j may be 0
+        # (k = 0), and one NaN would spoil the row's every sum (0 x NaN in the product).
+        t = tl.where(inside[None, :], g * x * own * tl.exp(-log_d), 0.0)
+        total = _band_sum(t, _band(TILE, TILE, 0, -AHEAD, BACK), PIECES)  # sum over j with i in window(j)
+        dx = g * own - (2.0 * scale * beta) * x * total
+        if BIAS:  # through the ReLU: its gradient passes where the output is not <= 0, as PyTorch's
+            dx = tl.where(x <= 0.0, 0.0, dx).to(dx_ptr.dtype.element_ty).to(tl.float32)
+        ok = pixel_ok[:, None] & (middle & inside)[None, :]
+        tl.store(dx_ptr + offset[:, None] + c[None, :] * stride_c, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+        if BIAS:
+            bias_total += tl.reduce(tl.where(ok, dx, 0.0), 0, _add)  # the sum of what is stored
+    if BIAS:
+        tl.store(db_ptr + tl.program_id(0).to(tl.int64) * channels + c, bias_total, mask=middle & inside)
 
 
-def _band_launch(kernel, tensors: tuple, x: torch.Tensor, size: int, scale: float, k: float, beta: float) -> None:
-    _, (pixels, per_image, *strides) = flat_layout(x)
+def _band_grid(x: torch.Tensor, size: int) -> tuple[int, int, int]:
+    """(W, HALO, number of W-channel rows per pixel)."""
     w, halo = band_widths(size)
-    channels = x.shape[1]
-    chunks = triton.cdiv(channels, w)
-    rows = pixels * chunks
-    if rows >= 2**31:
-        raise ValueError(f"the band kernels index rows in 32 bits: {rows} rows is too many; use the tile kernels")
-    pieces = 2 if x.dtype == torch.bfloat16 else 3  # bf16 squares are 16 bits: two bf16 pieces hold them
-    kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]),)](
-        *tensors, rows, chunks, per_image, *strides, channels, scale, k, beta,
-        SIZE=size, PIECES=pieces, W=w, HALO=halo,
-    )  # fmt: skip
+    return w, halo, triton.cdiv(x.shape[1], w)
 
 
-def band_forward(x: torch.Tensor, size: int, scale: float, k: float, beta: float) -> torch.Tensor:
-    """forward(x, ...) in the band kernels."""
-    x, _ = flat_layout(x)
+def _pieces(x: torch.Tensor) -> int:
+    return 2 if x.dtype == torch.bfloat16 else 3  # bf16 squares are 16 bits: two bf16 pieces hold them
+
+
+def band_forward(
+    x: torch.Tensor, size: int, scale: float, k: float, beta: float, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """forward(x, ..., bias) in the band kernels."""
+    x, (pixels, per_image, *strides) = flat_layout(x)
     y = torch.empty_like(x)
-    _band_launch(_band_forward_kernel, (x, y), x, size, scale, k, beta)
+    w, halo, chunks = _band_grid(x, size)
+    _band_forward_kernel[lambda meta: (triton.cdiv(pixels, meta["BLOCK_R"]), chunks)](
+        x, x if bias is None else bias, y, pixels, per_image, *strides, x.shape[1], scale, k, beta,
+        SIZE=size, BIAS=bias is not None, PIECES=_pieces(x), W=w, HALO=halo,
+    )  # fmt: skip
     return y
+
+
+def _band_backward(
+    x: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    x, (pixels, per_image, *strides) = flat_layout(x)
+    grad = with_strides_of(x, grad)
+    dx = torch.empty_like(x)
+    w, halo, chunks = _band_grid(x, size)
+    channels = x.shape[1]
+    rows = 0 if bias is None else rows_per_program(pixels)
+    partial = None if bias is None else x.new_empty(triton.cdiv(pixels, rows), channels, dtype=torch.float32)
+    grid = (lambda meta: (triton.cdiv(pixels, meta["BLOCK_R"]), chunks)) if bias is None else (len(partial), chunks)
+    _band_backward_kernel[grid](
+        x, x if bias is None else bias, grad, dx, dx if partial is None else partial,
+        pixels, per_image, *strides, channels, scale, k, beta,
+        SIZE=size, BIAS=bias is not None, ROWS=rows, PIECES=_pieces(x), W=w, HALO=halo,
+    )  # fmt: skip
+    return dx, None if partial is None else partial.sum(0)
 
 
 def band_backward(x: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float) -> torch.Tensor:
     """backward(x, grad, ...) in the band kernels."""
-    x, _ = flat_layout(x)
-    grad = with_strides_of(x, grad)
-    dx = torch.empty_like(x)
-    _band_launch(_band_backward_kernel, (x, grad, dx), x, size, scale, k, beta)
-    return dx
+    return _band_backward(x, grad, size, scale, k, beta, None)[0]
+
+
+def band_backward_with_bias(
+    x: torch.Tensor, bias: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """backward_with_bias(x, bias, grad, ...) in the band kernels."""
+    return _band_backward(x, grad, size, scale, k, beta, bias)

@@ -350,7 +350,7 @@ class AlexNet(nn.Module):
         return x
 
     def _lrn_in_triton(self, lrn: LocalResponseNorm, x: torch.Tensor) -> bool:
-        return self.fuse_lrn and (lrn.kernels == "triton" or (lrn.kernels is None and x.is_cuda))
+        return self.fuse_lrn and (lrn.kernels in ("triton", "triton-band") or (lrn.kernels is None and x.is_cuda))
 
     def named_layers(self) -> dict[str, nn.Module]:
         """conv1..conv5, fc6..fc8: the layers with weights, by their names in the paper."""
