@@ -288,7 +288,7 @@ def main() -> None:
     for name, r in rates.items():
         rate, enqueue = statistics.median(r), statistics.median(host[name]) * 1e3
         step_ms = batch / rate * 1e3
-        print(f"{name:<22} {rate:>9.0f} images/s  {rate / base:5.2f}x paper  host {enqueue:6.1f} of {step_ms:6.1f} ms")
+        print(f"{name:<25} {rate:>9.0f} images/s  {rate / base:5.2f}x paper  host {enqueue:6.1f} of {step_ms:6.1f} ms")
     # said in words without "Warning" (gpu_check.sh filters such lines): a kernel that fell back was not measured
     fell_back = {
         "LRN": list(lrn._UNUSABLE.items()),

@@ -265,8 +265,11 @@ BAND_SPECS = {  # windows of 3 to 11: both row widths, and 9, the most that rows
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")  # k=0
-@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
-@pytest.mark.parametrize("spec", BAND_SPECS.values(), ids=BAND_SPECS.keys())
+@pytest.mark.parametrize(
+    ("spec", "channels_last"),  # every window in channels_last (the model's layout), two in NCHW
+    [(spec, True) for spec in BAND_SPECS.values()] + [(PAPER_LRN, False), (BAND_SPECS["tensorflow"], False)],
+    ids=[f"{name}-channels_last" for name in BAND_SPECS] + ["paper-nchw", "tensorflow-nchw"],
+)
 def test_band_kernels_equal_the_float64_formula(band_kernels, spec: LRNSpec, channels_last: bool) -> None:
     """40 channels: rows of 16 channels, the last one partly past the tensor; 105 pixels, so 315 rows,
     not a whole number of programs; the gradient given in the other layout."""
