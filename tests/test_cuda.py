@@ -123,7 +123,7 @@ def test_lrn_on_cuda_uses_the_triton_kernels_by_default(monkeypatch):
     calls = []
     for name in ("forward", "backward"):
         real = getattr(lrn_triton, name)
-        monkeypatch.setattr(lrn_triton, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+        monkeypatch.setattr(lrn_triton, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     x = torch.rand(4, 96, 13, 13, device="cuda", requires_grad=True)
     LocalResponseNorm(PAPER_LRN)(x).sum().backward()
     with torch.no_grad():

@@ -276,11 +276,10 @@ def test_band_kernels_equal_the_float64_formula(band_kernels, spec: LRNSpec, cha
     x, g = _inputs(spec, channels_last, c=40)
     want_y, want_grad = reference(x, g, spec)
     args = (spec.size, spec.scale, spec.k, spec.beta)
-    y = band_kernels.band_forward(x, *args)
-    grad = band_kernels.band_backward(x, g, *args)
-    other = band_kernels.band_backward(
-        x, g.contiguous() if channels_last else g.to(memory_format=torch.channels_last), *args
-    )
+    y = band_kernels.forward(x, *args, band=True)
+    grad = band_kernels.backward(x, g, *args, band=True)
+    other_layout = g.contiguous() if channels_last else g.to(memory_format=torch.channels_last)
+    other = band_kernels.backward(x, other_layout, *args, band=True)
     for got in (y, grad, other):
         assert got.dtype == x.dtype and got.stride() == x.stride()
     torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=1e-6)
@@ -293,7 +292,7 @@ def test_band_kernels_in_bfloat16_equal_the_tile_kernels(band_kernels) -> None:
     """bf16 in and out, the squares in two bf16 pieces: the tile kernels' values (both interpreted)."""
     x, g = _inputs(PAPER_LRN, channels_last=True, dtype=torch.bfloat16, c=96)
     args = (5, PAPER_LRN.scale, PAPER_LRN.k, PAPER_LRN.beta)
-    y, grad = band_kernels.band_forward(x, *args), band_kernels.band_backward(x, g, *args)
+    y, grad = band_kernels.forward(x, *args, band=True), band_kernels.backward(x, g, *args, band=True)
     assert y.dtype == grad.dtype == torch.bfloat16
     want_y, want_grad = reference(x, g, PAPER_LRN)
     torch.testing.assert_close(y.double(), want_y, rtol=2**-7, atol=1e-6)
@@ -321,11 +320,11 @@ def test_band_kernels_with_a_bias_equal_bias_relu_then_band_lrn(band_kernels, bi
     s = PAPER_LRN
     x, bias, g = _bias_relu_lrn_inputs(channels_last=True, dtype=dtype)
     args = (s.size, s.scale, s.k, s.beta)
-    y = band_kernels.band_forward(x, *args, bias=bias)
-    dx, db = band_kernels.band_backward_with_bias(x, bias, g, *args)
+    y = band_kernels.forward(x, *args, bias=bias, band=True)
+    dx, db = band_kernels.backward_with_bias(x, bias, g, *args, band=True)
     a = bias_relu_kernels.forward(x, bias)
-    want_y = band_kernels.band_forward(a, *args)
-    want_dx, want_db = bias_relu_kernels.backward(band_kernels.band_backward(a, g, *args), a)
+    want_y = band_kernels.forward(a, *args, band=True)
+    want_dx, want_db = bias_relu_kernels.backward(band_kernels.backward(a, g, *args, band=True), a)
     assert y.stride() == dx.stride() == x.stride() and y.dtype == dx.dtype == dtype and db.dtype == torch.float32
     assert torch.equal(y.nan_to_num(-1), want_y.nan_to_num(-1))
     assert torch.equal(dx.nan_to_num(-1), want_dx.nan_to_num(-1))
@@ -343,18 +342,25 @@ def test_bias_relu_lrn_runs_the_band_kernels_where_lrn_names_them(band_kernels, 
     from alexnet.bias_relu import bias_relu_lrn
 
     calls = []
-    for name in ("band_forward", "band_backward_with_bias", "forward", "backward_with_bias"):
+
+    def spy(name: str):
         real = getattr(band_kernels, name)
-        monkeypatch.setattr(
-            band_kernels, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k)
-        )
+
+        def record(*args, **kwargs):
+            calls.append((name, kwargs.get("band")))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(band_kernels, name, record)
+
+    spy("forward")
+    spy("backward_with_bias")
     x, bias, g = _bias_relu_lrn_inputs(channels_last=True)
     x.requires_grad_()
     y = bias_relu_lrn(x, bias, LocalResponseNorm(PAPER_LRN, kernels="triton-band"), kernels="triton")
     y.backward(g)
-    assert calls == ["band_forward", "band_backward_with_bias"]
+    assert calls == [("forward", True), ("backward_with_bias", True)]
     s = PAPER_LRN
-    want_dx, _ = band_kernels.band_backward_with_bias(x.detach(), bias, g, s.size, s.scale, s.k, s.beta)
+    want_dx, _ = band_kernels.backward_with_bias(x.detach(), bias, g, s.size, s.scale, s.k, s.beta, band=True)
     assert torch.equal(x.grad.nan_to_num(-1), want_dx.nan_to_num(-1))
 
 
@@ -469,7 +475,7 @@ def test_a_compiled_model_keeps_lrn_in_the_triton_kernels(kernels, monkeypatch) 
     calls = []
     for name in ("forward", "backward"):
         real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+        monkeypatch.setattr(kernels, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 9, 3), torch.nn.ReLU(), LocalResponseNorm(PAPER_LRN, kernels="triton"), torch.nn.Flatten()

@@ -84,8 +84,7 @@ class _BiasReLULRNFunction(torch.autograd.Function):
         s = lrn.spec
         ctx.save_for_backward(x, bias)
         ctx.spec, ctx.band = s, lrn.kernels == "triton-band"  # the band kernels, a candidate (lrn_triton.py)
-        forward = lrn_triton.band_forward if ctx.band else lrn_triton.forward
-        return forward(x, s.size, s.scale, s.k, s.beta, bias=bias)
+        return lrn_triton.forward(x, s.size, s.scale, s.k, s.beta, bias=bias, band=ctx.band)
 
     @staticmethod
     @once_differentiable
@@ -94,8 +93,7 @@ class _BiasReLULRNFunction(torch.autograd.Function):
 
         x, bias = ctx.saved_tensors
         s = ctx.spec
-        backward = lrn_triton.band_backward_with_bias if ctx.band else lrn_triton.backward_with_bias
-        dx, db = backward(x, bias, grad, s.size, s.scale, s.k, s.beta)
+        dx, db = lrn_triton.backward_with_bias(x, bias, grad, s.size, s.scale, s.k, s.beta, band=ctx.band)
         return dx, db.to(bias.dtype), None
 
 

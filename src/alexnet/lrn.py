@@ -9,9 +9,9 @@ Here each convention is a set of explicit arguments.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -133,7 +133,7 @@ def _fused_backward(
     return (g * torch.exp(-beta * log_d) - (2 * scale * beta) * x32 * t).to(grad.dtype)
 
 
-@cache
+@functools.cache
 def _compiled(fn):  # compiled on first use only: importing the package stays fast
     return torch.compile(fn)
 
@@ -148,9 +148,7 @@ def _kernel(kernels: str, backward: bool) -> Callable[..., torch.Tensor]:
     if kernels.startswith("triton"):
         from . import lrn_triton  # Triton ships with PyTorch's CUDA wheels on Linux, not everywhere
 
-        if kernels == "triton-band":
-            return lrn_triton.band_backward if backward else lrn_triton.band_forward
-        return lrn_triton.backward if backward else lrn_triton.forward
+        return functools.partial(lrn_triton.backward if backward else lrn_triton.forward, band=kernels == "triton-band")
     formula = _fused_backward if backward else _fused_forward
     return _compiled(formula) if kernels == "compiled" else formula
 

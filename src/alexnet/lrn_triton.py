@@ -142,76 +142,6 @@ def _backward_kernel(
         tl.store(db_ptr + tl.program_id(0).to(tl.int64) * channels + c, bias_total, mask=c < channels)
 
 
-def flat_layout(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """x in a layout the kernels index (NCHW or channels_last, H and W flattenable) and its
-    (pixels, pixels per image, stride of n, of a pixel, of a channel)."""
-    if x.dim() != 4:
-        raise ValueError(f"these kernels take (N, C, H, W) tensors, not shape {tuple(x.shape)}")
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        x = x.contiguous()
-    n, _, h, w = x.shape
-    return x, (n * h * w, h * w, x.stride(0), x.stride(3), x.stride(1))
-
-
-def with_strides_of(like: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """`t` in `like`'s strides, copied only where they differ: the kernels index both with one set."""
-    return t if t.stride() == like.stride() else torch.empty_like(like, dtype=t.dtype).copy_(t)
-
-
-def _grid(meta: dict, pixels: int) -> tuple[int]:
-    return (triton.cdiv(pixels, meta["BLOCK_P"]),)
-
-
-def rows_per_program(pixels: int) -> int:
-    """Pixels per program of the backward with a bias: enough programs to fill a large GPU (over 700),
-    few enough partial sums of db (at most 1/32 of the pixels)."""
-    return min(1024, max(32, triton.next_power_of_2(pixels // 2048)))
-
-
-def forward(
-    x: torch.Tensor, size: int, scale: float, k: float, beta: float, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """y = x * d^-beta, in x's dtype and memory layout; with `bias` (in x's dtype), of relu(x + bias)."""
-    x, (pixels, per_image, *strides) = flat_layout(x)
-    y = torch.empty_like(x)
-    channels = x.shape[1]
-    _forward_kernel[lambda meta: _grid(meta, pixels)](
-        x, x if bias is None else bias, y, pixels, per_image, *strides, channels, scale, k, beta,
-        SIZE=size, BIAS=bias is not None, BLOCK_C=triton.next_power_of_2(channels),
-    )  # fmt: skip
-    return y
-
-
-def _backward(
-    x: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float, bias: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    x, (pixels, per_image, *strides) = flat_layout(x)
-    grad = with_strides_of(x, grad)
-    dx = torch.empty_like(x)
-    channels = x.shape[1]
-    rows = 0 if bias is None else rows_per_program(pixels)
-    partial = None if bias is None else x.new_empty(triton.cdiv(pixels, rows), channels, dtype=torch.float32)
-    grid = (lambda meta: _grid(meta, pixels)) if bias is None else (triton.cdiv(pixels, rows),)
-    _backward_kernel[grid](
-        x, x if bias is None else bias, grad, dx, dx if partial is None else partial,
-        pixels, per_image, *strides, channels, scale, k, beta,
-        SIZE=size, BIAS=bias is not None, ROWS=rows, BLOCK_C=triton.next_power_of_2(channels),
-    )  # fmt: skip
-    return dx, None if partial is None else partial.sum(0)
-
-
-def backward(x: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float) -> torch.Tensor:
-    """The gradient with respect to x of forward(x) given the gradient `grad` of its output."""
-    return _backward(x, grad, size, scale, k, beta, None)[0]
-
-
-def backward_with_bias(
-    x: torch.Tensor, bias: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of forward(x, ..., bias=bias)'s x and bias (float32, summed over pixels)."""
-    return _backward(x, grad, size, scale, k, beta, bias)
-
-
 # --- Band kernels: the window's sums as matrix products on tensor cores (a candidate) ----------------
 # The tile kernels above load the tile again for each shift of the window: a shift by one channel is
 # not 16-byte aligned in channels_last, so their sm_90 code loads 2 or 4 bytes at a time (24 of the
@@ -343,56 +273,110 @@ def _band_backward_kernel(
         tl.store(db_ptr + tl.program_id(0).to(tl.int64) * channels + c, bias_total, mask=middle & inside)
 
 
-def _band_grid(x: torch.Tensor, size: int) -> tuple[int, int, int]:
-    """(W, HALO, number of W-channel rows per pixel)."""
-    w, halo = band_widths(size)
-    return w, halo, triton.cdiv(x.shape[1], w)
+# --- Calling the kernels -------------------------------------------------------------------------
 
 
-def _pieces(x: torch.Tensor) -> int:
-    return 2 if x.dtype == torch.bfloat16 else 3  # bf16 squares are 16 bits: two bf16 pieces hold them
+def flat_layout(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """x in a layout the kernels index (NCHW or channels_last, H and W flattenable) and its
+    (pixels, pixels per image, stride of n, of a pixel, of a channel)."""
+    if x.dim() != 4:
+        raise ValueError(f"these kernels take (N, C, H, W) tensors, not shape {tuple(x.shape)}")
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+    n, _, h, w = x.shape
+    return x, (n * h * w, h * w, x.stride(0), x.stride(3), x.stride(1))
 
 
-def band_forward(
-    x: torch.Tensor, size: int, scale: float, k: float, beta: float, bias: torch.Tensor | None = None
+def with_strides_of(like: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`t` in `like`'s strides, copied only where they differ: the kernels index both with one set."""
+    return t if t.stride() == like.stride() else torch.empty_like(like, dtype=t.dtype).copy_(t)
+
+
+def rows_per_program(pixels: int) -> int:
+    """Pixels per program of the backward with a bias: enough programs to fill a large GPU (over 700),
+    few enough partial sums of db (at most 1/32 of the pixels)."""
+    return min(1024, max(32, triton.next_power_of_2(pixels // 2048)))
+
+
+def _kernel_and_grid(band: bool, forward: bool, x: torch.Tensor, size: int) -> tuple:
+    """The kernel, its shape constants, the name of its block of pixels, and the grid's further axes:
+    the tile kernels take all channels in a program, the band kernels a row of W of them."""
+    channels = x.shape[1]
+    if band:
+        w, halo = band_widths(size)
+        kernel = _band_forward_kernel if forward else _band_backward_kernel
+        pieces = 2 if x.dtype == torch.bfloat16 else 3  # bf16 squares are 16 bits: two bf16 pieces hold them
+        return kernel, {"PIECES": pieces, "W": w, "HALO": halo}, "BLOCK_R", (triton.cdiv(channels, w),)
+    kernel = _forward_kernel if forward else _backward_kernel
+    return kernel, {"BLOCK_C": triton.next_power_of_2(channels)}, "BLOCK_P", ()
+
+
+def forward(
+    x: torch.Tensor,
+    size: int,
+    scale: float,
+    k: float,
+    beta: float,
+    bias: torch.Tensor | None = None,
+    band: bool = False,
 ) -> torch.Tensor:
-    """forward(x, ..., bias) in the band kernels."""
+    """y = x * d^-beta, in x's dtype and memory layout; with `bias` (in x's dtype), of relu(x + bias).
+    `band`: in the band kernels (a candidate), else the tile kernels."""
     x, (pixels, per_image, *strides) = flat_layout(x)
     y = torch.empty_like(x)
-    w, halo, chunks = _band_grid(x, size)
-    _band_forward_kernel[lambda meta: (triton.cdiv(pixels, meta["BLOCK_R"]), chunks)](
+    kernel, shape, block, rows_of_channels = _kernel_and_grid(band, True, x, size)
+    kernel[lambda meta: (triton.cdiv(pixels, meta[block]), *rows_of_channels)](
         x, x if bias is None else bias, y, pixels, per_image, *strides, x.shape[1], scale, k, beta,
-        SIZE=size, BIAS=bias is not None, PIECES=_pieces(x), W=w, HALO=halo,
+        SIZE=size, BIAS=bias is not None, **shape,
     )  # fmt: skip
     return y
 
 
-def _band_backward(
-    x: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float, bias: torch.Tensor | None
+def _backward(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    size: int,
+    scale: float,
+    k: float,
+    beta: float,
+    bias: torch.Tensor | None,
+    band: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     x, (pixels, per_image, *strides) = flat_layout(x)
     grad = with_strides_of(x, grad)
     dx = torch.empty_like(x)
-    w, halo, chunks = _band_grid(x, size)
     channels = x.shape[1]
     rows = 0 if bias is None else rows_per_program(pixels)
     partial = None if bias is None else x.new_empty(triton.cdiv(pixels, rows), channels, dtype=torch.float32)
-    grid = (lambda meta: (triton.cdiv(pixels, meta["BLOCK_R"]), chunks)) if bias is None else (len(partial), chunks)
-    _band_backward_kernel[grid](
+    kernel, shape, block, rows_of_channels = _kernel_and_grid(band, False, x, size)
+
+    def grid(meta: dict) -> tuple[int, ...]:  # with a bias, ROWS pixels a program whatever the tile
+        return (triton.cdiv(pixels, meta[block]) if partial is None else len(partial), *rows_of_channels)
+
+    kernel[grid](
         x, x if bias is None else bias, grad, dx, dx if partial is None else partial,
         pixels, per_image, *strides, channels, scale, k, beta,
-        SIZE=size, BIAS=bias is not None, ROWS=rows, PIECES=_pieces(x), W=w, HALO=halo,
+        SIZE=size, BIAS=bias is not None, ROWS=rows, **shape,
     )  # fmt: skip
     return dx, None if partial is None else partial.sum(0)
 
 
-def band_backward(x: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float) -> torch.Tensor:
-    """backward(x, grad, ...) in the band kernels."""
-    return _band_backward(x, grad, size, scale, k, beta, None)[0]
+def backward(
+    x: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float, band: bool = False
+) -> torch.Tensor:
+    """The gradient with respect to x of forward(x) given the gradient `grad` of its output."""
+    return _backward(x, grad, size, scale, k, beta, None, band)[0]
 
 
-def band_backward_with_bias(
-    x: torch.Tensor, bias: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float
+def backward_with_bias(
+    x: torch.Tensor,
+    bias: torch.Tensor,
+    grad: torch.Tensor,
+    size: int,
+    scale: float,
+    k: float,
+    beta: float,
+    band: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """backward_with_bias(x, bias, grad, ...) in the band kernels."""
-    return _band_backward(x, grad, size, scale, k, beta, bias)
+    """The gradients of forward(x, ..., bias=bias)'s x and bias (float32, summed over pixels)."""
+    return _backward(x, grad, size, scale, k, beta, bias, band)
