@@ -9,6 +9,7 @@ of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images alrea
                          the host's time per step shows
   paper, compiled LRN    on CUDA: LRN in torch.compile's kernels instead of the Triton ones
   paper, band LRN        on CUDA: LRN in the band kernels (window sums on tensor cores), a candidate
+  paper, LRN's exact log on CUDA: LRN's kernels with tl.log's polynomial, not lg2 in the special-function unit
   paper, model compiled  on CUDA: the whole model through torch.compile (`alexnet train --compile`)
   paper, CUDA graph      on CUDA: forward, backward and SGD replayed from a CUDA graph (train's default)
   paper, PyTorch's pool  on CUDA: max pooling in PyTorch's kernels instead of the Triton ones
@@ -36,6 +37,7 @@ the paper step that take the most device time, its time by PyTorch operation and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -85,6 +87,26 @@ def set_on(model: nn.Module, kind: type, **attributes) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def exact_lrn_logs():
+    """LRN's Triton kernels with tl.log's polynomial instead of the special-function unit's lg2 meanwhile."""
+    from alexnet import lrn_triton
+
+    fast, lrn_triton.FAST_LOG = lrn_triton.FAST_LOG, False
+    try:
+        yield
+    finally:
+        lrn_triton.FAST_LOG = fast
+
+
+def with_exact_lrn_logs(step):
+    def run():
+        with exact_lrn_logs():
+            return step()
+
+    return run
+
+
 class BiasReLULRN(nn.Module):
     """A convolution's bias, its ReLU and LRN on the convolution's output: as the model runs them on
     CUDA by default ("apart": bias_relu.bias_relu, then LRN) or as one ("together", fuse_lrn=True); "band
@@ -110,9 +132,11 @@ def layers_alone(device: torch.device, dtype: torch.dtype, batch: int, steps: in
     1.5, forward and backward, on conv1's output is the reference: what bandwidth such a layer can reach."""
     print(f"\nLayers alone, forward + backward, {dtype}, channels_last, batch {batch}:")
     cuda = device.type == "cuda"
+    exact = ", exact log"  # kernels named so run with tl.log (exact_lrn_logs)
+    lrn_kinds = [*LRN_KERNELS, "triton" + exact]
     layers = [  # name, input shape, the layer with given kernels, its kernels, least bytes per unit of x
-        ("lrn1 (conv1)", (batch, 96, 55, 55), lambda k: LocalResponseNorm(PAPER_LRN, k), LRN_KERNELS, 5.0),
-        ("lrn2 (conv2)", (batch, 256, 27, 27), lambda k: LocalResponseNorm(PAPER_LRN, k), LRN_KERNELS, 5.0),
+        ("lrn1 (conv1)", (batch, 96, 55, 55), lambda k: LocalResponseNorm(PAPER_LRN, k), lrn_kinds, 5.0),
+        ("lrn2 (conv2)", (batch, 256, 27, 27), lambda k: LocalResponseNorm(PAPER_LRN, k), lrn_kinds, 5.0),
         # a reference for the GB/s an elementwise layer gets here: y = 1.5 x, dx = 1.5 g, in PyTorch's kernels
         ("x * 1.5", (batch, 96, 55, 55), lambda k: lambda x: x * 1.5, ["pytorch"], 4.0),
         ("pool1", (batch, 96, 55, 55), lambda k: MaxPool2d(3, 2, k), POOL_KERNELS, 2 * (1 + 27**2 / 55**2)),
@@ -129,8 +153,9 @@ def layers_alone(device: torch.device, dtype: torch.dtype, batch: int, steps: in
         x = torch.rand(shape, device=device).mul(60).to(dtype).contiguous(memory_format=torch.channels_last)
         least = per_x * x.numel() * x.element_size()
         for kernels in kinds if cuda else [k for k in kinds if not k.startswith("triton")]:
-            seconds = seconds_per_pass(layer(kernels), x, steps, device)
-            print(f"  {name:<13} {kernels:<13} {seconds * 1e3:8.2f} ms  {least / seconds / 1e9:7.0f} GB/s")
+            with exact_lrn_logs() if kernels.endswith(exact) else contextlib.nullcontext():
+                seconds = seconds_per_pass(layer(kernels.removesuffix(exact)), x, steps, device)
+            print(f"  {name:<13} {kernels:<18} {seconds * 1e3:8.2f} ms  {least / seconds / 1e9:7.0f} GB/s")
 
 
 def convolutions_alone(device: torch.device, precision: str, batch: int, steps: int) -> None:
@@ -243,6 +268,7 @@ def main() -> None:
     if device.type == "cuda":
         candidates["paper, compiled LRN"] = paper_step(set_on(paper_model(), LocalResponseNorm, kernels="compiled"))
         candidates["paper, band LRN"] = paper_step(set_on(paper_model(), LocalResponseNorm, kernels="triton-band"))
+        candidates["paper, LRN's exact log"] = with_exact_lrn_logs(paper_step(paper_model()))
         candidates["paper, model compiled"] = paper_step(paper_model(), compile=True)
         if precision != "fp16":
             candidates["paper, CUDA graph"] = paper_step(paper_model(), graph=True)

@@ -100,7 +100,8 @@ LRN_CASES = [  # every Triton case (the band kernels' a candidate); two of torch
 def test_fused_lrn_equals_eager_on_cuda(kernels, dtype, layout, channels):
     """LRN's Triton kernels (the default on CUDA; the band kernels, a candidate) and torch.compile's (the
     fallback where Triton's cannot run) give the eager formulas' values and gradients, for conv1's and
-    conv2's numbers of channels."""
+    conv2's numbers of channels. Here the Triton kernels' logs are lg2.approx (FAST_LOG), which the
+    CPU tests cannot run: Triton's interpreter takes tl.log."""
     layout = LAYOUTS[layout]
     gen = torch.Generator().manual_seed(1)
     x = (torch.rand(8, channels, 27, 27, generator=gen) * 60).to("cuda", dtype).contiguous(memory_format=layout)

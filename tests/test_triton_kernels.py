@@ -180,14 +180,31 @@ def build_for_h100(
     return out if sass else next(line for line in out.splitlines() if "REG:" in line)
 
 
-def _sm90(kernel, width: int, config, bias: bool = False) -> str:
+def _sm90(kernel, width: int, config, bias: bool = False, fast_log: bool = True, sass: bool = False) -> str:
     """LRN's kernel for sm_90 in bf16; with `bias`, the one that also adds a bias and applies ReLU."""
-    constants = {"SIZE": 5, "BIAS": bias, "BLOCK_C": width, **config.kwargs}
+    constants = {"SIZE": 5, "BIAS": bias, "FAST_LOG": fast_log, "BLOCK_C": width, **config.kwargs}
     pointers = "*bf16"
     if "db_ptr" in kernel.fn.arg_names:  # the backward: db's partial sums are float32
         pointers = {name: "*fp32" if name == "db_ptr" else "*bf16" for name in kernel.fn.arg_names}
         constants["ROWS"] = 1024 if bias else 0
-    return build_for_h100(kernel, pointers, constants, config.num_warps)
+    return build_for_h100(kernel, pointers, constants, config.num_warps, sass=sass)
+
+
+def test_logarithms_run_in_the_special_function_units(monkeypatch) -> None:
+    """The powers d^-beta as 2^(-beta log2 d), both in MUFU instructions: tl.log's polynomial took a third
+    of the tile backward's instructions on sm_90 (5 logs per element)."""
+    if not HAS_PTXAS:
+        pytest.skip("this Triton has no CUDA compiler")
+    lrn_triton = fresh_copy(monkeypatch, "lrn_triton", interpret=False)
+    assert lrn_triton.FAST_LOG  # outside the interpreter
+    config = triton.Config({"BLOCK_P": 4}, num_warps=4)
+    counts = {}
+    for fast in (True, False):
+        sass = _sm90(lrn_triton._backward_kernel, 128, config, fast_log=fast, sass=True)
+        counts[fast] = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.MULTILINE)), sass.count("MUFU.LG2")
+    (fast_instructions, fast_logs), (exact_instructions, exact_logs) = counts[True], counts[False]
+    assert exact_logs == 0 and fast_logs >= 5  # 5 per element, 4 elements a thread (some shared)
+    assert fast_instructions < 0.8 * exact_instructions, counts
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["lrn", "bias_relu_lrn"])
@@ -386,7 +403,7 @@ def test_every_band_tile_builds_for_an_h100_with_wide_loads_and_tensor_cores(dir
     aligned = ("stride_n", "stride_p", "channels")
     for size, pieces, bias in ((5, 2, False), (5, 2, True), (11, 3, False)):
         w, halo = lrn_triton.band_widths(size)
-        shape = {"stride_c": 1, "SIZE": size, "BIAS": bias, "PIECES": pieces, "W": w, "HALO": halo}
+        shape = {"stride_c": 1, "SIZE": size, "BIAS": bias, "FAST_LOG": True, "PIECES": pieces, "W": w, "HALO": halo}
         if direction == "backward":
             shape["ROWS"] = 1024 if bias else 0
         tiles = kernel.early_config_prune(kernel.configs, {}, **shape)

@@ -26,9 +26,12 @@ interpreter (TRITON_INTERPRET=1) and compiled ahead of time for an H100 (tests/t
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 # Tiles of pixels x channels; which is fastest depends on the GPU and the layer, so Triton times them
 # at the first call for each number of channels and memory layout, and keeps the best. Tiles that give
@@ -75,14 +78,29 @@ def _add(a, b):  # tl.sum's combining function; tl.sum itself is not interpreted
     return a + b
 
 
-_KEY = ["channels", "stride_c", "BIAS"]
+# Powers as exp(e log d), both in the special-function units: tl.exp is ex2.approx (MUFU.EX2), and the log
+# is lg2.approx (MUFU.LG2, some 2^-22 relative error) times ln 2, where tl.log is a polynomial of some 20
+# instructions on sm_90 and the tile kernels' backward takes 5 logs per element. Triton's interpreter has no
+# fast_log2f: tl.log there. benchmarks/step_profile.py turns FAST_LOG off to measure what it gains. The
+# tile kernels with a bias keep tl.log: with lg2 some of their tiles spill registers on sm_90 (the tests).
+FAST_LOG = os.environ.get("TRITON_INTERPRET") != "1"
+
+
+@triton.jit
+def _log(x, FAST: tl.constexpr):
+    if FAST:
+        return libdevice.fast_log2f(x) * 0.6931471805599453
+    return tl.log(x)
+
+
+_KEY = ["channels", "stride_c", "BIAS", "FAST_LOG"]
 
 
 @triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_tiles(most=8))
 @triton.jit
 def _forward_kernel(
     x_ptr, b_ptr, y_ptr, pixels, per_image, stride_n, stride_p, stride_c, channels, scale, k, beta,
-    SIZE: tl.constexpr, BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    SIZE: tl.constexpr, BIAS: tl.constexpr, FAST_LOG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     offset, pixel_ok = _pixel_offsets(tl.program_id(0) * BLOCK_P, pixels, per_image, stride_n, stride_p, BLOCK_P)
     c = tl.arange(0, BLOCK_C)
@@ -91,7 +109,7 @@ def _forward_kernel(
         v = _load(x_ptr, offset, c + (m - SIZE // 2), stride_c, channels, pixel_ok, b_ptr, BIAS)
         squares += v * v
     x = _load(x_ptr, offset, c, stride_c, channels, pixel_ok, b_ptr, BIAS)
-    y = x * tl.exp(-beta * tl.log(squares * scale + k))  # powers as exp(e log d): special-function units
+    y = x * tl.exp(-beta * _log(squares * scale + k, FAST_LOG and not BIAS))
     ok = pixel_ok[:, None] & (c < channels)[None, :]
     tl.store(y_ptr + offset[:, None] + c[None, :] * stride_c, y.to(y_ptr.dtype.element_ty), mask=ok)
 
@@ -100,7 +118,8 @@ def _forward_kernel(
 @triton.jit
 def _backward_kernel(
     x_ptr, b_ptr, g_ptr, dx_ptr, db_ptr, pixels, per_image, stride_n, stride_p, stride_c, channels, scale, k, beta,
-    SIZE: tl.constexpr, BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    SIZE: tl.constexpr, BIAS: tl.constexpr, FAST_LOG: tl.constexpr, ROWS: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     # A program takes ROWS pixels, a tile at a time, and with BIAS writes db's float32 sum over them
     # (ROWS = 0: one tile, no sums).
@@ -123,7 +142,7 @@ def _backward_kernel(
                 enters = _load(x_ptr, offset, j + (SIZE - 1) // 2, stride_c, channels, pixel_ok, b_ptr, BIAS)
                 leaves = _load(x_ptr, offset, j - SIZE // 2 - 1, stride_c, channels, pixel_ok, b_ptr, BIAS)
                 squares += enters * enters - leaves * leaves
-            log_d = tl.log(squares * scale + k)
+            log_d = _log(squares * scale + k, FAST_LOG and not BIAS)
             x_j = _load(x_ptr, offset, j, stride_c, channels, pixel_ok, b_ptr, BIAS)
             g_j = _load(g_ptr, offset, j, stride_c, channels, pixel_ok, b_ptr, False)
             inside = ((j >= 0) & (j < channels))[None, :]  # beyond the channels there is no j (nor a d_j to divide by)
@@ -204,14 +223,14 @@ def _band_sum(v, band, PIECES: tl.constexpr):
 
 @triton.autotune(
     configs=_BAND_CONFIGS,
-    key=["channels", "stride_c", "SIZE", "BIAS"],
+    key=["channels", "stride_c", "SIZE", "BIAS", "FAST_LOG"],
     prune_configs_by={"early_config_prune": _band_tiles},
 )
 @triton.jit
 def _band_forward_kernel(
     x_ptr, b_ptr, y_ptr, pixels, per_image, stride_n, stride_p, stride_c, channels, scale, k, beta,
-    SIZE: tl.constexpr, BIAS: tl.constexpr, PIECES: tl.constexpr, W: tl.constexpr, HALO: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    SIZE: tl.constexpr, BIAS: tl.constexpr, FAST_LOG: tl.constexpr, PIECES: tl.constexpr, W: tl.constexpr,
+    HALO: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     # a program: BLOCK_R pixels' rows of channels first .. first + W - 1, with HALO more either side
     offset, pixel_ok = _pixel_offsets(tl.program_id(0) * BLOCK_R, pixels, per_image, stride_n, stride_p, BLOCK_R)
@@ -223,21 +242,21 @@ def _band_forward_kernel(
     squares = _band_sum(around * around, _band(TILE, W, HALO, -(SIZE // 2), (SIZE - 1) // 2), PIECES)
     c = first + tl.arange(0, W)
     x = _load(x_ptr, offset, c, stride_c, channels, pixel_ok, b_ptr, BIAS)  # again, from the cache
-    y = x * tl.exp(-beta * tl.log(squares * scale + k))
+    y = x * tl.exp(-beta * _log(squares * scale + k, FAST_LOG))
     ok = pixel_ok[:, None] & (c < channels)[None, :]
     tl.store(y_ptr + offset[:, None] + c[None, :] * stride_c, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.autotune(
     configs=_BAND_CONFIGS,
-    key=["channels", "stride_c", "SIZE", "BIAS", "ROWS"],  # ROWS: no tile of more pixels than a program takes
+    key=["channels", "stride_c", "SIZE", "BIAS", "FAST_LOG", "ROWS"],  # ROWS: no tile of more pixels than it
     prune_configs_by={"early_config_prune": _band_tiles},
 )
 @triton.jit
 def _band_backward_kernel(
     x_ptr, b_ptr, g_ptr, dx_ptr, db_ptr, pixels, per_image, stride_n, stride_p, stride_c, channels, scale, k, beta,
-    SIZE: tl.constexpr, BIAS: tl.constexpr, ROWS: tl.constexpr, PIECES: tl.constexpr, W: tl.constexpr,
-    HALO: tl.constexpr, BLOCK_R: tl.constexpr,
+    SIZE: tl.constexpr, BIAS: tl.constexpr, FAST_LOG: tl.constexpr, ROWS: tl.constexpr, PIECES: tl.constexpr,
+    W: tl.constexpr, HALO: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     # As the tile kernels' backward: a program takes ROWS pixels, BLOCK_R at a time, and with BIAS writes
     # db's float32 sums over them for its W channels (ROWS = 0: BLOCK_R pixels, no sums).
@@ -255,7 +274,7 @@ def _band_backward_kernel(
         offset, pixel_ok = _pixel_offsets(start, pixels, per_image, stride_n, stride_p, BLOCK_R)
         x = _load(x_ptr, offset, c, stride_c, channels, pixel_ok, b_ptr, BIAS)
         g = _load(g_ptr, offset, c, stride_c, channels, pixel_ok, b_ptr, False)
-        log_d = tl.log(_band_sum(x * x, _band(TILE, TILE, 0, -BACK, AHEAD), PIECES) * scale + k)
+        log_d = _log(_band_sum(x * x, _band(TILE, TILE, 0, -BACK, AHEAD), PIECES) * scale + k, FAST_LOG)
         own = tl.exp(-beta * log_d)  # d^-beta
         # g_j x_j d_j^(-beta-1). Near the row's ends d_j misses part of its window, but the middle's sums
         # do not reach those columns (HALO >= SIZE - 1). Beyond the channels it is 0: there d_j may be 0
@@ -327,7 +346,7 @@ def forward(
     kernel, shape, block, rows_of_channels = _kernel_and_grid(band, True, x, size)
     kernel[lambda meta: (triton.cdiv(pixels, meta[block]), *rows_of_channels)](
         x, x if bias is None else bias, y, pixels, per_image, *strides, x.shape[1], scale, k, beta,
-        SIZE=size, BIAS=bias is not None, **shape,
+        SIZE=size, BIAS=bias is not None, FAST_LOG=FAST_LOG, **shape,
     )  # fmt: skip
     return y
 
@@ -356,7 +375,7 @@ def _backward(
     kernel[grid](
         x, x if bias is None else bias, grad, dx, dx if partial is None else partial,
         pixels, per_image, *strides, channels, scale, k, beta,
-        SIZE=size, BIAS=bias is not None, ROWS=rows, **shape,
+        SIZE=size, BIAS=bias is not None, FAST_LOG=FAST_LOG, ROWS=rows, **shape,
     )  # fmt: skip
     return dx, None if partial is None else partial.sum(0)
 
