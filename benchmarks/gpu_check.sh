@@ -4,7 +4,7 @@
 # model-only and end-to-end from prepared data (steps replayed from CUDA graphs, the default), and for
 # the paper preset without them (--no-cuda-graphs). PROFILE=1 adds step_profile.py (where the paper
 # step's time goes: each departure from torchvision, each kernel choice, CUDA graphs, by kernel and by
-# operation; about 2 minutes); EXTRAS=1 the prepared loader alone by threads, JPEG end-to-end and fp16
+# operation; about 3 minutes); EXTRAS=1 the prepared loader alone by threads, JPEG end-to-end and fp16
 # benchmarks. Appends everything, with the device's name and the date, to benchmarks/RESULTS.md.
 #
 #   bash benchmarks/gpu_check.sh                # data: ../shared/data/imagenette-dev
@@ -50,7 +50,7 @@ log "Data: $(basename "$DATA"), its training images listed $COPIES times. QUICK=
 XDIST=(); if $PY -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
 run timeout 240 $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=10 tests/test_cuda.py tests/test_prepare.py -k "cuda or gpu or bf16 or fp16"
 if [ "$PROFILE" = 1 ]; then
-  run timeout 300 $PY benchmarks/step_profile.py --batch-size "$LARGE" --steps "$STEPS" --rounds "$ROUNDS"
+  run timeout 420 $PY benchmarks/step_profile.py --batch-size "$LARGE" --steps "$STEPS" --rounds "$ROUNDS"
 fi
 
 # the source folder: train/ with every image linked COPIES times under new names, val/ as it is
