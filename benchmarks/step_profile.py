@@ -47,6 +47,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from alexnet import augment, bias_relu, lrn, pool
 from alexnet.augment import make_pixel_stats, train_batch
+from alexnet.errors import first_line
 from alexnet.lrn import KERNELS as LRN_KERNELS
 from alexnet.lrn import PAPER_LRN, LocalResponseNorm
 from alexnet.model import AlexNet, CeilConv2d, Conv2d, GroupedConv2d, build_model
@@ -201,33 +202,35 @@ def seconds_per_pass(
     time alone. Launched from Python, a small layer's time is the host's (pool5 in the Triton kernels
     took 0.63 ms per pass so on an H100, its kernels a fraction of that)."""
 
+    def in_autocast() -> contextlib.AbstractContextManager:
+        dtype, on = autocast or torch.bfloat16, autocast is not None
+        return torch.autocast(device.type, dtype, enabled=on, cache_enabled=False)  # casts inside a capture
+
     def one_pass() -> None:
-        with torch.autocast(device.type, autocast or torch.bfloat16, enabled=autocast is not None, cache_enabled=False):
+        with in_autocast():
             y = module(leaf)
         y.backward(g)
 
-    with torch.autocast(device.type, autocast or torch.bfloat16, enabled=autocast is not None):
+    with in_autocast():
         g = torch.randn_like(module(x))
     leaf = x.detach().requires_grad_(input_grad)
+    cuda = device.type == "cuda"
+    side = torch.cuda.Stream(device) if cuda else None
+    if cuda:
+        side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side) if cuda else contextlib.nullcontext():  # a side stream, as captures ask
+        for _ in range(3):
+            one_pass()
     run = one_pass
-    if device.type == "cuda":
-        side, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):  # warm-up on a side stream, as PyTorch asks before a capture
-            for _ in range(3):
-                one_pass()
-        main.wait_stream(side)
+    if cuda:
+        torch.cuda.current_stream(device).wait_stream(side)
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 one_pass()
             run = graph.replay
         except Exception as e:  # time it as launched from Python, and say so
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            print(f"  (not from a CUDA graph, so the host's time counts: {why})")
-    else:
-        for _ in range(3):
-            one_pass()
+            print(f"  (not from a CUDA graph, so the host's time counts: {first_line(e)})")
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):

@@ -16,10 +16,15 @@ def one_line(error: UserError | OSError) -> str:
     return str(error)
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message, or its type where it has none."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def warn_slower(what: str, error: BaseException, stacklevel: int = 3) -> str:
     """Say in one line that `what` cannot run here (the first line of `error`'s message, or its type)
     and that something slower runs instead; returns that reason, for the caller to remember so that it
     says so once."""
-    why = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    why = first_line(error)
     warnings.warn(f"{what} cannot run here, so it is slower: {why}", stacklevel=stacklevel)
     return why
