@@ -415,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alexnet: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"alexnet: {e}; resume with: alexnet train --resume {e.run_dir}", file=sys.stderr)
+        resumable = (e.run_dir / "config.json").is_file()
+        then = f"resume with: alexnet train --resume {e.run_dir}" if resumable else "nothing was written"
+        print(f"alexnet: {e}; {then}", file=sys.stderr)
         return 128 + e.signum
     except Diverged as e:
         print(f"alexnet: error: {e}", file=sys.stderr)

@@ -12,8 +12,9 @@ import json
 import math
 import shutil
 import signal
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,11 @@ from .weights import freeze_layers, load_pretrained, read_pretrained
 
 
 class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; a checkpoint of the step reached has been written."""
+    """SIGINT or SIGTERM arrived `where` ('at epoch 3, step 7': a checkpoint of that step has been
+    written; 'before the first step', 'in the final evaluation': nothing a checkpoint would keep was lost)."""
 
-    def __init__(self, run_dir: Path, signum: int, epoch: int, step: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} at epoch {epoch + 1}, step {step}")
+    def __init__(self, run_dir: Path, signum: int, where: str) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
         self.run_dir, self.signum = run_dir, signum
 
 
@@ -97,21 +99,41 @@ def write_bad_files(run_dir: Path, bad_files: set[str]) -> None:
 
 
 class StopSignals:
-    """First SIGINT/SIGTERM: remember it, let the current step finish. Second: the default action, at once."""
+    """SIGINT and SIGTERM during a training, from reading the data to the final evaluation.
 
-    def __init__(self) -> None:
-        self.signum = 0
-        self._old = {}
+    Between steps (in `between_steps()`, the epoch loop) the first is remembered: the step in progress
+    finishes and the loop writes a checkpoint before it stops. Elsewhere (the data, the statistics, the
+    final evaluation: nothing a checkpoint would keep) it stops at once, raising Interrupted `where`.
+    A second signal: the default action, at once.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.signum, self.where = run_dir, 0, "before the first step"
+        self._deferred = False
+        self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
-        for s in (signal.SIGINT, signal.SIGTERM):
-            self._old[s] = signal.signal(s, self._handle)
+        if threading.current_thread() is threading.main_thread():  # the only thread Python gives signals to
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
         for s in self._old:
             signal.signal(s, signal.SIG_DFL)
+        if not self._deferred:
+            raise Interrupted(self.run_dir, signum, self.where)
+
+    @contextlib.contextmanager
+    def between_steps(self) -> Iterator[None]:
+        self._deferred = True
+        try:
+            yield
+        finally:
+            self._deferred = False
+        if self.signum:  # came after the loop's last look (in the last epoch's evaluation or checkpoint)
+            raise Interrupted(self.run_dir, self.signum, "after the last epoch")
 
     def __exit__(self, *exc: object) -> None:
         for s, h in self._old.items():
@@ -157,16 +179,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         run_dir = Path(cfg.run_dir or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
         if not ranks.is_main:
             distributed.barrier(ranks)  # rank 0 checks and locks the run directory first
-            return _train(cfg, run_dir, resume, False, device, ranks, pretrained)
+            with StopSignals(run_dir) as stop:
+                return _train(cfg, run_dir, resume, False, device, ranks, pretrained, stop)
         check_run_directory(run_dir, resume)
         made = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # what mkdir makes, deepest first
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
-            with RunLock(run_dir):
+            with RunLock(run_dir), StopSignals(run_dir) as stop:
                 check_run_directory(run_dir, resume)  # again: another process may have started it meanwhile
                 remove_temporaries(run_dir)  # of a process killed mid-write
                 distributed.barrier(ranks)
-                return _train(cfg, run_dir, resume, progress, device, ranks, pretrained)
+                return _train(cfg, run_dir, resume, progress, device, ranks, pretrained, stop)
         except BaseException:
             if made and not (run_dir / "config.json").exists():  # stopped before writing anything (a wrong path)
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -196,6 +219,7 @@ def _train(
     device: torch.device,
     ranks: Ranks,
     pretrained: dict | None,
+    stop: StopSignals,
 ) -> Path:
     main = ranks.is_main
 
@@ -384,7 +408,7 @@ def _train(
 
     # --- the epoch loop --------------------------------------------------------------------------
     tb = TensorBoardLog(run_dir / "tensorboard") if cfg.tensorboard and main else None
-    with StopSignals() as stop:
+    with stop.between_steps():
         while state.epoch < cfg.epochs:
             epoch = state.epoch
             loader = train_loader(epoch, state.step_in_epoch)
@@ -459,7 +483,9 @@ def _train(
                 if stopping:
                     bar.close()
                     checkpoint(run_dir / "last.pt")  # no rank exits before rank 0's checkpoint is whole
-                    raise Interrupted(run_dir, stop.signum or signal.SIGTERM, epoch, state.step_in_epoch)
+                    raise Interrupted(
+                        run_dir, stop.signum or signal.SIGTERM, f"at epoch {epoch + 1}, step {state.step_in_epoch}"
+                    )
             bar.close()
             if diverged:  # --on-nan rollback: back to the last checkpoint, with a tenth of the learning rate
                 rollbacks += 1
@@ -513,6 +539,7 @@ def _train(
         tb.close()
 
     # --- the paper's test protocol on the best weights -------------------------------------------
+    stop.where = "in the final evaluation"
     distributed.barrier(ranks)
     best = load_checkpoint(run_dir / "best.pt" if (run_dir / "best.pt").is_file() else run_dir / "last.pt")
     model.load_state_dict(best["model"])

@@ -1,6 +1,7 @@
 """SIGTERM (preemption) and SIGINT (Ctrl-C): the current step finishes, a checkpoint is written, the
 resume command is printed and the exit is non-zero; a second signal ends the process at once without
-damaging what is on disk. (tests/test_cli.py sends SIGTERM to a whole process group, data workers
+damaging what is on disk. Outside the steps (listing the data, the statistics, the final evaluation)
+a signal stops at once, in one line. (tests/test_cli.py sends SIGTERM to a whole process group, data workers
 included; tests/test_train.py checks the weights after a SIGTERM and resume.)"""
 
 import signal
@@ -10,7 +11,7 @@ import pytest
 from alexnet.checkpoint import load_checkpoint
 from alexnet.cli import main
 
-from .conftest import CHECKPOINTED, alexnet_process, assert_same_weights, checkpoint_weights, cli_args, wait_for
+from .conftest import CHECKPOINTED, TINY, alexnet_process, assert_same_weights, checkpoint_weights, cli_args, wait_for
 
 # Slow the steps down (so that a signal lands mid-epoch) and, with MARK set, announce each checkpoint
 # write in a file and take a second over it (so that a second signal lands inside it).
@@ -64,3 +65,58 @@ def test_second_signal_exits_at_once_and_damages_nothing(fault_data, reference_r
     assert load_checkpoint(run_dir / "last.pt")["run_state"]["step_in_epoch"] == 1  # the previous one, whole
     assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
     assert_same_weights(checkpoint_weights(run_dir / "last.pt"), checkpoint_weights(reference_run / "last.pt"))
+
+
+# Listing a large image folder, its statistics and the evaluations take minutes; here the phase named
+# PHASE announces itself in MARK and waits WAIT seconds, so that a signal lands inside it.
+SLOW_PHASE = """
+import os, time, pathlib
+import alexnet.train as t
+real_open_split, real_moments, real_evaluate = t.open_split, t.image_moments, t.evaluate
+def announce_and_wait(phase):
+    if os.environ["PHASE"] == phase:
+        pathlib.Path(os.environ["MARK"]).touch()
+        time.sleep(float(os.environ["WAIT"]))
+def slow_open_split(*a, **k):
+    announce_and_wait("listing")
+    return real_open_split(*a, **k)
+def slow_moments(batches):
+    def announced():
+        for batch in batches:
+            announce_and_wait("statistics")
+            yield batch
+    return real_moments(announced())
+def slow_evaluate(*a, **k):
+    ten_crop = k.get("ten_crop", a[6] if len(a) > 6 else False)
+    announce_and_wait("final evaluation" if ten_crop else "epoch's evaluation")
+    return real_evaluate(*a, **k)
+t.open_split, t.image_moments, t.evaluate = slow_open_split, slow_moments, slow_evaluate
+"""
+
+
+@pytest.mark.parametrize(
+    ("phase", "said"),
+    [
+        ("listing", "before the first step; nothing was written"),
+        ("statistics", "before the first step; resume with: alexnet train --resume {run}"),
+        ("final evaluation", "in the final evaluation; resume with: alexnet train --resume {run}"),
+        # in the epoch loop: the epoch ends (its checkpoint written), then the run stops
+        ("epoch's evaluation", "after the last epoch; resume with: alexnet train --resume {run}"),
+    ],
+)
+def test_a_signal_outside_the_steps_stops_in_one_line_and_the_run_resumes(phase, said, fault_data, tmp_path):
+    run_dir, mark = tmp_path / "run", tmp_path / "mark"
+    settings = {**TINY, "epochs": 1, "workers": 1}  # a data-loading process too, as in real runs
+    env = {"PHASE": phase, "MARK": str(mark), "WAIT": "2" if phase == "epoch's evaluation" else "60"}
+    proc = alexnet_process(cli_args(fault_data, run_dir, **settings), SLOW_PHASE, env_extra=env)
+    wait_for(mark.exists, proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=50)  # under the 60 s the others wait: they stop at once
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"alexnet: stopped by SIGTERM {said.format(run=run_dir)}"
+    if phase == "listing":
+        assert not run_dir.exists()  # made, then removed with nothing in it
+    else:
+        assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+        assert (run_dir / "eval.json").is_file()
