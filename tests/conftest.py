@@ -1,3 +1,4 @@
+import os
 import shutil
 import zlib
 from collections.abc import Iterator
@@ -11,6 +12,16 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 IMAGENETTE_CI = SHARED_DATA / "imagenette-ci"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`-n`), the cores shared among the workers: each taking all of them, as
+    PyTorch's threads do by default, the workers only contend."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @contextmanager
