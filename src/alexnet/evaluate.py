@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .augment import PixelStats, center_batch, ten_crop_batch
+from .checkpoint import write_text_atomic
 from .distributed import Ranks, sum_over_ranks
 
 
@@ -99,18 +101,22 @@ def evaluate(
 
 
 def write_report(out_dir: Path, results: dict[str, EvalResult], classes: list[str], names: list[str]) -> None:
-    """eval.json (each protocol's errors), per_class.csv and confusion.csv (of the last protocol given)."""
+    """eval.json (each protocol's errors), per_class.csv and confusion.csv (of the last protocol given);
+    each replaced whole or not at all (a full disk, a kill), as checkpoints are."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps({k: r.summary() for k, r in results.items()}, indent=2) + "\n")
+    write_text_atomic(out_dir / "eval.json", json.dumps({k: r.summary() for k, r in results.items()}, indent=2) + "\n")
     last = list(results.values())[-1]
     acc = last.per_class_accuracy()
-    with open(out_dir / "per_class.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["index", "wnid", "name", "images", "accuracy"])
-        for i, (c, n) in enumerate(zip(classes, names, strict=True)):
-            w.writerow([i, c, n, int(last.confusion[i].sum()), f"{float(acc[i]):.4f}"])
-    with open(out_dir / "confusion.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["true\\predicted", *classes])
-        for c, row in zip(classes, last.confusion.tolist(), strict=True):
-            w.writerow([c, *row])
+    per_class = [
+        [i, c, n, int(last.confusion[i].sum()), f"{float(acc[i]):.4f}"]
+        for i, (c, n) in enumerate(zip(classes, names, strict=True))
+    ]
+    write_text_atomic(out_dir / "per_class.csv", _csv([["index", "wnid", "name", "images", "accuracy"], *per_class]))
+    confusion = [[c, *row] for c, row in zip(classes, last.confusion.tolist(), strict=True)]
+    write_text_atomic(out_dir / "confusion.csv", _csv([["true\\predicted", *classes], *confusion]))
+
+
+def _csv(rows: list[list]) -> str:
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows(rows)
+    return text.getvalue()

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from .augment import PixelStats, center_batch
+from .checkpoint import write_atomic
 from .data import ImageDataset, is_image
 from .errors import UserError
 
@@ -128,15 +129,15 @@ def write_features(out: Path, feats: dict[str, torch.Tensor], files: list[str], 
     if out.suffix == ".npy":
         if len(arrays) != 1:
             raise UserError(f"{out}: a .npy file holds one layer; use .npz for {len(arrays)}")
-        np.save(out, next(iter(arrays.values())))
+        (array,) = arrays.values()
+        write_atomic(out, lambda f: np.save(f, array))  # replaced whole or not at all, as checkpoints are
     elif out.suffix == ".npz":
-        np.savez(
-            out,
-            **arrays,
-            files=np.array(files, dtype=str),
-            labels=np.array(labels, dtype=np.int64),
-            classes=np.array(classes, dtype=str),
-        )
+        listing = {
+            "files": np.array(files, dtype=str),
+            "labels": np.array(labels, dtype=np.int64),
+            "classes": np.array(classes, dtype=str),
+        }
+        write_atomic(out, lambda f: np.savez(f, **arrays, **listing))
     else:
         raise UserError(f"--out must end in .npz or .npy, not {out.name!r}")
 

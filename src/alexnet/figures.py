@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .augment import PixelStats, crop_offsets
-from .checkpoint import read_jsonl
+from .checkpoint import read_jsonl, write_atomic
 from .data import load_image, open_split
 from .errors import UserError
 from .evaluate import class_probabilities
@@ -47,7 +47,8 @@ def _figure(name: str):
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI, facecolor="white")
+    """The PNG replaced whole or not at all (a full disk, a kill), as checkpoints are."""
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=DPI, facecolor="white"))
     return path
 
 

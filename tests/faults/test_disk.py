@@ -1,13 +1,21 @@
-"""A full disk, or a write that fails: one clear line, the previous checkpoint intact, no partial
-files left behind."""
+"""A full disk, or a write that fails: one clear line, the previous checkpoint (report, features,
+figure) intact, no partial files left behind."""
 
+import errno
 import os
+import re
 import resource
 import signal
 from pathlib import Path
 
+import pytest
+import torch
+
 from alexnet.checkpoint import load_checkpoint
 from alexnet.cli import main
+from alexnet.evaluate import EvalResult, write_report
+from alexnet.features import write_features
+from alexnet.figures import curves_figure
 
 from .conftest import TINY, alexnet_process, cli_args
 
@@ -47,3 +55,43 @@ def test_a_failing_write_is_one_line_and_leaves_nothing(fault_data, tmp_path):
         "stats.pt",
     ]
     assert os.path.getsize(run_dir / "stats.pt") > 0 and Path(run_dir / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_reports_features_and_figures_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """eval.json and its CSVs, feature files and figures are written beside and renamed, as checkpoints
+    are: a write that fails (here fsync, as on a full disk) leaves the previous file, and no temporary."""
+
+    def report(value: int) -> None:  # eval.json, per_class.csv, confusion.csv
+        result = EvalResult(0.5 * value, 0.25, 0.0, 4, torch.tensor([[value, 1], [0, 2]]))
+        write_report(tmp_path, {"center": result}, ["n01", "n02"], ["cat", "dog"])
+
+    def features(name: str):
+        return lambda value: write_features(
+            tmp_path / name, {"fc7": torch.full((2, 3), float(value))}, ["a.jpg", "b.jpg"], [0, 1], ["n01", "n02"]
+        )
+
+    def curves(value: int) -> None:
+        errors = {"train_top1_err": 0.9, "val_top1_err": 0.8, "val_top5_err": 0.5}
+        metrics = {"epoch": 1, "train_loss": 2.0, "val_loss": 2.1, **errors, "lr": 0.01 * value}
+        curves_figure([metrics], tmp_path / "curves.png")
+
+    # by the file each writes first
+    writers = {"eval.json": report, "f.npz": features("f.npz"), "f.npy": features("f.npy"), "curves.png": curves}
+    for write in writers.values():
+        write(1)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["confusion.csv", "curves.png", "eval.json", "f.npy", "f.npz", "per_class.csv"]
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    for name, write in writers.items():
+        with pytest.raises(OSError, match=f"No space left on device; the previous {re.escape(name)} is unchanged"):
+            write(2)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    monkeypatch.undo()
+    for write in writers.values():
+        write(2)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert after.keys() == before.keys() and all(after[name] != before[name] for name in before)
