@@ -5,13 +5,16 @@
 # the paper preset without them (--no-cuda-graphs). PROFILE=1 adds step_profile.py (where the paper
 # step's time goes: each departure from torchvision, each kernel choice, CUDA graphs, by kernel and by
 # operation; about 3 minutes); EXTRAS=1 the prepared loader alone by threads, JPEG end-to-end and fp16
-# benchmarks. Appends everything, with the device's name and the date, to benchmarks/RESULTS.md.
+# benchmarks; CANDIDATES=1 the paper preset at the largest batch with LRN's candidate kernels (band
+# kernels, alone and with conv1's and conv2's bias and ReLU), against the same baseline (some 2
+# minutes). Appends everything, with the device's name and the date, to benchmarks/RESULTS.md.
 #
 #   bash benchmarks/gpu_check.sh                # data: ../shared/data/imagenette-dev
 #   DATA=folder bash benchmarks/gpu_check.sh    # any ImageNet-layout folder with train/ and val/
 #   PROFILE=1 EXTRAS=1 bash benchmarks/gpu_check.sh   # everything (some 10 minutes)
 #   QUICK=1 bash benchmarks/gpu_check.sh        # a smoke test of all of it (imagenette-ci), on any machine
 #   BATCHES="512" PRESETS=paper ...             # fewer runs
+#   CANDIDATES=1 BATCHES=512 PRESETS=paper ...   # a candidate's figures, in one call of the device tool
 #
 # Python: the project's .venv where there is one, else python3 with src/ on PYTHONPATH (a GPU machine
 # with PyTorch installed and no network). The training images are listed COPIES times (3; links, under
@@ -21,10 +24,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -x .venv/bin/python ]; then PY=$PWD/.venv/bin/python; else PY=python3; export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}; fi
 export PYTHONUNBUFFERED=1
-if [ -n "${QUICK:-}" ]; then COPIES=1 BATCHES=16 STEPS=1 ROUNDS=1 PRESETS=paper PROFILE=1 EXTRAS=1 DATA=${DATA:-../shared/data/imagenette-ci}; fi
+if [ -n "${QUICK:-}" ]; then COPIES=1 BATCHES=16 STEPS=1 ROUNDS=1 PRESETS=paper PROFILE=1 EXTRAS=1 CANDIDATES=1 DATA=${DATA:-../shared/data/imagenette-ci}; fi
 DATA=$(realpath "${DATA:-../shared/data/imagenette-dev}")
 COPIES=${COPIES:-3} BATCHES=${BATCHES:-256 512} STEPS=${STEPS:-20} ROUNDS=${ROUNDS:-3} PRESETS=${PRESETS:-paper torchvision}
-PROFILE=${PROFILE:-0} EXTRAS=${EXTRAS:-0}
+PROFILE=${PROFILE:-0} EXTRAS=${EXTRAS:-0} CANDIDATES=${CANDIDATES:-0}
 FORMATS=raw; if [ "$EXTRAS" = 1 ]; then FORMATS="raw jpeg"; fi
 SMALL=${BATCHES%% *}  # the first batch size: the torchrun run, the loader and JPEG measurements
 LARGE=${BATCHES##* }
@@ -93,6 +96,12 @@ for preset in $PRESETS; do
 done
 # eager steps: the host's time to launch each, which CUDA graphs save, competes with the loader's
 run timeout 120 $PY -m alexnet benchmark --preset paper --batch-size "$LARGE" --no-cuda-graphs --data "$WORK/raw" --steps $STEPS --rounds $ROUNDS
+# kernels that are not yet defaults (lrn.py's "triton-band"; model.py's fuse_lrn), each against the baseline
+if [ "$CANDIDATES" = 1 ]; then
+  for extra in "" "--fuse-lrn"; do
+    run timeout 150 $PY -m alexnet benchmark --preset paper --batch-size "$LARGE" --lrn-kernels triton-band $extra --data "$WORK/raw" --steps $STEPS --rounds $ROUNDS
+  done
+fi
 if [ "$EXTRAS" = 1 ]; then
   run timeout 120 $PY -m alexnet benchmark --preset paper --batch-size "$SMALL" --data "$WORK/jpeg" --steps $STEPS --rounds $ROUNDS
   run timeout 120 $PY -m alexnet benchmark --preset paper --batch-size "$LARGE" --precision fp16 --steps $STEPS --rounds $ROUNDS

@@ -113,6 +113,33 @@ def test_benchmark_measures_against_the_torchvision_baseline(tmp_path, tiny_data
         run_benchmark("paper", 32, "cpu", data=str(prepared))
 
 
+def test_benchmark_measures_other_lrn_kernels_where_asked(monkeypatch):
+    """--lrn-kernels: the measured step's LRN runs in the kernels named (CPU training's default would
+    be 'compiled'); --fuse-lrn and Triton need CUDA, and a preset without LRN has none to change."""
+    from alexnet import lrn
+
+    used = []  # "eager": the formulas' terms, once per forward; other kernels by name, as lrn._run gets them
+    real_kernel, real_terms = lrn._kernel, lrn._lrn_terms
+    monkeypatch.setattr(
+        lrn, "_kernel", lambda kernels, backward: used.append(kernels) or real_kernel(kernels, backward)
+    )
+    monkeypatch.setattr(lrn, "_lrn_terms", lambda *a: used.append("eager") or real_terms(*a))
+    results, settings = run_benchmark(
+        "paper", 2, "cpu", steps=1, warmup=1, rounds=1, baseline=False, lrn_kernels="eager"
+    )
+    assert used == ["eager"] * 4  # 2 LRN layers, 2 steps
+    assert settings["lrn_kernels"] == "eager" and "lrn_kernels eager" in format_table(results, settings)
+    for kwargs, message in [
+        ({"lrn_kernels": "fast"}, "unknown LRN kernels 'fast'"),
+        ({"lrn_kernels": "triton-band"}, "need CUDA"),
+        ({"fuse_lrn": True}, "need CUDA"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            run_benchmark("paper", 2, "cpu", **kwargs)
+    with pytest.raises(UserError, match="the torchvision preset has no LRN"):
+        run_benchmark("torchvision", 2, "cpu", lrn_kernels="eager")
+
+
 def test_compiled_step_follows_eager(batch):
     """--compile: the same step through torch.compile (inductor; about half a minute to compile here)."""
     losses = {}

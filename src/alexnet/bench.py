@@ -7,6 +7,8 @@ them alike), the median round reported:
                           SGD) in the chosen precision and layout, on images already in memory; on one
                           GPU replayed from a CUDA graph, as `alexnet train` does (--no-cuda-graphs: not)
   end-to-end              the same step fed by PreparedLoader from a prepared dataset (--data)
+--lrn-kernels and --fuse-lrn measure the step with other LRN kernels than the defaults (lrn.py's KERNELS,
+model.py's fuse_lrn): a candidate against the same baseline, before it may become a default.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 
 from .augment import make_pixel_stats
 from .errors import UserError
+from .lrn import KERNELS, LocalResponseNorm
 from .model import build_model
 from .prepared import PreparedLoader, is_prepared, open_prepared
 from .step import TrainStep, make_optimizer, resolve_channels_last, resolve_cuda_graphs, resolve_precision, tune_for
@@ -66,10 +69,21 @@ def torchvision_step(batch: int, device: torch.device, num_classes: int = 1000) 
 
 
 def project_step(
-    preset: str, device: torch.device, precision: str, channels_last: bool, compile: bool, cuda_graphs: bool = False
+    preset: str,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    compile: bool,
+    cuda_graphs: bool = False,
+    lrn_kernels: str | None = None,
+    fuse_lrn: bool = False,
 ) -> Callable[[torch.Tensor, torch.Tensor], object]:
-    """This project's TrainStep for `preset`, as step(images, labels)."""
+    """This project's TrainStep for `preset`, as step(images, labels). `lrn_kernels`, `fuse_lrn`: other
+    kernels than the defaults for LRN (LocalResponseNorm.kernels, AlexNet.fuse_lrn), to measure them."""
     model = build_model(preset, 1000).to(device)
+    model.fuse_lrn = fuse_lrn
+    for lrn in (m for m in model.modules() if isinstance(m, LocalResponseNorm)):
+        lrn.kernels = lrn_kernels or lrn.kernels
     model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     optimizer = make_optimizer(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     stats = make_pixel_stats(torch.full((3, 256, 256), 0.45), torch.eye(3) * 0.05, scale="imagenet").to(device)
@@ -92,11 +106,20 @@ def run_benchmark(
     warmup: int = 3,
     rounds: int = 3,
     baseline: bool = True,
+    lrn_kernels: str | None = None,
+    fuse_lrn: bool = False,
 ) -> tuple[list[Measure], dict[str, str]]:
     """Measure the candidates; returns them (baseline first) and the settings used."""
     from .train import pick_device
 
     device = pick_device(device_name)
+    if lrn_kernels or fuse_lrn:
+        if not any(isinstance(m, LocalResponseNorm) for m in build_model(preset, 10).modules()):
+            raise UserError(f"the {preset} preset has no LRN")
+        if lrn_kernels not in (None, *KERNELS):
+            raise UserError(f"unknown LRN kernels {lrn_kernels!r}: choose one of {', '.join(KERNELS)}")
+        if device.type != "cuda" and (fuse_lrn or (lrn_kernels or "").startswith("triton")):
+            raise UserError("LRN's Triton kernels (--lrn-kernels triton..., --fuse-lrn) need CUDA")
     tune_for(device)  # for every candidate, the baseline too
     precision = resolve_precision(precision, device)
     layout = resolve_channels_last(channels_last)
@@ -110,7 +133,7 @@ def run_benchmark(
             raise UserError(f"{data} has {len(split)} training images, fewer than one batch of {batch}")
     images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
-    ours = project_step(preset, device, precision, layout, compile, cuda_graphs)
+    ours = project_step(preset, device, precision, layout, compile, cuda_graphs, lrn_kernels, fuse_lrn)
     candidates: dict[str, Callable[[], object]] = {}
     if baseline:
         candidates["torchvision fp32 eager"] = torchvision_step(batch, device)
@@ -150,6 +173,8 @@ def run_benchmark(
         "channels_last": str(layout),
         "compile": str(compile),
         "cuda_graphs": str(cuda_graphs),
+        **({"lrn_kernels": lrn_kernels} if lrn_kernels else {}),
+        **({"fuse_lrn": "True"} if fuse_lrn else {}),
         "torch": torch.__version__,
     }
     return results, settings

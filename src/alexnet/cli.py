@@ -281,6 +281,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         args.warmup,
         args.rounds,
         not args.no_baseline,
+        args.lrn_kernels,
+        args.fuse_lrn,
     )
     print(format_table(results, settings))
     return 0
@@ -347,6 +349,8 @@ def build_parser() -> Parser:
     p.add_argument("--warmup", type=int, default=3, help="steps before timing")
     p.add_argument("--rounds", type=int, default=3, help="rounds, alternating between candidates; median kept")
     p.add_argument("--no-baseline", action="store_true", help="skip the torchvision fp32 eager baseline")
+    p.add_argument("--lrn-kernels", help="LRN's kernels, to measure a candidate: triton-band, triton, compiled, eager")
+    p.add_argument("--fuse-lrn", action="store_true", help="conv1's and conv2's bias, ReLU and LRN in LRN's kernels")
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("info", help="layer table, parameter counts and deviations from the paper")
