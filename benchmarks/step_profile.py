@@ -1,6 +1,6 @@
 """Where a training step's time goes: what each of the paper network's departures from torchvision's costs.
 
-    python benchmarks/step_profile.py [--batch-size 512] [--precision auto] [--steps 10] [--rounds 3]
+    python benchmarks/step_profile.py [--batch-size 512] [--precision auto] [--steps 10] [--rounds 3] [--only band,...]
 
 In one process, in rounds that alternate between them (the median round kept), the training images/s
 of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images already on the device for:
@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -252,6 +253,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="steps per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--kernels", type=int, default=15, help="how many of the costliest kernels to list")
+    p.add_argument(
+        "--only",
+        help="the candidates whose names hold one of these, comma-separated (e.g. 'band,exact log'); paper always",
+    )
     args = p.parse_args()
     device = pick_device(args.device)
     tune_for(device)
@@ -267,29 +272,41 @@ def main() -> None:
     def paper_step(model: nn.Module, compile: bool = False, graph: bool = False):
         return make_step(model, device, precision, batch, compile, graph)[0]
 
-    candidates = {"paper": paper}
+    # built only where asked for (--only): some take a minute to compile
+    makers: dict[str, Callable[[], Callable[[], object]]] = {"paper": lambda: paper}
     if device.type == "cuda":
-        candidates["paper, compiled LRN"] = paper_step(set_on(paper_model(), LocalResponseNorm, kernels="compiled"))
-        candidates["paper, band LRN"] = paper_step(set_on(paper_model(), LocalResponseNorm, kernels="triton-band"))
-        candidates["paper, LRN's exact log"] = with_exact_lrn_logs(paper_step(paper_model()))
-        candidates["paper, model compiled"] = paper_step(paper_model(), compile=True)
+        makers |= {
+            "paper, compiled LRN": lambda: paper_step(set_on(paper_model(), LocalResponseNorm, kernels="compiled")),
+            "paper, band LRN": lambda: paper_step(set_on(paper_model(), LocalResponseNorm, kernels="triton-band")),
+            "paper, LRN's exact log": lambda: with_exact_lrn_logs(paper_step(paper_model())),
+            "paper, model compiled": lambda: paper_step(paper_model(), compile=True),
+        }
         if precision != "fp16":
-            candidates["paper, CUDA graph"] = paper_step(paper_model(), graph=True)
-        candidates["paper, PyTorch's pool"] = paper_step(set_on(paper_model(), MaxPool2d, kernels="eager"))
-        candidates["paper, grouped convs"] = paper_step(set_on(paper_model(), GroupedConv2d, form="grouped"))
-        candidates["paper, conv towers"] = paper_step(set_on(paper_model(), GroupedConv2d, form="towers"))
-        candidates["paper, conv1 3 chans"] = paper_step(set_on(paper_model(), CeilConv2d, layout="plain"))
-        candidates["paper, conv1 8 chans"] = paper_step(set_on(paper_model(), CeilConv2d, layout="pad8"))
-        candidates["paper, bias+ReLU apart"] = paper_step(set_on(paper_model(), AlexNet, bias_relu_kernels="modules"))
-        candidates["paper, LRN with bias"] = paper_step(set_on(paper_model(), AlexNet, fuse_lrn=True))
-        band = set_on(paper_model(), LocalResponseNorm, kernels="triton-band")
-        candidates["paper, band LRN with bias"] = paper_step(set_on(band, AlexNet, fuse_lrn=True))
-    candidates |= {
-        "paper, eager LRN": paper_step(set_on(paper_model(), LocalResponseNorm, kernels="eager")),
-        "paper, no LRN": paper_step(without_lrn(paper_model())),
-        "paper, groups=1": paper_step(build_model("paper", groups=1, init="caffe")),
-        "torchvision": paper_step(build_model("torchvision")),
-        "augmentation only": augment_only,
+            makers["paper, CUDA graph"] = lambda: paper_step(paper_model(), graph=True)
+        makers |= {
+            "paper, PyTorch's pool": lambda: paper_step(set_on(paper_model(), MaxPool2d, kernels="eager")),
+            "paper, grouped convs": lambda: paper_step(set_on(paper_model(), GroupedConv2d, form="grouped")),
+            "paper, conv towers": lambda: paper_step(set_on(paper_model(), GroupedConv2d, form="towers")),
+            "paper, conv1 3 chans": lambda: paper_step(set_on(paper_model(), CeilConv2d, layout="plain")),
+            "paper, conv1 8 chans": lambda: paper_step(set_on(paper_model(), CeilConv2d, layout="pad8")),
+            "paper, bias+ReLU apart": lambda: paper_step(set_on(paper_model(), AlexNet, bias_relu_kernels="modules")),
+            "paper, LRN with bias": lambda: paper_step(set_on(paper_model(), AlexNet, fuse_lrn=True)),
+            "paper, band LRN with bias": lambda: paper_step(
+                set_on(set_on(paper_model(), LocalResponseNorm, kernels="triton-band"), AlexNet, fuse_lrn=True)
+            ),
+        }
+    makers |= {
+        "paper, eager LRN": lambda: paper_step(set_on(paper_model(), LocalResponseNorm, kernels="eager")),
+        "paper, no LRN": lambda: paper_step(without_lrn(paper_model())),
+        "paper, groups=1": lambda: paper_step(build_model("paper", groups=1, init="caffe")),
+        "torchvision": lambda: paper_step(build_model("torchvision")),
+        "augmentation only": lambda: augment_only,
+    }
+    only = [part.strip() for part in args.only.split(",")] if args.only else []
+    candidates = {
+        name: make()
+        for name, make in makers.items()
+        if name == "paper" or not only or any(part in name for part in only)
     }
     for name, step in list(candidates.items()):  # warm up: compilation, autotuning, the CUDA graph's capture
         try:
