@@ -132,7 +132,7 @@ class StopSignals:
             yield
         finally:
             self._deferred = False
-        if self.signum:  # came after the loop's last look (in the last epoch's evaluation or checkpoint)
+        if self.signum:  # came after the loop's last look, as it ended
             raise Interrupted(self.run_dir, self.signum, "after the last epoch")
 
     def __exit__(self, *exc: object) -> None:
@@ -534,6 +534,9 @@ def _train(
                     if improved:
                         link_atomic(run_dir / "last.pt", run_dir / "best.pt")
                     write_bad_files(run_dir, bad_files)
+            # a signal in the epoch's evaluation or checkpoint: stop now, the epoch whole (all ranks agree)
+            if distributed.sum_over_ranks(torch.tensor([float(bool(stop.signum))], device=device), ranks).item():
+                raise Interrupted(run_dir, stop.signum or signal.SIGTERM, f"after epoch {epoch + 1}")
 
     if tb:
         tb.close()

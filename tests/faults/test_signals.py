@@ -101,12 +101,12 @@ t.open_split, t.image_moments, t.evaluate = slow_open_split, slow_moments, slow_
         ("statistics", "before the first step; resume with: alexnet train --resume {run}"),
         ("final evaluation", "in the final evaluation; resume with: alexnet train --resume {run}"),
         # in the epoch loop: the epoch ends (its checkpoint written), then the run stops
-        ("epoch's evaluation", "after the last epoch; resume with: alexnet train --resume {run}"),
+        ("epoch's evaluation", "after epoch 1; resume with: alexnet train --resume {run}"),
     ],
 )
 def test_a_signal_outside_the_steps_stops_in_one_line_and_the_run_resumes(phase, said, fault_data, tmp_path):
     run_dir, mark = tmp_path / "run", tmp_path / "mark"
-    settings = {**TINY, "epochs": 1, "workers": 1}  # a data-loading process too, as in real runs
+    settings = {**TINY, "workers": 1}  # 2 epochs; a data-loading process too, as in real runs
     env = {"PHASE": phase, "MARK": str(mark), "WAIT": "2" if phase == "epoch's evaluation" else "60"}
     proc = alexnet_process(cli_args(fault_data, run_dir, **settings), SLOW_PHASE, env_extra=env)
     wait_for(mark.exists, proc=proc)
@@ -118,5 +118,8 @@ def test_a_signal_outside_the_steps_stops_in_one_line_and_the_run_resumes(phase,
     if phase == "listing":
         assert not run_dir.exists()  # made, then removed with nothing in it
     else:
+        if phase == "epoch's evaluation":  # epoch 1's: no step of epoch 2 was taken
+            state = load_checkpoint(run_dir / "last.pt")["run_state"]
+            assert (state["epoch"], state["step_in_epoch"]) == (1, 0)
         assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
         assert (run_dir / "eval.json").is_file()
