@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .augment import make_pixel_stats
 from .errors import UserError
 from .lrn import KERNELS, LocalResponseNorm
-from .model import build_model
+from .model import PRESETS, build_model
 from .prepared import PreparedLoader, is_prepared, open_prepared
 from .step import TrainStep, make_optimizer, resolve_channels_last, resolve_cuda_graphs, resolve_precision, tune_for
 
@@ -114,7 +114,7 @@ def run_benchmark(
 
     device = pick_device(device_name)
     if lrn_kernels or fuse_lrn:
-        if not any(isinstance(m, LocalResponseNorm) for m in build_model(preset, 10).modules()):
+        if preset in PRESETS and PRESETS[preset].lrn is None:  # an unknown preset: build_model says so
             raise UserError(f"the {preset} preset has no LRN")
         if lrn_kernels not in (None, *KERNELS):
             raise UserError(f"unknown LRN kernels {lrn_kernels!r}: choose one of {', '.join(KERNELS)}")
