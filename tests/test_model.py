@@ -374,6 +374,19 @@ def test_paper_init(paper: nn.Module) -> None:
         assert torch.equal(layers[name].bias, torch.zeros_like(layers[name].bias)), name
 
 
+def test_caffe_init() -> None:
+    # bvlc_alexnet's: fc6 and fc7 weights N(0, 0.005), all others N(0, 0.01) (fc8 and conv1 included);
+    # biases 0.1 where the paper's are 1 (REFERENCE.md section 5: 1 "gave flat loss"), 0 elsewhere
+    torch.manual_seed(1)
+    layers = build_model("paper", init="caffe").named_layers()
+    for name, layer in layers.items():
+        _check_normal(layer.weight.detach(), 0.005 if name in ("fc6", "fc7") else 0.01, name)
+    for name in ("conv2", "conv4", "conv5", "fc6", "fc7"):
+        assert torch.equal(layers[name].bias, torch.full_like(layers[name].bias, 0.1)), name
+    for name in ("conv1", "conv3", "fc8"):
+        assert torch.equal(layers[name].bias, torch.zeros_like(layers[name].bias)), name
+
+
 def test_seed_init_fc8_bias_one() -> None:
     layers = build_model("seed").named_layers()
     for name in ("conv2", "conv4", "conv5", "fc6", "fc7", "fc8"):

@@ -37,10 +37,18 @@ def test_bf16_and_channels_last_stay_close_to_fp32(batch):
     loss_nhwc, w_nhwc = one_step("fp32", True, *batch)
     loss16, w16 = one_step("bf16", True, *batch)
     assert loss_nhwc == pytest.approx(loss32, rel=1e-5)
-    torch.testing.assert_close(w_nhwc, w32, rtol=1e-4, atol=1e-6)
+    # Both runs start from the same conv1 weights (N(0, 0.01), up to 0.04): what differs is the update,
+    # at most 4e-5 here and scaling with the init (3x with fc6 and fc7 N(0, 0.01)), so the tolerance is
+    # relative to it. NCHW matches float64 to 4e-5 of the update's largest value, NHWC to ~1%: where a
+    # pool window's two largest values differ by less than fp32's error in them (relu5: 0.34806099 and
+    # 0.34806081 in float64, the other way round in NHWC) the window's gradient goes to the other one,
+    # and from there back through every earlier layer (measured 0.9%; 1.1% with fc6 and fc7 N(0, 0.01);
+    # at most 1.1% over 8 seeds of each). 5% leaves a margin; a layout bug moves the update by its size.
+    w0 = one_step_initial_conv1()
+    update32, update_nhwc, update16 = w32 - w0, w_nhwc - w0, w16 - w0
+    torch.testing.assert_close(update_nhwc, update32, rtol=0, atol=0.05 * update32.abs().max().item())
     assert loss16 == pytest.approx(loss32, rel=2e-2)  # bf16 keeps 8 bits of mantissa
     assert loss16 != loss32  # it did compute in bf16
-    update32, update16 = w32 - one_step_initial_conv1(), w16 - one_step_initial_conv1()
     cosine = torch.nn.functional.cosine_similarity(update32.flatten(), update16.flatten(), dim=0)
     assert cosine > 0.95  # measured 0.97; an unrelated update would be near 0
 

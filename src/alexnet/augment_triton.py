@@ -11,7 +11,8 @@ copy into channels_last: 4.6 ms for 512 images on an H200 (benchmarks/RESULTS.md
 This kernel reads the uint8 crops once and writes the batch once, in channels_last, the layout the
 network takes, and in bf16/fp16 when training in those (the type conv1 would cast it to first).
 
-Imported only on CUDA. Tested on the CPU in Triton's interpreter (tests/test_augment_triton.py).
+Imported only on CUDA. Tested on the CPU in Triton's interpreter (tests/test_triton_kernels.py,
+test_augmentation_kernel_equals_the_cpu_path).
 """
 
 from __future__ import annotations

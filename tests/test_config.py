@@ -1,0 +1,62 @@
+"""The paper's recipe as the default run (REFERENCE.md sections 1 and 4): the values TrainConfig holds,
+what resolved() fills in per preset, and the optimiser built from them."""
+
+from __future__ import annotations
+
+import torch
+
+from alexnet.config import TrainConfig
+from alexnet.step import make_optimizer
+
+
+def test_defaults_are_the_papers_recipe() -> None:
+    # REFERENCE.md section 1: SGD, momentum 0.9, weight decay 5e-4, batch 128, 90 epochs, lr 0.01 divided
+    # by 10 when the validation error stops improving (3 times in the paper); section 4: 256x256 images,
+    # 224 crops, the mean image subtracted, PCA lighting with alpha ~ N(0, 0.1) along the training set's
+    # colour axes, dropout 0.5
+    c = TrainConfig()
+    recipe = {
+        "epochs": 90,
+        "batch_size": 128,
+        "lr": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "dropout": 0.5,
+        "crop": 224,
+        "image_size": 256,
+        "mean": "pixel",
+        "pca": "dataset",
+        "lighting": 0.1,
+        "schedule": "plateau",
+        "plateau_patience": 2,
+        "max_lr_drops": 3,
+    }
+    assert {k: getattr(c, k) for k in recipe} == recipe
+    assert c.preset == "paper"
+
+
+def test_resolved_fills_the_presets_scale_and_init() -> None:
+    # the paper fed raw 0-255 pixels minus the mean (augment.py); torchvision's weights expect its std
+    paper = TrainConfig().resolved()
+    assert (paper.scale, paper.init) == ("raw", "paper")
+    assert TrainConfig(preset="torchvision").resolved().scale == "imagenet"
+    assert TrainConfig(scale="imagenet", init="caffe").resolved().scale == "imagenet"  # given ones are kept
+
+
+def test_optimizer_is_sgd_with_the_given_momentum_and_weight_decay() -> None:
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    opt = make_optimizer([w], lr=0.01, momentum=0.9, weight_decay=5e-4)
+    assert isinstance(opt, torch.optim.SGD)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.01, 0.9, 5e-4)
+    assert (group["dampening"], group["nesterov"]) == (0, False)
+    # two steps against the paper's update (REFERENCE.md section 4):
+    # v <- 0.9 v - 0.0005 lr w - lr grad; w <- w + v
+    grads = [torch.tensor([0.3, 0.0, -0.1], dtype=torch.float64), torch.tensor([0.0, 0.2, 0.4], dtype=torch.float64)]
+    want, v = w.detach().clone(), torch.zeros(3, dtype=torch.float64)
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+        v = 0.9 * v - 0.0005 * 0.01 * want - 0.01 * g
+        want = want + v
+    torch.testing.assert_close(w.detach(), want, rtol=0, atol=1e-12)
