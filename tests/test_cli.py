@@ -68,6 +68,12 @@ def tiny_run(tmp_path_factory):
         (["evaluate", "--checkpoint", "/no/such.pt", "--data", "."], "does not exist"),
         (["train", "--cuda-graphs", "--device", "cpu", "--run-dir", "/no/run", "--data", "."], "need a CUDA device"),
         (["benchmark", "--cuda-graphs", "--device", "cpu"], "need a CUDA device"),
+        (["train", "--crop", "200", "--data", "."], "paper preset takes 224-255 pixel inputs"),
+        (["train", "--preset", "torchvision", "--crop", "40", "--data", "."], "inputs of 63 pixels or more"),
+        (["train", "--device", "mps", "--data", "."], "device 'mps' is not supported"),
+        (["train", "--device", "meta", "--data", "."], "device 'meta' is not supported"),
+        (["train", "--seed", "1000000000000000", "--data", "."], "seed must be in"),
+        (["train", "--freeze", "features,fc6..fc8", "--data", "."], "freezes every layer"),
     ],
 )
 def test_bad_input_is_one_line(args, pattern):
@@ -112,6 +118,7 @@ def test_info_prints_the_layer_table_and_deviations(capsys):
 def test_resume_refuses_a_different_config(tiny_run):
     _, run = tiny_run
     assert_one_line_error(run_cli("train", "--resume", run, "--lr", "0.5"), "cannot change it")
+    assert_one_line_error(run_cli("train", "--resume", run, "--run-dir", "elsewhere"), "--run-dir cannot differ")
 
 
 def test_resume_can_extend_epochs(tiny_run, tmp_path):
@@ -120,9 +127,12 @@ def test_resume_can_extend_epochs(tiny_run, tmp_path):
     _, run = tiny_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    assert main(["train", "--resume", str(copy), "--epochs", "2", "--no-progress"]) == 0
+    # the run directory named again, and the preset's own initialisation named: neither is a change
+    args = ["train", "--resume", str(copy), "--run-dir", str(copy), "--init", "default", "--epochs", "2"]
+    assert main([*args, "--no-progress"]) == 0
     epochs = [json.loads(line)["epoch"] for line in (copy / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
+    assert json.loads((copy / "config.json").read_text())["epochs"] == 2  # what a plain --resume goes on with
 
 
 def test_a_resumed_run_can_turn_a_flag_off(tiny_run, tmp_path):
@@ -173,7 +183,7 @@ def test_default_train_makes_the_synthetic_demo(tmp_path, monkeypatch):
     # the real default, cut to one epoch at a small size so that the test stays short
     assert main(["train", "--epochs", "1", "--run-dir", "demo", *TINY_ARGS, "--batch-size", "50"]) == 0
     assert (tmp_path / "alexnet-demo-data" / "train").is_dir()
-    assert json.loads((tmp_path / "demo" / "config.json").read_text())["data"] == "alexnet-demo-data"
+    assert json.loads((tmp_path / "demo" / "config.json").read_text())["data"] == str(tmp_path / "alexnet-demo-data")
     assert (Path(tmp_path) / "demo" / "eval.json").is_file()
 
 
@@ -228,3 +238,69 @@ def test_prepare_command_and_check(tiny_dataset, tmp_path, capsys):
     assert main(["prepare", "--check", str(out)]) == 0
     (out / "manifest.json").unlink()
     assert_one_line_error(run_cli("prepare", "--check", out), "not a finished prepared dataset")
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["predict", "--checkpoint", "c.pt", "--top", "-1", "x.jpg"], "argument --top: must be at least 1, not -1"),
+        (["predict", "--checkpoint", "c.pt", "--top", "0", "x.jpg"], "argument --top: must be at least 1, not 0"),
+        (["evaluate", "--checkpoint", "c.pt", "--data", ".", "--batch-size", "0"], "--batch-size: must be at least 1"),
+        (["evaluate", "--checkpoint", "c.pt", "--data", ".", "--workers", "-1"], "--workers: must be at least 0"),
+        (["features", "--checkpoint", "c.pt", "--layer", "fc7", "x", "--out", "f.npz", "--batch-size", "0"], "least 1"),
+        (["figures", "run", "--workers", "-2"], "argument --workers: must be at least 0, not -2"),
+        (["benchmark", "--rounds", "0"], "argument --rounds: must be at least 1, not 0"),
+        (["info", "--input-size", "256"], "--input-size 256: the paper preset takes"),
+        (["info", "--input-size", "10"], "--input-size 10: the paper preset takes"),
+        (["info", "--preset", "torchvision", "--input-size", "10"], "--input-size 10: the torchvision preset takes"),
+        (["info", "--input-size", "0"], "argument --input-size: must be at least 1, not 0"),  # not the default
+        (["export", "--checkpoint", "c.pt", "--format", "onnx", "--out", "m.onnx", "--input-size", "0"], "at least 1"),
+    ],
+)
+def test_invalid_numbers_are_one_line(args, pattern, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("alexnet: error:") and pattern in err[0], err
+
+
+def test_evaluate_labels_folders_by_the_checkpoints_classes(tiny_run, tmp_path, capsys):
+    """A checkpoint whose classes are not in folder order (a conversion's) and are more than the data
+    holds (an ImageNet model on Imagenette): folders labelled by name, scored over the model's whole
+    output; a folder that is not one of its classes is named; a prepared dataset is refused in one line."""
+    import shutil
+
+    import torch
+
+    from alexnet.checkpoint import load_checkpoint, save_checkpoint
+    from alexnet.prepare import prepare_dataset
+
+    data, run = tiny_run
+    assert main(["evaluate", "--checkpoint", str(run), "--data", str(data), "--no-progress"]) == 0
+    before = capsys.readouterr()
+    ckpt = load_checkpoint(run / "best.pt")
+    model = dict(ckpt["model"])
+    weight, bias = list(model)[-2:]  # fc8's: its rows moved with the classes; the unseen class never wins
+    model[weight] = torch.stack([model[weight][1], torch.zeros_like(model[weight][0]), model[weight][0]])
+    model[bias] = torch.stack([model[bias][1], torch.tensor(-1e4), model[bias][0]])
+    classes, names = ["n002_green", "n005_unseen", "n001_red"], ["green thing", "unseen thing", "red thing"]
+    other = tmp_path / "other.pt"
+    kept = {k: ckpt[k] for k in ("config", "stats")}
+    save_checkpoint({**kept, "model": model, "classes": classes, "names": names}, other)
+    report = tmp_path / "report"
+    args = ["evaluate", "--checkpoint", str(other), "--data", str(data), "--no-progress", "--out", str(report)]
+    assert main(args) == 0
+    after = capsys.readouterr()
+    assert after.err == "" and before.err == ""  # --no-progress: no bar
+    top1 = before.out.splitlines()[0].split(", top-5")[0]
+    assert after.out.startswith(f"{top1}, top-5 error 0.0000 on 4 images")  # the same predictions; top-3 of 3
+    assert (report / "confusion.csv").read_text().startswith("true\\predicted,n002_green,n005_unseen,n001_red")
+
+    shutil.copytree(data, tmp_path / "data")
+    write_image(tmp_path / "data" / "val" / "n004_blue" / "0.JPEG")
+    assert main(["evaluate", "--checkpoint", str(other), "--data", str(tmp_path / "data")]) == 2
+    assert "are not among the model's 3 classes: n004_blue" in capsys.readouterr().err
+
+    prepare_dataset(data, tmp_path / "prepared", workers=0, progress=False)
+    assert main(["evaluate", "--checkpoint", str(run), "--data", str(tmp_path / "prepared")]) == 2
+    err = capsys.readouterr().err
+    assert f"is a prepared dataset; give the image folder it was made from ({data}) with --data" in err

@@ -1,3 +1,6 @@
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +12,7 @@ from alexnet.data import (
     ImageDataset,
     collate,
     image_moments,
+    listing,
     load_image,
     make_loader,
     open_split,
@@ -32,6 +36,45 @@ def test_class_mismatch_between_train_and_val(tiny_dataset):
     (tiny_dataset / "val" / "n001_red").rename(tiny_dataset / "val" / "n009_other")
     with pytest.raises(UserError, match="differ from the training classes.*n001_red.*n009_other"):
         open_split(tiny_dataset, "val", classes=train.classes)
+
+
+def test_hidden_folders_and_files_are_not_classes_or_images_and_jfif_is(tiny_dataset):
+    val = tiny_dataset / "val"
+    write_image(val / ".ipynb_checkpoints" / "n001_red_0-checkpoint.JPEG")  # Jupyter's, beside the classes
+    write_image(val / "n001_red" / ".ipynb_checkpoints" / "n001_red_1-checkpoint.JPEG")
+    write_image(val / "n001_red" / "._n001_red_0.JPEG")  # macOS's resource fork, not an image
+    write_image(val / "n001_red" / "photo.jfif")
+    train = open_split(tiny_dataset, "train")
+    split = open_split(tiny_dataset, "val", classes=train.classes)
+    assert split.classes == ["n001_red", "n002_green", "n003_blue"]
+    assert sorted(os.path.basename(p) for p, label in split.samples if label == 0) == [
+        "n001_red_0.JPEG",
+        "n001_red_1.JPEG",
+        "photo.jfif",
+    ]
+
+
+def test_listing_of_a_name_that_is_not_utf8(tmp_path):
+    """What DDP's ranks compare and prepare records: a name that is not UTF-8 counts as its bytes."""
+    good = write_image(tmp_path / "d" / "val" / "a" / "1.png")
+    with open(os.fsencode(good.parent) + b"/caf\xe9.png", "wb") as f:
+        f.write(good.read_bytes())
+    assert listing(open_split(tmp_path / "d", "val"), tmp_path / "d")["sources"] == 2
+
+
+def test_a_models_classes_label_any_subset_of_the_folders_in_its_order(tiny_dataset):
+    """Evaluation: the checkpoint's class order (a conversion's, not sorted) labels the folders by name,
+    and a dataset may hold some of its classes only; a folder not among them is named."""
+    model = ["n003_blue", "n009_other", "n001_red", "n002_green"]
+    split = open_split(tiny_dataset, "val", classes=model, subset=True)
+    assert split.classes == model and len(split.samples) == 6
+    assert all(f"/{model[label]}/" in path for path, label in split.samples)
+    (tiny_dataset / "val" / "n002_green").rename(tiny_dataset / "val" / "n007_new")
+    shutil.copytree(tiny_dataset / "val" / "n007_new", tiny_dataset / "val" / "n008_new")
+    with pytest.raises(UserError, match=r"2 class folders of .*val are not among the model's 4 classes: n007_new, n"):
+        open_split(tiny_dataset, "val", classes=model, subset=True)
+    with pytest.raises(UserError, match="differ from the training classes"):  # training's check is unchanged
+        open_split(tiny_dataset, "val", classes=["n001_red", "n002_green", "n003_blue"])
 
 
 def test_missing_and_empty_folders(tmp_path):

@@ -61,7 +61,7 @@ def images(imagenette_ci):
 )
 def test_onnx_matches_pytorch(checkpoints, images, tmp_path, preset, size):
     out = export_checkpoint(checkpoints[preset], "onnx", tmp_path / "model.onnx", input_size=size)
-    diff, count = max_abs_difference(out, checkpoints[preset], images, size)
+    diff, count, _ = max_abs_difference(out, checkpoints[preset], images, size)
     print(f"ONNX {preset} {size}x{size}: largest absolute difference {diff:.3g} over {count} images")
     assert count == 4 and diff < 1e-4
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -75,7 +75,7 @@ def test_onnx_matches_pytorch(checkpoints, images, tmp_path, preset, size):
 def test_torch_formats_round_trip(checkpoints, images, tmp_path, fmt, preset):
     suffix = {"export": ".pt2", "torchscript": ".torchscript"}[fmt]
     out = export_checkpoint(checkpoints[preset], fmt, tmp_path / f"model{suffix}")
-    diff, count = max_abs_difference(out, checkpoints[preset], images)
+    diff, count, _ = max_abs_difference(out, checkpoints[preset], images)
     assert count == 4 and diff < 1e-4, diff
     run = load_exported(out)
     with torch.no_grad():  # another batch size than the export's example; the checkpoints' crop is 224
@@ -111,6 +111,8 @@ def test_bad_export_requests(checkpoints, tmp_path):
         export_checkpoint(checkpoints["torchvision"], "tflite", tmp_path / "m.tflite")
     with pytest.raises(UserError, match="cannot take 100x100"):
         export_checkpoint(checkpoints["paper"], "onnx", tmp_path / "m.onnx", input_size=100)
+    with pytest.raises(UserError, match="input size must be positive, not 0"):  # not the default crop
+        export_checkpoint(checkpoints["torchvision"], "export", tmp_path / "m.pt2", input_size=0)
     with pytest.raises(UserError, match="cannot tell the format"):
         load_exported(tmp_path / "model.bin")
     not_safetensors = tmp_path / "x.safetensors"
@@ -118,3 +120,29 @@ def test_bad_export_requests(checkpoints, tmp_path):
     with pytest.raises(UserError, match="cannot read"):
         load_for_inference(not_safetensors, torch.device("cpu"))
     assert not list(tmp_path.glob("m.*"))
+
+
+def test_check_skips_unreadable_files_and_compares_in_batches(checkpoints, images, tmp_path, capsys, monkeypatch):
+    """As predict and features do: an unreadable file is skipped and named, not the end of the check;
+    and the images go through in batches, not all in one (some 24 MB an image at 227)."""
+    import alexnet.export
+
+    out = export_checkpoint(checkpoints["torchvision"], "export", tmp_path / "tv.pt2")
+    broken = tmp_path / "photos" / "broken.jpg"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a jpeg")
+    sizes, load = [], alexnet.export.load_exported
+
+    def counting(*args):
+        run = load(*args)
+        return lambda x: (sizes.append(len(x)), run(x))[1]
+
+    monkeypatch.setattr(alexnet.export, "load_exported", counting)
+    diff, count, bad = max_abs_difference(out, checkpoints["torchvision"], [broken.parent, *images], batch_size=3)
+    assert count == 4 and diff < 1e-4 and sizes == [2, 2]  # batches of 3 files, the broken one left out
+    assert len(bad) == 1 and bad[0].startswith(f"{broken}\t")
+    args = ["export", "--checkpoint", checkpoints["torchvision"], "--format", "export", "--out", str(out)]
+    assert main([*args, "--check", str(broken), *images[:2]]) == 0
+    captured = capsys.readouterr()
+    assert "on 2 images" in captured.out and "1 unreadable files skipped" in captured.out
+    assert f"skipped (cannot read): {broken}" in captured.err

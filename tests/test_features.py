@@ -117,3 +117,15 @@ def test_imagenet_names_for_bare_wnids():
     assert display_names(wnids, wnids) == [names[w] for w in wnids]
     assert display_names(wnids, ["a", "b", "c"]) == ["a", "b", "c"]  # the checkpoint's own names win
     assert display_names(["n001_red"], ["n001_red"]) == ["n001_red"]  # not ImageNet wnids
+
+
+def test_hidden_files_and_folders_are_not_images(tmp_path):
+    from conftest import write_image
+
+    from alexnet.features import list_image_files
+
+    photos = tmp_path / "photos"
+    for name in ("b.jpg", "a.jfif", ".hidden.jpg", "._b.jpg", ".ipynb_checkpoints/b-checkpoint.jpg", "x/c.png"):
+        write_image(photos / name)
+    assert list_image_files([str(photos)]) == [photos / "a.jfif", photos / "b.jpg", photos / "x" / "c.png"]
+    assert list_image_files([str(photos / ".hidden.jpg")]) == [photos / ".hidden.jpg"]  # named: taken as given

@@ -113,3 +113,36 @@ def test_tensorboard_flag_in_cli(tmp_path):
     args = build_parser().parse_args(["train", "--tensorboard", "--data", str(tmp_path)])
     assert args.tensorboard is True
     assert not hasattr(build_parser().parse_args(["train"]), "tensorboard")
+
+
+def test_figures_of_a_run_trained_from_a_prepared_dataset(tiny_run, tmp_path, capsys):
+    """A prepared dataset holds pixels, not images: predictions and neighbours come from the folder it
+    was made from while that is there, and are skipped with a message once it is gone; the figures
+    that need no images are drawn either way."""
+    import shutil
+
+    from alexnet.prepare import prepare_dataset
+
+    data, run = tiny_run
+    source, prepared = tmp_path / "source", tmp_path / "prepared"
+    shutil.copytree(data, source)
+    prepare_dataset(source, prepared, workers=0, progress=False)
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("classes.tsv", "metrics.jsonl", "confusion.csv"):
+        shutil.copy(run / name, copy / name)
+    (copy / "best.pt").symlink_to(run / "best.pt")
+    cfg = json.loads((run / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**cfg, "data": str(prepared)}))
+
+    assert main(["figures", str(copy), "--workers", "0", "--no-progress"]) == 0
+    assert sorted(p.stem for p in (copy / "figures").iterdir()) == sorted(SIZES)
+    assert f"images from {source}" in capsys.readouterr().out
+
+    shutil.rmtree(source)
+    shutil.rmtree(copy / "figures")
+    assert main(["figures", str(copy), "--no-progress"]) == 0
+    assert sorted(p.stem for p in (copy / "figures").iterdir()) == ["confusion", "conv1_filters", "curves"]
+    out = capsys.readouterr().out
+    assert f"{prepared} is a prepared dataset and the image folder it was made from, {source}, is gone" in out
+    assert "predictions and neighbours skipped" in out

@@ -317,3 +317,74 @@ def test_check_dataset_finds_damage(prepared, fmt, tmp_path):
     (out / "manifest.json").unlink()
     with pytest.raises(UserError, match="is not a finished prepared dataset"):
         check_dataset(out)
+
+
+def test_names_not_utf8_are_prepared_and_line_breaks_left_out(tmp_path):
+    """A file name that is not UTF-8 is prepared and listed as the bytes it is on disk; one holding a
+    line break, which the line-per-file lists cannot hold, is left out and named (escaped) in bad.txt.
+    Either way the finished dataset passes its own check."""
+    src = tmp_path / "src"
+    for wnid, colour in (("n0", (200, 20, 20)), ("n1", (20, 20, 200))):
+        for i in range(2):
+            write_image(src / "train" / wnid / f"{i}.png", colour=colour)
+    n0, n1 = os.fsencode(src / "train" / "n0"), src / "train" / "n1"
+    with open(n0 + b"/caf\xe9.png", "wb") as f:
+        f.write((src / "train" / "n0" / "0.png").read_bytes())
+    (n1 / "new\nline.png").write_bytes((n1 / "0.png").read_bytes())
+    for fmt, workers in (("raw", 0), ("jpeg", 2)):
+        out = tmp_path / fmt
+        counts = prepare_dataset(src, out, fmt=fmt, workers=workers, progress=False)["splits"]["train"]
+        assert (counts["sources"], counts["images"], counts["excluded"]) == (6, 5, 1)
+        files = (out / "train_files.txt").read_bytes().splitlines()
+        assert len(files) == 5 and n0 + b"/caf\xe9.png" in files
+        assert (out / "bad.txt").read_bytes().decode() == (
+            f"{n1}/new\\nline.png\tfile name holds a line break, which the lists of files cannot hold\n"
+        )
+        assert check_dataset(out, progress=False).startswith(f"{out}: ok")
+        split = open_prepared(out, "train")
+        assert split.sources[files.index(n0 + b"/caf\xe9.png")] == os.fsdecode(n0 + b"/caf\xe9.png")
+
+
+def damage_jpeg(out: Path, split: str, i: int) -> None:
+    """Image i of a JPEG-format split no longer decodes: its first bytes (the JPEG marker) zeroed."""
+    offset = int(open_prepared(out, split).offsets[i])
+    with open(out / f"{split}_jpegs.bin", "r+b") as f:
+        f.seek(offset)
+        f.write(b"\0" * 4)
+
+
+def test_check_decodes_every_jpeg_and_names_the_bad_ones(prepared, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(prepared["jpeg"], out)
+    damage_jpeg(out, "train", 5)  # not one of the 16 images an earlier check sampled
+    source = (out / "train_files.txt").read_text().splitlines()[5]
+    with pytest.raises(UserError, match=rf"1 of 19 images in .*train_jpegs\.bin do not decode: image 5 \({source}\)"):
+        check_dataset(out, progress=False)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("threads", [0, 2])
+def test_a_jpeg_that_does_not_decode_is_skipped_and_named(prepared, tmp_path, device, threads):
+    """As the folder path does with an unreadable file: left out of its batch and named in the batch's
+    bad list (and so in the run's bad_files.txt); the rest of the batch and the other batches as before."""
+    out = tmp_path / "copy"
+    shutil.copytree(prepared["jpeg"], out)
+    damage_jpeg(out, "train", 5)
+    source = (out / "train_files.txt").read_text().splitlines()[5]
+    options = dict(batch_size=4, seed=2, device=device, pin_memory=device == "cuda", threads=threads)
+    expected = list(PreparedLoader(open_prepared(prepared["jpeg"], "train"), **options))
+    loader = PreparedLoader(open_prepared(out, "train"), **options)
+    got = list(loader)
+    assert len(got) == len(expected) == 5
+    for step, (a, b) in enumerate(zip(expected, got, strict=True)):
+        idx = loader.batch_indices(step).tolist()
+        keep = [j for j, i in enumerate(idx) if i != 5]
+        assert torch.equal(b.labels.cpu(), a.labels.cpu()[keep]) and torch.equal(b.images.cpu(), a.images.cpu()[keep])
+        if 5 in idx:
+            assert len(b.bad) == 1 and b.bad[0].startswith(f"{source}\tRuntimeError: ")
+            assert b.bad[0].endswith("(image 5 of train_jpegs.bin)")
+        else:
+            assert b.bad == []

@@ -1,6 +1,8 @@
 import json
+import math
 import os
 import signal
+import zlib
 
 import pytest
 import torch
@@ -63,7 +65,11 @@ def test_run_directory_contents(tiny_dataset, tmp_path):
 PAPER = dict(preset="paper", init="caffe", image_size=256, crop=224)
 
 
-@pytest.mark.parametrize("preset", [{}, PAPER], ids=["torchvision", "paper"])
+# a step schedule: its state must come back too (the plateau's does not change in 2 epochs)
+STEP = dict(schedule="step", step_epochs=1)
+
+
+@pytest.mark.parametrize("preset", [{}, PAPER, STEP], ids=["torchvision", "paper", "step schedule"])
 def test_resume_gives_identical_weights(tiny_dataset, tmp_path, preset):
     straight = train(tiny_config(tiny_dataset, tmp_path / "a", **preset), progress=False)
     half = train(tiny_config(tiny_dataset, tmp_path / "b", epochs=1, **preset), progress=False)
@@ -142,6 +148,117 @@ def test_images_per_second_counts_the_wait_for_the_device(tiny_dataset, tmp_path
     (metrics,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     intervals = 5  # 18 images in batches of 4, one interval per step (log_every=1)
     assert metrics["images_per_s"] <= 18 / (intervals * 0.3)
+
+
+def test_every_epoch_draws_new_crops_and_a_new_order(tiny_dataset, tmp_path, monkeypatch):
+    """The paper: each time an image is used it gets a new crop, reflection and lighting; each epoch
+    its own order. Resuming cannot show this (a wrong but deterministic draw resumes exactly)."""
+    real_batch, seeds, orders = step_module.train_batch, [], []
+
+    def spying_batch(images, stats, generator, *args, **kw):
+        seeds.append(generator.initial_seed())
+        orders.append([zlib.crc32(image.contiguous().numpy().tobytes()) for image in images])  # which, in order
+        return real_batch(images, stats, generator, *args, **kw)
+
+    monkeypatch.setattr(step_module, "train_batch", spying_batch)
+    train(tiny_config(tiny_dataset, tmp_path / "run"), progress=False)
+    assert len(seeds) == 10 and len(set(seeds)) == 10  # 2 epochs of 5 steps, each its own numbers
+    first, second = sum(orders[:5], []), sum(orders[5:], [])
+    assert sorted(first) == sorted(second) and len(set(first)) == 18 and first != second
+
+
+def fake_evaluation(errors: list[float]):
+    """`evaluate` returning these validation errors epoch by epoch (and the last one after)."""
+    from alexnet.evaluate import EvalResult
+
+    calls = []
+
+    def evaluate(*args, **kw):
+        calls.append(1)
+        err = errors[min(len(calls), len(errors)) - 1]
+        return EvalResult(1.0, err, err, 6, torch.eye(3, dtype=torch.long) * 2)
+
+    return evaluate
+
+
+@pytest.mark.parametrize(
+    "schedule,logged",
+    [
+        # patience 0: the rate drops after each epoch that does not improve on the best error so far
+        (dict(schedule="plateau", plateau_patience=0), [0.01, 0.01, 0.001, 0.001]),
+        # each epoch's last step (of 5): step 4, 9, 14, 19 of 20
+        (dict(schedule="cosine"), [0.01 * 0.5 * (1 + math.cos(math.pi * s / 20)) for s in (4, 9, 14, 19)]),
+        (dict(schedule="step", step_epochs=2), [0.01, 0.01, 0.001, 0.001]),
+    ],
+    ids=["plateau", "cosine", "step"],
+)
+def test_metrics_log_the_rate_each_epoch_trained_with(tiny_dataset, tmp_path, monkeypatch, schedule, logged):
+    import alexnet.train as train_module
+
+    monkeypatch.setattr(train_module, "evaluate", fake_evaluation([0.5, 0.5, 0.4, 0.4]))
+    run = train(tiny_config(tiny_dataset, tmp_path / "run", epochs=4, **schedule), progress=False)
+    lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx(logged, rel=1e-12)
+
+
+def test_a_resumed_run_keeps_a_raised_epochs_and_its_data_moved(tiny_dataset, tmp_path, monkeypatch):
+    """config.json keeps what a resume changed, so that the resume command printed after a stop goes on
+    with it; data given relative to one folder is found from another, and can be moved."""
+    monkeypatch.chdir(tiny_dataset.parent)
+    run = train(tiny_config("tiny", tmp_path / "run", epochs=1), progress=False)
+    assert json.loads((run / "config.json").read_text())["data"] == str(tiny_dataset)
+    moved = tiny_dataset.rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        train(TrainConfig.load(run / "config.json"), resume=True, progress=False)
+    train(tiny_config(moved, run, epochs=2), resume=True, progress=False)
+    stored = TrainConfig.load(run / "config.json")
+    assert (stored.epochs, stored.data) == (2, str(moved))
+    train(stored, resume=True, progress=False)  # a plain resume: nothing left to do
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_resume_refuses_other_classes_or_other_images(tiny_dataset, tmp_path):
+    run = train(tiny_config(tiny_dataset, tmp_path / "run", epochs=1), progress=False)
+    before = (run / "last.pt").read_bytes()
+    for split in ("train", "val"):
+        (tiny_dataset / split / "n003_blue").rename(tiny_dataset / split / "n004_blue")
+    with pytest.raises(UserError, match="other classes than .* missing n003_blue; new n004_blue"):
+        train(tiny_config(tiny_dataset, run, epochs=2), resume=True, progress=False)
+    for split in ("train", "val"):
+        (tiny_dataset / split / "n004_blue").rename(tiny_dataset / split / "n003_blue")
+    (tiny_dataset / "train" / "n003_blue" / "n003_blue_0.JPEG").unlink()
+    with pytest.raises(UserError, match="holds 17 training images, .* was trained on 18"):
+        train(tiny_config(tiny_dataset, run, epochs=2), resume=True, progress=False)
+    assert (run / "last.pt").read_bytes() == before
+    assert TrainConfig.load(run / "config.json").epochs == 1
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_init_from_weights(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    base = train(tiny_config(tiny_dataset, tmp_path / "base", epochs=1), progress=False)
+    tuned = dict(epochs=1, init_from=str(base / "last.pt"), lr=0.001)
+    straight = train(tiny_config(tiny_dataset, tmp_path / "a", **tuned), progress=False)
+
+    def crash(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(step_module, "train_batch", crash)  # stops at the first step: no last.pt
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_dataset, tmp_path / "b", **tuned), progress=False)
+    assert not (tmp_path / "b" / "last.pt").exists()
+    monkeypatch.undo()
+    resumed = train(tiny_config(tiny_dataset, tmp_path / "b", **tuned), resume=True, progress=False)
+    assert_same_weights(weights(straight), weights(resumed))
+
+
+def test_unreadable_validation_images_stop_the_run_in_one_line(tiny_dataset, tmp_path):
+    for path in (tiny_dataset / "val").rglob("*.JPEG"):
+        path.write_bytes(b"garbage")
+    with pytest.raises(UserError, match="no validation image in .* can be read"):
+        train(tiny_config(tiny_dataset, tmp_path / "run", epochs=1), progress=False)
+    assert len((tmp_path / "run" / "bad_files.txt").read_text().splitlines()) == 6
 
 
 def test_learns_on_real_images(imagenette_ci, tmp_path):

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ import torch
 from . import distributed
 from .config import RESUMABLE_OVERRIDES, SCHEDULES, TrainConfig
 from .errors import UserError, one_line
-from .model import INITS, PRESETS, build_model, layer_table
+from .model import INITS, PRESETS, build_model, input_size_error, layer_table
 
 DEMO_DATA = "alexnet-demo-data"
 # The demo: a few minutes on a laptop CPU, the paper's network and recipe otherwise.
@@ -61,6 +62,20 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see alexnet {self.prog.split()[-1]} --help)")
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `minimum`, refused when parsing (one line), not by a
+    traceback from deep inside (a batch size of 0, --workers -1, --top -1)."""
+
+    def int_(text: str) -> int:
+        value = int(text)  # a ValueError: argparse says "invalid int value"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    int_.__name__ = "int"
+    return int_
+
+
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field; defaults stay unset so we know what the user gave."""
     for f in dataclasses.fields(TrainConfig):
@@ -88,8 +103,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         stored = TrainConfig.load(run_dir / "config.json") if (run_dir / "config.json").is_file() else None
         if stored is None:
             raise UserError(f"{run_dir} is not a run directory (no config.json) and cannot be resumed")
-        for k, v in given.items():
-            if k not in RESUMABLE_OVERRIDES and v != getattr(stored, k):
+        if Path(given.pop("run_dir", run_dir)).absolute() != run_dir.absolute():
+            raise UserError(f"--run-dir cannot differ from --resume {run_dir}: a run is resumed where it is")
+        asked, made = dataclasses.replace(stored, **given).resolved(), stored.resolved()  # paths made absolute
+        for k in given:
+            if k not in RESUMABLE_OVERRIDES and getattr(asked, k) != getattr(made, k):
                 raise UserError(f"{run_dir} was made with {k}={getattr(stored, k)!r}; a resumed run cannot change it")
         cfg = dataclasses.replace(stored, **given, run_dir=str(run_dir))
     else:
@@ -114,17 +132,23 @@ def _device(name: str) -> torch.device:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import ImageDataset, make_loader, open_split
     from .evaluate import evaluate, write_report
+    from .prepared import is_prepared, made_from
     from .train import load_for_inference
 
+    if is_prepared(args.data):  # it holds pixels, not the class folders of images evaluate reads
+        source = made_from(args.data)
+        made = f" ({source})" if source else ""
+        raise UserError(f"{args.data} is a prepared dataset; give the image folder it was made from{made} with --data")
     device = _device(args.device)
     model, stats, ckpt = load_for_inference(args.checkpoint, device)
-    split = open_split(args.data, args.split, classes=ckpt["classes"])
+    # folders labelled by the model's classes, by name: any order, any subset (Imagenette for an ImageNet model)
+    split = open_split(args.data, args.split, classes=ckpt["classes"], subset=True)
     cfg = ckpt["config"]
     loader = make_loader(ImageDataset(split.samples, cfg["image_size"]), args.batch_size, args.workers)
-    results = {}
+    results, progress, n = {}, not args.no_progress, len(ckpt["classes"])
     for name, ten in (("center", False), ("ten_crop", True)):
         if name == "center" or args.ten_crop:
-            results[name] = evaluate(model, loader, stats, len(ckpt["classes"]), device, cfg["crop"], ten_crop=ten)
+            results[name] = evaluate(model, loader, stats, n, device, cfg["crop"], ten_crop=ten, progress=progress)
     for name, r in results.items():
         print(f"{name}: top-1 error {r.top1_err:.4f}, top-5 error {r.top5_err:.4f} on {r.count} images")
     bad = sorted({b for r in results.values() for b in r.bad})
@@ -188,13 +212,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             args.quality,
             splits=args.splits,
         )
-    print(check_dataset(args.out))
+    print(check_dataset(args.out, not args.no_progress, args.workers))
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     model = build_model(args.preset, args.num_classes, args.groups)
-    size = args.input_size or model.preset.input_size
+    size = model.preset.input_size if args.input_size is None else args.input_size
+    if why := input_size_error(model.preset, size):
+        raise UserError(f"--input-size {size}: {why}")
     print(f"preset {model.preset.name}: input 3 x {size} x {size}, {args.num_classes} classes")
     print(f"{'layer':<7} {'module':<18} {'output':>16} {'parameters':>13}")
     total = 0
@@ -221,8 +247,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_checkpoint(args.checkpoint, args.format, args.out, args.input_size)
     print(f"wrote {out}")
     if args.check:
-        diff, count = max_abs_difference(out, args.checkpoint, args.check, args.input_size, args.format)
-        print(f"largest absolute difference from PyTorch's logits on {count} images: {diff:.3g}")
+        diff, count, bad = max_abs_difference(out, args.checkpoint, args.check, args.input_size, args.format)
+        for b in bad:
+            print(f"skipped (cannot read): {b}", file=sys.stderr)
+        skipped = f"; {len(bad)} unreadable files skipped" if bad else ""
+        print(f"largest absolute difference from PyTorch's logits on {count} images: {diff:.3g}{skipped}")
     return 0
 
 
@@ -310,12 +339,13 @@ def build_parser() -> Parser:
         if name == "evaluate":
             p.add_argument("--data", required=True, help="dataset folder holding the split")
             p.add_argument("--split", default="val")
-            p.add_argument("--batch-size", type=int, default=64)
-            p.add_argument("--workers", type=int, default=2)
+            p.add_argument("--batch-size", type=at_least(1), default=64)
+            p.add_argument("--workers", type=at_least(0), default=2)
             p.add_argument("--out", help="write eval.json, per_class.csv and confusion.csv here")
+            p.add_argument("--no-progress", action="store_true")
         else:
             p.add_argument("images", nargs="+", help="image files or folders")
-            p.add_argument("--top", type=int, default=5)
+            p.add_argument("--top", type=at_least(1), default=5)
             p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     p = sub.add_parser("prepare", help="decode a dataset once into fixed 256x256 images for fast training")
@@ -338,16 +368,16 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("benchmark", help="training images/s against torchvision's fp32 eager AlexNet, same run")
     p.add_argument("--preset", default="paper")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=at_least(1), default=128)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", help=HELP["precision"])
     p.add_argument("--channels-last", default="on", help=HELP["channels_last"])
     p.add_argument("--compile", action="store_true", help=HELP["compile"])
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, help=HELP["cuda_graphs"])
     p.add_argument("--data", help="a prepared dataset (alexnet prepare): also measure end-to-end training from it")
-    p.add_argument("--steps", type=int, default=10, help="steps per round")
-    p.add_argument("--warmup", type=int, default=3, help="steps before timing")
-    p.add_argument("--rounds", type=int, default=3, help="rounds, alternating between candidates; median kept")
+    p.add_argument("--steps", type=at_least(1), default=10, help="steps per round")
+    p.add_argument("--warmup", type=at_least(0), default=3, help="steps before timing")
+    p.add_argument("--rounds", type=at_least(1), default=3, help="rounds, alternating between candidates; median kept")
     p.add_argument("--no-baseline", action="store_true", help="skip the torchvision fp32 eager baseline")
     p.add_argument("--lrn-kernels", help="LRN's kernels, to measure a candidate: triton-band, triton, compiled, eager")
     p.add_argument("--fuse-lrn", action="store_true", help="conv1's and conv2's bias, ReLU and LRN in LRN's kernels")
@@ -357,7 +387,7 @@ def build_parser() -> Parser:
     p.add_argument("--preset", default="paper")
     p.add_argument("--groups", type=int)
     p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--input-size", type=int)
+    p.add_argument("--input-size", type=at_least(1))
     p.set_defaults(func=cmd_info)
 
     from .export import FORMATS
@@ -375,7 +405,7 @@ def build_parser() -> Parser:
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (its best.pt)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="file to write")
-    p.add_argument("--input-size", type=int, help="input height = width (default: the checkpoint's crop)")
+    p.add_argument("--input-size", type=at_least(1), help="input height = width (default: the checkpoint's crop)")
     p.add_argument("--check", nargs="+", metavar="IMAGE", help="compare the export with PyTorch on these images")
     p.set_defaults(func=cmd_export)
 
@@ -384,8 +414,8 @@ def build_parser() -> Parser:
     p.add_argument("--layer", action="append", required=True, help="a layer name; repeat for several")
     p.add_argument("images", nargs="+", help="image files or folders (a class folder of the model gives the label)")
     p.add_argument("--out", required=True, help=".npz (layers, files, labels, classes) or .npy (one layer)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=at_least(1), default=32)
+    p.add_argument("--workers", type=at_least(0), default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_features)
@@ -396,10 +426,10 @@ def build_parser() -> Parser:
     p.add_argument("--data", help="dataset folder (default: the run's config.json data)")
     p.add_argument("--out", help="folder for the PNG files (default: RUN_DIR/figures)")
     p.add_argument(
-        "--neighbour-images", type=int, default=2000, help="training images searched for neighbours (0: all)"
+        "--neighbour-images", type=at_least(0), default=2000, help="training images searched for neighbours (0: all)"
     )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=at_least(1), default=32)
+    p.add_argument("--workers", type=at_least(0), default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_figures)

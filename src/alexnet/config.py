@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
 from .lrn import LRN_CONVENTIONS
-from .model import INITS, PRESETS
+from .model import INITS, PRESETS, input_size_error
 from .step import PRECISIONS
 
 SCHEDULES = ("plateau", "inverse-time", "step", "cosine")
 # Settings a resumed run may change: they do not alter what is computed, or only extend it.
+# `data` says where the run's data is now (moved): training checks it holds the same classes and images.
 RESUMABLE_OVERRIDES = (
+    "data",
     "epochs",
     "workers",
     "device",
@@ -116,6 +119,13 @@ class TrainConfig:
             parse_freeze(c.freeze)
         if not 0 < c.crop <= c.image_size:
             raise UserError(f"crop ({c.crop}) must be positive and at most image_size ({c.image_size})")
+        if why := input_size_error(PRESETS[c.preset], c.crop):
+            raise UserError(f"crop {c.crop}: {why}")
+        if not 0 <= c.seed < 2**32:  # each epoch's and step's seeds are made from it (data.py, train.py)
+            raise UserError(f"seed must be in [0, 2**32), not {c.seed}")
+        # paths from where the run was started, so that it resumes from any folder
+        c.data = c.data and os.path.abspath(c.data)
+        c.init_from = c.init_from and os.path.abspath(c.init_from)
         if min(c.workers, c.plateau_patience, c.max_lr_drops, c.checkpoint_every) < 0:
             raise UserError("workers, plateau_patience, max_lr_drops and checkpoint_every cannot be negative")
         return c

@@ -29,7 +29,7 @@ from PIL import Image
 
 from .errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 ILSVRC_VAL_LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt")
 # Refuse decompression bombs outright instead of warning: a 20,000 x 20,000 photo is not ImageNet.
 Image.MAX_IMAGE_PIXELS = 200_000_000
@@ -46,8 +46,13 @@ class Split:
     empty_classes: list[str]
 
 
+def is_hidden(name: str) -> bool:
+    """A dot-file or dot-folder (.ipynb_checkpoints, macOS's ._photo.jpg): never an image or a class."""
+    return name.startswith(".")
+
+
 def is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(name)
 
 
 def read_class_names(root: Path, classes: list[str]) -> list[str]:
@@ -80,36 +85,47 @@ def display_names(classes: list[str], names: list[str] | None) -> list[str]:
     return names
 
 
-def _list_images(folder: Path) -> list[str]:
+def list_images(folder: str | Path) -> list[str]:
+    """The image files under `folder`, recursively, sorted; hidden files and folders left out."""
     files = []
-    for dirpath, _, filenames in os.walk(folder, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = [d for d in dirnames if not is_hidden(d)]  # not descended into
         files += [os.path.join(dirpath, f) for f in filenames if is_image(f)]
     return sorted(files)
 
 
-def open_split(root: str | Path, split: str, classes: list[str] | None = None) -> Split:
-    """Find `split` under `root` in either layout. `classes` (from the training split) fixes the labels."""
+def open_split(root: str | Path, split: str, classes: list[str] | None = None, *, subset: bool = False) -> Split:
+    """Find `split` under `root` in either layout. `classes` (from the training split) fixes the labels:
+    the class folders must be exactly those, or with `subset` (a model's classes, in the model's order)
+    any of them, each labelled by its place in `classes`."""
     root = Path(root)
     folder = root / split
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist")
     if not folder.is_dir():
         raise UserError(f"{root} has no '{split}' folder (expected {folder}/<class>/<image>)")
-    subdirs = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    subdirs = sorted(d.name for d in folder.iterdir() if d.is_dir() and not is_hidden(d.name))
     if subdirs:
-        if classes is not None and subdirs != classes:
+        if subset and classes is not None:
+            if extra := sorted(set(subdirs) - set(classes)):
+                raise UserError(
+                    f"{len(extra)} class folders of {folder} are not among the model's {len(classes)} classes: "
+                    f"{', '.join(extra[:5])}{'...' if len(extra) > 5 else ''}"
+                )
+        elif classes is not None and subdirs != classes:
             missing, extra = sorted(set(classes) - set(subdirs)), sorted(set(subdirs) - set(classes))
             raise UserError(
                 f"classes of {folder} differ from the training classes: "
                 f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                 f"extra {extra[:5]}{'...' if len(extra) > 5 else ''}"
             )
+        classes = subdirs if classes is None else classes
+        index = {c: i for i, c in enumerate(classes)}
         samples, empty = [], []
-        for label, c in enumerate(subdirs):
-            files = _list_images(folder / c)
+        for c in subdirs:
+            files = list_images(folder / c)
             empty += [] if files else [c]
-            samples += [(f, label) for f in files]
-        classes = subdirs
+            samples += [(f, index[c]) for f in files]
     else:
         samples, classes = _flat_samples(root, folder, classes), classes
         empty = []
@@ -118,9 +134,11 @@ def open_split(root: str | Path, split: str, classes: list[str] | None = None) -
     return Split(samples, classes, read_class_names(root, classes), empty)
 
 
-def listing(split: Split) -> dict:
-    """What identifies a split's sources: how many, and a digest of (path, label) in order."""
-    digest = hashlib.sha256("".join(f"{p}\t{y}\n" for p, y in split.samples).encode()).hexdigest()
+def listing(split: Split, root: str | Path) -> dict:
+    """What identifies a split's sources: how many, and a digest of (path under `root`, label) in order."""
+    # surrogateescape: a file name that is not UTF-8 counts as the bytes it is on disk
+    text = "".join(f"{os.path.relpath(p, root)}\t{y}\n" for p, y in split.samples)
+    digest = hashlib.sha256(text.encode(errors="surrogateescape")).hexdigest()
     return {"sources": len(split.samples), "listing_sha256": digest}
 
 
@@ -134,7 +152,7 @@ def _flat_samples(root: Path, folder: Path, classes: list[str] | None) -> list[t
     wnid_of = read_ilsvrc_val_labels(label_file)
     index = {c: i for i, c in enumerate(classes)}
     samples = []
-    for f in _list_images(folder):
+    for f in list_images(folder):
         stem = Path(f).stem
         if stem not in wnid_of:
             raise UserError(f"{label_file.name} has no label for {Path(f).name}")

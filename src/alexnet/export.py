@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .augment import center_batch
 from .checkpoint import FORMAT
-from .data import is_image, load_image
+from .data import ImageDataset, make_loader
 from .errors import UserError
 
 FORMATS = ("onnx", "torchscript", "export", "safetensors")
@@ -76,6 +76,8 @@ def describe(ckpt: dict[str, Any], size: int) -> str:
 
 
 def check_input_size(model: torch.nn.Module, size: int) -> None:
+    if size < 1:
+        raise UserError(f"the input size must be positive, not {size}")
     try:
         with torch.no_grad():
             model(torch.zeros(1, 3, size, size))
@@ -90,7 +92,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, input_s
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     model, _, ckpt = load_for_inference(checkpoint, torch.device("cpu"))
-    size = input_size or ckpt["config"]["crop"]
+    size = ckpt["config"]["crop"] if input_size is None else input_size  # 0 is refused, not the default
     check_input_size(model, size)
     meta = describe(ckpt, size)
     out = Path(out)
@@ -188,20 +190,30 @@ def max_abs_difference(
     images: Sequence[str | Path],
     input_size: int | None = None,
     fmt: str | None = None,
-) -> tuple[float, int]:
-    """(largest |export logits - PyTorch logits|, number of images) over image files or folders."""
+    batch_size: int = 16,
+) -> tuple[float, int, list[str]]:
+    """(largest |export logits - PyTorch logits|, number of images compared, "path<TAB>reason" of the
+    files skipped as unreadable) over image files or folders, `batch_size` images at a time: memory
+    stays bounded however many images are given."""
+    from .features import list_image_files
     from .train import load_for_inference
 
-    files: list[Path] = []
-    for p in map(Path, images):
-        files += sorted(f for f in p.rglob("*") if is_image(f.name)) if p.is_dir() else [p]
-    if not files:
-        raise UserError("no image files to check with")
+    files = list_image_files([str(p) for p in images])
     model, stats, ckpt = load_for_inference(checkpoint, torch.device("cpu"))
-    image_size, size = ckpt["config"]["image_size"], input_size or ckpt["config"]["crop"]
-    x = center_batch(torch.stack([load_image(str(f), image_size) for f in files]), stats, min(size, image_size))
-    if size > image_size:  # larger than the stored images: scale the crops up, any input will do
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    image_size = ckpt["config"]["image_size"]
+    size = ckpt["config"]["crop"] if input_size is None else input_size
     run = load_exported(path, fmt)
-    with torch.no_grad():
-        return float((run(x).float() - model(x)).abs().max()), len(files)
+    largest, count, bad = 0.0, 0, []
+    for batch in make_loader(ImageDataset([(str(f), -1) for f in files], image_size), batch_size, workers=0):
+        bad += batch.bad
+        if not len(batch.labels):
+            continue
+        x = center_batch(batch.images, stats, min(size, image_size))
+        if size > image_size:  # larger than the stored images: scale the crops up, any input will do
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            largest = max(largest, float((run(x).float() - model(x)).abs().max()))
+        count += len(batch.labels)
+    if not count:
+        raise UserError(f"none of the {len(files)} image files to check with could be read")
+    return largest, count, bad

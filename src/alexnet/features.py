@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .augment import PixelStats, center_batch
 from .checkpoint import write_atomic
-from .data import ImageDataset, is_image
+from .data import ImageDataset, list_images
 from .errors import UserError
 
 
@@ -102,11 +102,12 @@ def extract_samples(
 
 
 def list_image_files(paths: list[str]) -> list[Path]:
-    """Image files given directly or found (recursively) in the folders given, in order."""
+    """Image files given directly or found (recursively, hidden files and folders left out) in the
+    folders given, in order."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and is_image(f.name))
+            files += map(Path, list_images(p))
         elif p.is_file():
             files.append(p)
         else:

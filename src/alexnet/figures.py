@@ -282,6 +282,23 @@ def confusion_figure(counts: np.ndarray, names: list[str], path: Path) -> Path:
     return _save(fig, path)
 
 
+def _image_folder(folder: str | None, given: bool, log) -> tuple[str | None, str | None]:
+    """(the image folder to draw from, None) or (None, why there is none). A prepared dataset holds
+    pixels only; the folder it was made from has the images, if it is still there."""
+    from .prepared import is_prepared, made_from
+
+    if folder is None or (not given and not Path(folder).is_dir()):
+        return None, f"no data folder ({folder or 'none in config.json'}; give --data)"
+    if not is_prepared(folder):
+        return folder, None
+    source = made_from(folder)
+    if source is None or not Path(source).is_dir():
+        where = f"the image folder it was made from, {source}, is gone" if source else "it is unfinished"
+        return None, f"{folder} is a prepared dataset and {where} (give the image folder with --data)"
+    log(f"{folder} is a prepared dataset: images from {source}, the folder it was made from")
+    return source, None
+
+
 def make_figures(
     run_dir: str | Path,
     data: str | Path | None = None,
@@ -294,8 +311,8 @@ def make_figures(
     log=print,
 ) -> list[Path]:
     """Write the figures of a run into `out` (default RUN_DIR/figures); returns the files written.
-    A figure whose input is missing (no metrics yet, no final evaluation yet, no data) is skipped
-    with a message through `log`."""
+    A figure whose input is missing (no metrics yet, no final evaluation yet, no data, a prepared
+    dataset whose image folder is gone) is skipped with a message through `log`."""
     from .train import load_for_inference, pick_device
 
     run_dir = Path(run_dir)
@@ -308,14 +325,10 @@ def make_figures(
     names, size, crop = ckpt["names"], ckpt["config"]["image_size"], ckpt["config"]["crop"]
     written = [conv1_figure(model, out / "conv1_filters.png")]
 
-    folder = data or config.get("data")
-    if folder is None or (data is None and not Path(folder).is_dir()):
-        log(f"no data folder ({folder or 'none in config.json'}; give --data): predictions and neighbours skipped")
+    folder, missing = _image_folder(data or config.get("data"), given=data is not None, log=log)
+    if missing:
+        log(f"{missing}: predictions and neighbours skipped")
     else:
-        from .prepared import is_prepared
-
-        if is_prepared(folder):
-            raise UserError(f"{folder} is a prepared dataset; give the image folder it was made from with --data")
         val = open_split(folder, "val", classes=ckpt["classes"]).samples
         train = open_split(folder, "train", classes=ckpt["classes"]).samples
         written.append(predictions_figure(model, stats, val, names, size, crop, out / "predictions.png"))

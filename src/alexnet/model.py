@@ -369,10 +369,14 @@ def _hooked(*modules: nn.Module) -> bool:
 
 
 def feature_side(preset: Preset, input_size: int) -> int:
-    """Height (= width) of the last feature map for a square input of `input_size` pixels."""
-    if preset.adaptive_pool:
+    """Height (= width) of the last feature map for a square input of `input_size` pixels (what fc6
+    sees); 0 where a layer's output would be empty."""
+    if preset.adaptive_pool and _conv_side(preset, input_size):
         return 6
-    side = input_size
+    return _conv_side(preset, input_size)
+
+
+def _conv_side(preset: Preset, side: int) -> int:
     for i, c in enumerate(preset.convs):
         if i == 0 and preset.ceil_conv1:
             side = 1 + math.ceil((side - c.kernel) / c.stride)
@@ -380,7 +384,22 @@ def feature_side(preset: Preset, input_size: int) -> int:
             side = (side + 2 * c.pad - c.kernel) // c.stride + 1
         if c.pool:
             side = (side - 3) // 2 + 1
+        if side < 1:
+            return 0
     return side
+
+
+def input_size_error(preset: Preset, input_size: int) -> str | None:
+    """Why the preset cannot take square inputs of `input_size` pixels, or None where it can."""
+    side, wanted = feature_side(preset, input_size), feature_side(preset, preset.input_size)
+    if side == wanted:
+        return None
+    sizes = [s for s in range(1, 2 * preset.input_size) if feature_side(preset, s) == wanted]
+    if preset.adaptive_pool:
+        return f"the {preset.name} preset takes inputs of {sizes[0]} pixels or more (a layer's output would be empty)"
+    got = f"not {side}x{side}" if side else "a layer's output would be empty"
+    takes = f"{sizes[0]}-{sizes[-1]} pixel inputs (fc6 reads {wanted}x{wanted} features; {got})"
+    return f"the {preset.name} preset takes {takes}"
 
 
 def init_weights(model: AlexNet, scheme: str) -> None:

@@ -14,14 +14,18 @@ epoch is a pass over one file per split instead of a million JPEG decodes:
               <split>_offsets.npy  (N + 1,) int64: image i is bytes offsets[i]:offsets[i + 1]
 
 PreparedLoader turns a split into the same Batch objects the folder pipeline (data.py) yields, in the
-same order (EpochSampler), so train.py and augment.train_batch cannot tell the two paths apart.
+same order (EpochSampler), so train.py and augment.train_batch cannot tell the two paths apart: a
+stored JPEG that no longer decodes is left out of its batch and named in the batch's `bad`, as the
+folder pipeline does with an unreadable file.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import re
 import threading
 import warnings
 import weakref
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .data import Batch, EpochSampler, rank_share
+from .data import Batch, EpochSampler, _one_line, rank_share
 from .errors import UserError
 
 FORMAT = "alexnet-prepared-1"
@@ -75,6 +79,14 @@ def read_manifest(root: str | Path) -> dict:
     return manifest
 
 
+def made_from(root: str | Path) -> str | None:
+    """The image folder a prepared dataset was made from, as its manifest records it (None: unfinished)."""
+    try:
+        return read_manifest(root).get("source")
+    except UserError:
+        return None
+
+
 @dataclass
 class PreparedSplit:
     """One split of a prepared dataset, memory-mapped: nothing is read until a batch asks for it."""
@@ -95,6 +107,39 @@ class PreparedSplit:
     def encoded(self, i: int) -> torch.Tensor:
         """jpeg: the bytes of image i, as the 1-D uint8 tensor decode_jpeg takes (a copy: memmaps are read-only)."""
         return torch.from_numpy(np.array(self.images[self.offsets[i] : self.offsets[i + 1]]))
+
+    @functools.cached_property
+    def sources(self) -> list[str]:
+        """The source file of each image (<split>_files.txt), read when first asked: to name a bad image."""
+        text = (self.path.parent / split_files(self.name, self.fmt)["files"]).read_bytes()
+        return text.decode(errors="surrogateescape").splitlines()  # names as they are on disk, UTF-8 or not
+
+
+def decode_jpegs(
+    encoded: list[torch.Tensor], size: int, device: str | torch.device = "cpu"
+) -> tuple[list[torch.Tensor], list[tuple[int, str]]]:
+    """Decode JPEG bytes in one batched call: (the images that decode to 3 x size x size, in order,
+    [(position, reason)] of those that do not). A damaged one costs a second pass, one image at a time,
+    because the batched call fails as a whole without saying which."""
+    try:
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device) if encoded else []
+        if all(im.shape == (3, size, size) for im in images):
+            return images, []
+    except (RuntimeError, ValueError):
+        pass
+    images, failed = [], []
+    for pos, data in enumerate(encoded):
+        try:
+            image = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except (RuntimeError, ValueError) as e:
+            why = re.sub(r"^\w+, \S+:\d+, ", "", str(e))  # torchvision's "decode_jpeg, FILE.cpp:171, " prefix
+            failed.append((pos, f"{type(e).__name__}: {_one_line(why)}"))
+            continue
+        if image.shape != (3, size, size):
+            failed.append((pos, f"ValueError: decodes to {'x'.join(map(str, image.shape))}, not 3x{size}x{size}"))
+            continue
+        images.append(image)
+    return images, failed
 
 
 def open_prepared(root: str | Path, split: str) -> PreparedSplit:
@@ -117,7 +162,9 @@ def open_prepared(root: str | Path, split: str) -> PreparedSplit:
 
 
 class PreparedLoader:
-    """One epoch of Batch(images (B, 3, S, S) uint8, labels (B,) int64, bad=[]) from a prepared split.
+    """One epoch of Batch(images (B, 3, S, S) uint8, labels (B,) int64, bad) from a prepared split; `bad`
+    names the JPEGs that no longer decode ("source<TAB>reason"), left out of the batch as the folder
+    pipeline leaves out an unreadable file, and is empty otherwise.
 
     Order: batch b holds order[b * batch_size:(b + 1) * batch_size] with order = EpochSampler(n, seed,
     epoch).order(), exactly the batches the folder pipeline gives for the same seed and epoch. Iteration
@@ -202,22 +249,36 @@ class PreparedLoader:
             while pending:
                 yield self._finish(pending.popleft().result())
 
-    def _read(self, step: int) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
-        """Batch `step` from disk (background thread). Reads in file order for locality, returns in batch order."""
+    def _read(self, step: int) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, np.ndarray, list[str]]:
+        """Batch `step` from disk (background thread). Reads in file order for locality, returns in batch order:
+        (images, or JPEG bytes for the GPU to decode, labels, sample indices, bad files)."""
         idx = self.batch_indices(step)
         split = self.split
-        labels = torch.from_numpy(np.array(split.labels[idx]))
+        labels, bad = torch.from_numpy(np.array(split.labels[idx])), []
         if split.fmt == "jpeg":
             encoded = [split.encoded(i) for i in idx]  # small reads: their order matters little
             if self.device.type == "cuda":
-                return encoded, labels  # decoded on the GPU by _finish, in the consumer's thread and stream
-            images = self._new_batch(len(idx))
-            if len(idx):
-                torch.stack(decode_jpeg(encoded, mode=ImageReadMode.RGB), out=images)
+                return encoded, labels, idx, bad  # decoded on the GPU by _finish, in the consumer's thread and stream
+            decoded, failed = decode_jpegs(encoded, split.size)
+            labels, bad = self._drop(labels, idx, failed)
+            images = self._new_batch(len(decoded))
+            if decoded:
+                torch.stack(decoded, out=images)
         else:
             images = self._new_batch(len(idx))
             read_raw(split.path, idx, images.numpy())
-        return images, labels.pin_memory() if self.pin_memory else labels
+        return images, labels.pin_memory() if self.pin_memory else labels, idx, bad
+
+    def _drop(
+        self, labels: torch.Tensor, idx: np.ndarray, failed: list[tuple[int, str]]
+    ) -> tuple[torch.Tensor, list[str]]:
+        """The labels of the images that decoded, and "source<TAB>reason" of those that did not."""
+        if not failed:
+            return labels, []
+        gone = {pos for pos, _ in failed}
+        kept = labels[[pos for pos in range(len(labels)) if pos not in gone]]
+        name, sources = self.split.path.name, self.split.sources
+        return kept, [f"{sources[idx[pos]]}\t{why} (image {idx[pos]} of {name})" for pos, why in failed]
 
     def _new_batch(self, n: int) -> torch.Tensor:
         """An empty (n, 3, S, S) uint8 batch, in a buffer that no tensor uses any more if there is one.
@@ -235,17 +296,18 @@ class PreparedLoader:
                 self._buffers.append((buffer, weakref.ref(view)))
         return torch.from_numpy(view)
 
-    def _finish(self, item: tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]) -> Batch:
+    def _finish(self, item: tuple[torch.Tensor | list[torch.Tensor], torch.Tensor, np.ndarray, list[str]]) -> Batch:
         """Move (or, for JPEG on cuda, decode) the batch onto the device: in the consumer's thread."""
-        images, labels = item
+        images, labels, idx, bad = item
         if isinstance(images, list):  # JPEG bytes for nvjpeg
             s = self.split.size
-            decoded = decode_jpeg(images, mode=ImageReadMode.RGB, device=self.device) if images else []
+            decoded, failed = decode_jpegs(images, s, self.device)
+            labels, bad = self._drop(labels, idx, failed)
             images = torch.stack(decoded) if decoded else torch.empty(0, 3, s, s, dtype=torch.uint8)
         if self.device.type == "cpu":
-            return Batch(images, labels, [])
+            return Batch(images, labels, bad)
         if self.copy_stream is None or images.is_cuda:
-            return Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), [])
+            return Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), bad)
         consumer = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.copy_stream):
             images = images.to(self.device, non_blocking=True)
@@ -253,7 +315,7 @@ class PreparedLoader:
         consumer.wait_stream(self.copy_stream)  # what the consumer queues next waits for this copy only
         for t in (images, labels):  # their memory, the copy stream's, is not reused before the consumer is done
             t.record_stream(consumer)
-        return Batch(images, labels, [])
+        return Batch(images, labels, bad)
 
 
 def read_raw(path: Path, idx: np.ndarray, out: np.ndarray) -> None:

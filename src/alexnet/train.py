@@ -8,6 +8,7 @@ step and resumed from its checkpoint computes exactly what an uninterrupted run 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import shutil
@@ -80,9 +81,14 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {name!r} asked for, but CUDA is not available here")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as e:
-        raise UserError(f"unknown device {name!r}") from e
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):  # mps, xpu, meta...: the project's steps are written for these two
+        raise UserError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -92,6 +98,14 @@ def step_seed(seed: int, step: int) -> int:
 def write_classes(path: Path, classes: list[str], names: list[str]) -> None:
     rows = ["index\twnid\tname"] + [f"{i}\t{c}\t{n}" for i, (c, n) in enumerate(zip(classes, names, strict=True))]
     write_text_atomic(path, "\n".join(rows) + "\n")
+
+
+def _differences(made_with: list[str], now: list[str]) -> str:
+    missing, extra = [c for c in made_with if c not in now], [c for c in now if c not in made_with]
+    if not missing and not extra:
+        return "the same names in another order"
+    listed = (("missing", missing), ("new", extra))
+    return "; ".join(f"{what} {', '.join(cs[:5])}{' ...' if len(cs) > 5 else ''}" for what, cs in listed if cs)
 
 
 def write_bad_files(run_dir: Path, bad_files: set[str]) -> None:
@@ -153,6 +167,7 @@ class RunState:
     correct: int = 0
     seen: int = 0
     seconds: float = 0.0
+    rollbacks: int = 0  # --on-nan rollback: how many of its 3 the run has used
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
@@ -167,9 +182,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     ranks, device = distributed.start(device)
     tune_for(device)
     try:
-        # --init-from: read and checked now, so a wrong file stops the run before its directory is made
+        # --init-from: read and checked now, so a wrong file stops the run before its directory is made;
+        # a resumed run starts from its checkpoint instead, where it has one
+        has_checkpoint = resume and Path(cfg.run_dir or "", "last.pt").is_file()
         with distributed.together(ranks):  # on every machine: one without the file stops them all
-            pretrained = read_pretrained(cfg.init_from, cfg) if cfg.init_from and not resume else None
+            pretrained = read_pretrained(cfg.init_from, cfg) if cfg.init_from and not has_checkpoint else None
         # --cuda-graphs where they cannot run: stopped before the run directory is made
         resolve_cuda_graphs(
             cfg.cuda_graphs, device, resolve_precision(cfg.precision, device), cfg.compile, ranks.distributed
@@ -252,7 +269,7 @@ def _train(
             classes, names = manifest["classes"], manifest["names"]
             held = [manifest["fmt"], classes, {name: info["images"] for name, info in manifest["splits"].items()}]
             moments = torch.load(Path(cfg.data) / "stats.pt", weights_only=True)
-            bad_files.update((Path(cfg.data) / "bad.txt").read_text().splitlines())
+            bad_files.update((Path(cfg.data) / "bad.txt").read_text(errors="surrogateescape").splitlines())
             pin = device.type == "cuda"
 
             def train_loader(epoch: int, start_step: int) -> Iterable[Batch]:
@@ -268,7 +285,9 @@ def _train(
             for c in train_split.empty_classes:
                 say(f"warning: class folder {c} in {cfg.data}/train has no images")
             classes, names = train_split.classes, train_split.names
-            held = [classes, listing(train_split), listing(val_split)] if ranks.distributed else None
+            held = None  # under DDP: paths under --data, which may lie elsewhere on another machine
+            if ranks.distributed:
+                held = [classes, listing(train_split, cfg.data), listing(val_split, cfg.data)]
             train_data = ImageDataset(train_split.samples, cfg.image_size)
             val_samples = rank_share(val_split.samples, ranks.rank, ranks.world_size)
             val_loader = make_loader(ImageDataset(val_samples, cfg.image_size), cfg.batch_size, cfg.workers)
@@ -285,6 +304,13 @@ def _train(
     if num_classes < 2:
         raise UserError(f"{cfg.data}/train needs at least 2 class folders, found {num_classes}")
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    if (run_dir / "classes.tsv").is_file():  # a resumed run: its data must be what it was made with
+        made_with = [row.split("\t")[1] for row in (run_dir / "classes.tsv").read_text().splitlines()[1:]]
+        if classes != made_with:
+            raise UserError(
+                f"{cfg.data} holds other classes than {run_dir} was trained on (its classes.tsv):"
+                f" {_differences(made_with, classes)}; a resumed run cannot change them"
+            )
 
     # --- rank 0 writes the config, the classes and the training set's mean image and colour covariance
     stats_path = run_dir / "stats.pt"
@@ -363,6 +389,11 @@ def _train(
 
     if resume and (run_dir / "last.pt").is_file():
         ckpt = load_checkpoint(run_dir / "last.pt")
+        if ckpt.get("train_images", len(train_data)) != len(train_data):  # the epochs' batches would differ
+            raise UserError(
+                f"{cfg.data} holds {len(train_data)} training images, {run_dir} was trained on"
+                f" {ckpt['train_images']}; a resumed run cannot change its data (start a new run with --init-from)"
+            )
         state = restore(ckpt)
         torch.set_rng_state(ckpt["rng"])
         say(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step_in_epoch}")
@@ -377,6 +408,11 @@ def _train(
             # drop metric lines of epochs the checkpoint does not contain (written just before a crash)
             kept = [m for m in read_jsonl(run_dir / "metrics.jsonl") if m["epoch"] <= state.epoch]
             write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
+            # resumed with a raised --epochs or a moved --data: keep them, for a plain --resume to go on with
+            stored = TrainConfig.load(run_dir / "config.json")
+            if (stored.epochs, stored.data) != (cfg.epochs, cfg.data):
+                stored = dataclasses.replace(stored, epochs=cfg.epochs, data=cfg.data)
+                write_text_atomic(run_dir / "config.json", stored.to_json() + "\n")
 
     def checkpoint(path: Path) -> None:
         """Rank 0's checkpoint, which every rank waits for: call it on every rank."""
@@ -390,6 +426,7 @@ def _train(
                 "config": cfg.__dict__,
                 "classes": classes,
                 "names": names,
+                "train_images": len(train_data),
                 "stats": stats.state_dict(),
                 "model": model.state_dict(),
                 "run_state": state.__dict__,
@@ -404,7 +441,6 @@ def _train(
 
     if cfg.on_nan == "rollback" and not (run_dir / "last.pt").is_file():
         checkpoint(run_dir / "last.pt")  # the state to roll back to if the first epoch diverges
-    rollbacks = 0
 
     # --- the epoch loop --------------------------------------------------------------------------
     tb = TensorBoardLog(run_dir / "tensorboard") if cfg.tensorboard and main else None
@@ -450,18 +486,27 @@ def _train(
                 stopping = bool(stop.signum) and not ranks.distributed
                 if state.step_in_epoch % cfg.log_every == 0 or at_end or stopping or checkpoint_due:
                     stop_flag = sums.new_tensor([float(bool(stop.signum))])
-                    loss_sum, correct, seen, stopping = distributed.sum_over_ranks(
-                        torch.cat([sums, stop_flag]), ranks
+                    # the weights' sum: a step whose loss was finite can still leave NaN or infinite weights,
+                    # which must not reach a checkpoint (one read of the weights per interval)
+                    weight_sum = torch.stack([p.detach().sum() for p in model.parameters()]).sum().reshape(1)
+                    loss_sum, correct, seen, weight_sum, stopping = distributed.sum_over_ranks(
+                        torch.cat([sums, weight_sum.to(sums.dtype), stop_flag]), ranks
                     ).tolist()
                     # after .tolist(), which waits for the device: on CUDA the steps so far may only be queued
                     elapsed = time.perf_counter() - t_log
-                    if not math.isfinite(loss_sum):
-                        if cfg.on_nan == "rollback" and rollbacks < 3 and (run_dir / "last.pt").is_file():
+                    if not math.isfinite(loss_sum + weight_sum):
+                        if cfg.on_nan == "rollback" and state.rollbacks < 3 and (run_dir / "last.pt").is_file():
                             diverged = True
                             break
+                        what = "loss" if not math.isfinite(loss_sum) else "weights"
+                        kept = (
+                            f"last good checkpoint: {run_dir / 'last.pt'}"
+                            if (run_dir / "last.pt").is_file()
+                            else "no checkpoint had been written yet"
+                        )
                         raise Diverged(
-                            f"loss became {loss_sum} at epoch {epoch + 1}, step {state.step_in_epoch}; "
-                            f"last good checkpoint: {run_dir / 'last.pt'} (try a lower --lr, or --on-nan rollback)"
+                            f"{what} became {loss_sum if what == 'loss' else 'NaN/inf'} at epoch {epoch + 1}, step"
+                            f" {state.step_in_epoch}; {kept} (try a lower --lr, or --on-nan rollback)"
                         )
                     state.loss_sum += loss_sum
                     state.correct += int(correct)
@@ -488,24 +533,35 @@ def _train(
                     )
             bar.close()
             if diverged:  # --on-nan rollback: back to the last checkpoint, with a tenth of the learning rate
-                rollbacks += 1
                 state = restore(load_checkpoint(run_dir / "last.pt"))
+                state.rollbacks += 1
                 scale_learning_rate(optimizer, scheduler, 0.1)
+                # kept at once: a second rollback, or a resume, goes on from the lowered rate and the count
+                checkpoint(run_dir / "last.pt")
                 say(
-                    f"loss became NaN/inf at epoch {epoch + 1}: rolled back to epoch {state.epoch + 1}, step "
-                    f"{state.step_in_epoch}, learning rate now {optimizer.param_groups[0]['lr']:.3g} ({rollbacks}/3)"
+                    f"loss or weights became NaN/inf at epoch {epoch + 1}: rolled back to epoch {state.epoch + 1},"
+                    f" step {state.step_in_epoch}, learning rate now {optimizer.param_groups[0]['lr']:.3g}"
+                    f" ({state.rollbacks}/3)"
                 )
                 continue
 
             val = evaluate(model, val_loader, stats, num_classes, device, cfg.crop, progress=progress, ranks=ranks)
             bad_files.update(val.bad)
             bad_files = distributed.union_over_ranks(bad_files, ranks)
-            if not steps_each_iteration(scheduler):
+            if val.count == 0:  # every validation image unreadable: no error to choose best.pt or the schedule by
+                with distributed.together(ranks):
+                    if main:
+                        write_bad_files(run_dir, bad_files)
+                raise UserError(f"no validation image in {cfg.data} can be read; see {run_dir / 'bad_files.txt'}")
+            if steps_each_iteration(scheduler):  # the rate of the epoch's last step, the one before last_epoch
+                lr = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch - 1)
+            else:  # the epoch's rate, before the plateau's decision for the next
+                lr = optimizer.param_groups[0]["lr"]
                 scheduler.step(val.top1_err)
             record = {
                 "epoch": epoch + 1,
                 "step": (epoch + 1) * steps_per_epoch,
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": lr,
                 "train_loss": state.loss_sum / max(state.seen, 1),
                 "train_top1_err": 1 - state.correct / max(state.seen, 1),
                 "val_loss": val.loss,
@@ -523,7 +579,10 @@ def _train(
             improved = val.top1_err < state.best_top1_err
             best_epoch = epoch + 1 if improved else state.best_epoch
             state = RunState(
-                epoch=epoch + 1, best_top1_err=min(state.best_top1_err, val.top1_err), best_epoch=best_epoch
+                epoch=epoch + 1,
+                best_top1_err=min(state.best_top1_err, val.top1_err),
+                best_epoch=best_epoch,
+                rollbacks=state.rollbacks,
             )
             with distributed.together(ranks):
                 if main:

@@ -148,6 +148,8 @@ def parse_freeze(spec: str) -> list[str]:
             raise UserError(
                 f"freeze: {part!r} is not a layer; use conv1..fc8, a range like conv1..conv3, or 'features'"
             )
+    if len(set(names)) == len(LAYERS):
+        raise UserError(f"freeze: {spec!r} freezes every layer; nothing would be trained")
     return sorted(set(names), key=LAYERS.index)
 
 

@@ -52,5 +52,44 @@ def test_rollback_gives_up_after_three_tries(fault_data, tmp_path, monkeypatch):
     cfg = TrainConfig(data=str(fault_data), run_dir=str(tmp_path / "run"), on_nan="rollback", **TINY)
     with pytest.raises(Diverged, match="loss became nan at epoch 1, step 1"):
         train(cfg, progress=False)
-    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")  # the initial weights, written for the rollback
-    assert ckpt["run_state"]["epoch"] == 0 and ckpt["optimizer"]["param_groups"][0]["lr"] == 0.01
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")  # the initial weights, with the rate of the last try
+    assert ckpt["run_state"]["epoch"] == 0 and ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-5)
+
+
+def test_each_rollback_lowers_the_rate_again_and_the_count_is_kept(fault_data, tmp_path, monkeypatch, capsys):
+    """Three rollbacks in a row divide the rate by 10, 100 and 1000: each goes back to a checkpoint that
+    holds the lowered rate and the count (a retry at the same rate would replay the same NaN)."""
+    poison_steps(monkeypatch, set(range(7, 1000)))  # from epoch 2, step 2 on, at any rate
+    cfg = TrainConfig(data=str(fault_data), run_dir=str(tmp_path / "run"), on_nan="rollback", **TINY)
+    with pytest.raises(Diverged, match="loss became nan at epoch 2, step 1"):
+        train(cfg, progress=False)
+    out = capsys.readouterr().out
+    for lr, count in (("0.001", 1), ("0.0001", 2), ("1e-05", 3)):
+        assert f"learning rate now {lr} ({count}/3)" in out
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["run_state"]["rollbacks"] == 3
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-5)
+
+
+def test_weights_made_nan_by_a_step_with_a_finite_loss_never_reach_a_checkpoint(fault_data, tmp_path, monkeypatch):
+    """The gradient of epoch 1's last step is made NaN: that step's loss is finite, its update is not.
+    Its checkpoint would hold NaN weights as 'the last good checkpoint'; the run stops before it."""
+    import alexnet.train as train_module
+
+    real_build, backward_passes = train_module.build_model, []
+
+    def poisoned_model(*args, **kw):
+        model = real_build(*args, **kw)
+
+        def poison(grad):
+            backward_passes.append(1)
+            return grad * math.nan if len(backward_passes) == 5 else grad
+
+        model.classifier[-1].weight.register_hook(poison)
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", poisoned_model)
+    cfg = TrainConfig(data=str(fault_data), run_dir=str(tmp_path / "run"), **{**TINY, "log_every": 3})
+    with pytest.raises(Diverged, match="weights became NaN/inf at epoch 1, step 5; no checkpoint had been written"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run" / "last.pt").exists()
