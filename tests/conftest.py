@@ -16,12 +16,28 @@ IMAGENETTE_CI = SHARED_DATA / "imagenette-ci"
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (`-n`), the cores shared among the workers: each taking all of them, as
-    PyTorch's threads do by default, the workers only contend."""
+    PyTorch's threads do by default, the workers (and the processes their tests start) only contend."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # the `alexnet` processes tests start too
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `long` (minutes) first: pytest-xdist hands tests out in this order, and a long one
+    started last keeps the whole suite waiting for its worker."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: the rest keep their order
+
+
+@pytest.fixture(autouse=True)
+def no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsync only guards against a power cut, which no test makes, and costs ~0.5 s a checkpoint.
+    Kills and signals are tested with it gone (the page cache survives them); a failing fsync, in
+    tests/faults/test_disk.py, patches it back in. Subprocesses keep it."""
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
 
 
 @contextmanager

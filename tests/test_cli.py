@@ -29,6 +29,18 @@ def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "alexnet", *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
+def run_main(capsys, *args):
+    """`alexnet ARGS` in this process (a subprocess costs seconds of imports): its exit status and
+    output, as run_cli's. An unexpected exception fails the test with its traceback."""
+    capsys.readouterr()
+    try:
+        code = main(list(map(str, args)))
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 def assert_one_line_error(result, pattern):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
@@ -76,7 +88,20 @@ def tiny_run(tmp_path_factory):
         (["train", "--freeze", "features,fc6..fc8", "--data", "."], "freezes every layer"),
     ],
 )
-def test_bad_input_is_one_line(args, pattern):
+def test_bad_input_is_one_line(args, pattern, capsys):
+    assert_one_line_error(run_main(capsys, *args), pattern)
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["info", "--preset", "bogus"], "unknown preset 'bogus'"),
+        (["train", "--no-such-option"], "unrecognized arguments"),
+        (["train", "--data", "/no/such/folder"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_from_the_installed_command(args, pattern):
+    """The same, as a user runs it: `python -m alexnet` in a process of its own."""
     assert_one_line_error(run_cli(*args), pattern)
 
 

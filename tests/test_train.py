@@ -1,3 +1,5 @@
+import csv
+import hashlib
 import json
 import math
 import os
@@ -6,9 +8,11 @@ import zlib
 
 import pytest
 import torch
+from conftest import IMAGENETTE_CI
 
 import alexnet.step as step_module
 from alexnet.checkpoint import load_checkpoint, save_checkpoint
+from alexnet.cli import main
 from alexnet.config import TrainConfig
 from alexnet.errors import UserError
 from alexnet.train import Interrupted, train
@@ -261,16 +265,34 @@ def test_unreadable_validation_images_stop_the_run_in_one_line(tiny_dataset, tmp
     assert len((tmp_path / "run" / "bad_files.txt").read_text().splitlines()) == 6
 
 
+def held_out_imagenette(train_folder, tmp_path):
+    """imagenette-dev's validation images less any also in `train_folder` (imagenette-ci's training
+    images are drawn from the same pool), linked into an ImageNet-layout folder of their own."""
+    seen = {hashlib.sha256(f.read_bytes()).hexdigest() for f in train_folder.rglob("*.JPEG")}
+    dev = IMAGENETTE_CI.parent / "imagenette-dev"
+    if not (dev / "val.csv").is_file():
+        pytest.skip(f"{dev} not found")
+    folder = tmp_path / "held-out"
+    for row in csv.DictReader((dev / "val.csv").open()):
+        if row["sha256"] not in seen:
+            link = folder / row["path"]
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(dev / row["path"])
+    return folder
+
+
+@pytest.mark.long
 def test_learns_on_real_images(imagenette_ci, tmp_path):
-    """A short CPU run of the paper's network on real photographs: the training loss falls and the
-    validation accuracy beats chance (10 classes: 90% top-1 error, 50% top-5 error)."""
+    """A short CPU run of the paper's network on 400 real photographs (10 classes): the training loss
+    falls, and on ~900 held-out photographs the errors are far below chance (top-1 0.9, top-5 0.5; a
+    model that guesses scores within 0.03 and 0.05 of those, 3 standard errors)."""
     cfg = TrainConfig(
         data=str(imagenette_ci),
         run_dir=str(tmp_path / "run"),
         preset="paper",
         init="caffe",  # the paper's biases of 1 give a flat loss here, as Caffe found
-        epochs=8,
-        batch_size=32,
+        epochs=4,
+        batch_size=8,  # many small steps: 200 of them learn in half the images 8 epochs of 32 took
         schedule="cosine",
         workers=1,
     )
@@ -278,5 +300,11 @@ def test_learns_on_real_images(imagenette_ci, tmp_path):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     print(json.dumps(metrics, indent=1))
     assert metrics[-1]["train_loss"] < 0.9 * metrics[0]["train_loss"]
-    result = json.loads((run / "eval.json").read_text())
-    assert result["center"]["top1_err"] < 0.8 and result["center"]["top5_err"] < 0.45, result
+    held_out = held_out_imagenette(imagenette_ci / "train", tmp_path)
+    out = tmp_path / "eval"
+    args = ["--checkpoint", str(run), "--data", str(held_out), "--out", str(out), "--no-progress"]
+    assert main(["evaluate", *args]) == 0
+    result = json.loads((out / "eval.json").read_text())["center"]
+    print(result)
+    assert result["images"] > 900
+    assert result["top1_err"] < 0.85 and result["top5_err"] < 0.42 and result["loss"] < math.log(10) - 0.05, result

@@ -841,6 +841,7 @@ def test_bias_relu_lrn_falls_back_to_the_operations_apart_where_triton_cannot_ru
         bias_relu_module.bias_relu_lrn(x, bias, lrn, kernels="triton")
 
 
+@pytest.mark.long
 @pytest.mark.parametrize(("kernels", "pool_kernels"), [(32, (64, 64))], indirect=True)  # big tiles: fewer to interpret
 @pytest.mark.parametrize("bias_relu_kernels", [(64, 32)], indirect=True)
 def test_the_paper_network_through_every_triton_kernel_equals_pytorch(kernels, pool_kernels, bias_relu_kernels) -> None:
