@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from .data import Batch, EpochSampler, _one_line, rank_share
 from .errors import UserError
@@ -121,6 +120,8 @@ def decode_jpegs(
     """Decode JPEG bytes in one batched call: (the images that decode to 3 x size x size, in order,
     [(position, reason)] of those that do not). A damaged one costs a second pass, one image at a time,
     because the batched call fails as a whole without saying which."""
+    from torchvision.io import ImageReadMode, decode_jpeg  # here: importing torchvision costs every command ~1.5 s
+
     try:
         images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device) if encoded else []
         if all(im.shape == (3, size, size) for im in images):
