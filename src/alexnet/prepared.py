@@ -120,7 +120,7 @@ def decode_jpegs(
     """Decode JPEG bytes in one batched call: (the images that decode to 3 x size x size, in order,
     [(position, reason)] of those that do not). A damaged one costs a second pass, one image at a time,
     because the batched call fails as a whole without saying which."""
-    from torchvision.io import ImageReadMode, decode_jpeg  # here: importing torchvision costs every command ~1.5 s
+    from torchvision.io import ImageReadMode, decode_jpeg  # here: importing torchvision costs every command ~2 s
 
     try:
         images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device) if encoded else []
