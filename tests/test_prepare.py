@@ -1,6 +1,7 @@
 """Prepared datasets: the same pixels, labels, statistics and batches as the folder pipeline, a killed
 prepare that resumes to identical bytes, bad files left out, and a loader that shards and resumes."""
 
+import functools
 import os
 import shutil
 import signal
@@ -148,6 +149,81 @@ def test_killed_prepare_resumes_to_identical_bytes(source, prepared, fmt, tmp_pa
     # resumed with other workers and chunks: neither changes a byte
     prepare_dataset(source, out, fmt=fmt, workers=2, progress=False, chunk_size=3)
     assert_same_files(out, prepared[fmt])
+
+
+# `alexnet prepare` with 2 workers, decoding slowed down (0.4 s a chunk of 2), so that signals land mid-split
+SLOW_PREPARE = """
+import functools, sys, time
+import alexnet.prepare as p
+from alexnet.cli import main
+load = p.load_image
+p.load_image = lambda *a: (time.sleep(0.2), load(*a))[1]
+p.prepare_dataset = functools.partial(p.prepare_dataset, chunk_size=2)
+sys.exit(main(["prepare", *sys.argv[1:], "--workers", "2", "--no-progress"]))
+"""
+
+
+def children_of(pid: int) -> set[int]:
+    return {int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()}
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists worker processes from Linux's /proc")
+@pytest.mark.parametrize(
+    "signum, group, twice",
+    [
+        (signal.SIGTERM, False, False),  # preemption of the main process alone
+        (signal.SIGTERM, True, False),  # the whole group: the workers get it too
+        (signal.SIGINT, True, False),  # Ctrl-C in a terminal
+        (signal.SIGTERM, True, True),  # a second signal: the process ends at once, and its workers with it
+    ],
+)
+def test_a_signal_stops_prepare_in_one_line_and_it_resumes_to_identical_bytes(
+    source, prepared, signum, group, twice, tmp_path
+):
+    out = tmp_path / "prepared"
+    child = subprocess.Popen(
+        [sys.executable, "-c", SLOW_PREPARE, str(source), str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a process group of its own, as a shell gives a command
+    )
+    deadline = time.monotonic() + 60
+    while not (out / ".progress" / "train.pt").exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    workers = children_of(child.pid)
+    assert len(workers) == 2, "the pool's workers are running"
+    send = functools.partial(os.killpg, child.pid) if group else child.send_signal
+    send(signum)
+    if twice:
+        time.sleep(0.05)
+        send(signum)
+    _, err = child.communicate(timeout=60)
+
+    assert "Traceback" not in err and "Error" not in err, err
+    if twice:  # the default action
+        assert child.returncode == -signum
+    else:
+        assert child.returncode == 128 + signum
+        done = torch.load(out / ".progress" / "train.pt", weights_only=True)["done"]
+        assert 0 < done < 19
+        assert err.strip().splitlines() == [
+            f"alexnet: stopped by {signal.Signals(signum).name} with {done} of 19 train images done; "
+            "run the same prepare again to resume"
+        ]
+    time.sleep(0.5)  # no worker is left behind, whichever way the main process ended
+    assert not [pid for pid in workers if running(pid)]
+    assert not (out / "manifest.json").exists()
+
+    prepare_dataset(source, out, fmt="raw", workers=2, progress=False, chunk_size=3)
+    assert_same_files(out, prepared["raw"])
+
+
+def running(pid: int) -> bool:
+    """Neither gone nor a zombie (dead, waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_bad_files_are_listed_and_left_out(imagenette_ci, tmp_path):

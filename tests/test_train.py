@@ -15,7 +15,8 @@ from alexnet.checkpoint import load_checkpoint, save_checkpoint
 from alexnet.cli import main
 from alexnet.config import TrainConfig
 from alexnet.errors import UserError
-from alexnet.train import Interrupted, train
+from alexnet.stopping import Interrupted
+from alexnet.train import train
 
 # Small and quick: the paper network at a reduced input, few images. Still the real training loop.
 TINY = dict(preset="torchvision", batch_size=4, image_size=72, crop=64, workers=0, log_every=1)

@@ -437,7 +437,8 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train import Diverged, Interrupted
+    from .stopping import Interrupted
+    from .train import Diverged
 
     for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print as escapes, not a traceback
         if hasattr(stream, "reconfigure"):
@@ -450,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Interrupted as e:
         resumable = (e.run_dir / "config.json").is_file()
-        then = f"resume with: alexnet train --resume {e.run_dir}" if resumable else "nothing was written"
+        then = e.then or (f"resume with: alexnet train --resume {e.run_dir}" if resumable else "nothing was written")
         print(f"alexnet: {e}; {then}", file=sys.stderr)
         return 128 + e.signum
     except Diverged as e:

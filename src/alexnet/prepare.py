@@ -16,11 +16,14 @@ Interruption: once a second (after a whole chunk) the files are fsynced and the 
 consumed and written, bad files, moment sums) is saved atomically in OUT/.progress/. Running prepare
 again cuts the files back to the recorded length and carries on, so a killed run, resumed, writes
 exactly the bytes of an uninterrupted one. manifest.json is written last: a dataset is complete iff
-it exists.
+it exists. Ctrl-C or SIGTERM, to this process or its whole group, stops in order: the chunks in hand
+are written and recorded, the workers finish theirs and exit, and Interrupted says how to resume.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import io
 import json
 import multiprocessing
@@ -28,6 +31,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -44,6 +48,7 @@ from .checkpoint import write_atomic, write_text_atomic
 from .data import Split, _one_line, listing, load_image, open_split
 from .errors import UserError
 from .prepared import FORMAT, MANIFEST, PreparedSplit, decode_jpegs, open_prepared, read_manifest, split_files
+from .stopping import StopSignals
 
 SPLITS = ("train", "val")
 PROGRESS = ".progress"  # prepared.is_prepared knows this name too
@@ -51,6 +56,7 @@ RECORD_EVERY_S = 1.0  # fsync and record progress at most this often: a kill los
 CHECK_CHUNK = 64  # images decoded at a time by each thread of prepare --check (12 MB of 256x256 pixels)
 # what str.splitlines ends a line at: a file name holding one would break the line-per-file lists
 LINE_BREAKS = re.compile("[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")
+PR_SET_PDEATHSIG = 1  # Linux prctl: the signal a process gets when its parent dies
 
 
 def prepare_dataset(
@@ -72,8 +78,26 @@ def prepare_dataset(
     The mean image and colour covariance (stats.pt) are those of train, or of the only split prepared.
     Running it again on an unfinished `out` resumes; on a finished one with the same settings and
     source files it returns at once. Raises UserError for bad settings, a foreign `out`, or a split
-    that is mostly unreadable (over half its files).
+    that is mostly unreadable (over half its files). Ctrl-C or SIGTERM raises stopping.Interrupted once
+    the work in hand is recorded; running it again resumes.
     """
+    with StopSignals(Path(out), then="run the same prepare again to resume") as stop:
+        stop.where = "before any image was prepared"
+        return _prepare(src, out, fmt, workers, size, progress, quality, splits, chunk_size, stop)
+
+
+def _prepare(
+    src: str | Path,
+    out: str | Path,
+    fmt: str,
+    workers: int | None,
+    size: int,
+    progress: bool,
+    quality: int,
+    splits: Sequence[str] | None,
+    chunk_size: int,
+    stop: StopSignals,
+) -> dict:
     src, out = Path(src).absolute(), Path(out)
     if fmt not in ("raw", "jpeg"):
         raise UserError(f"format must be 'raw' or 'jpeg', not {fmt!r}")
@@ -117,9 +141,12 @@ def prepare_dataset(
         for c in split.empty_classes:
             tqdm.write(f"warning: class folder {c} in {src / name} has no images")
     states = {
-        name: _prepare_split(out, name, split, fmt, size, quality, workers, chunk_size, name == stats_split, progress)
+        name: _prepare_split(
+            out, name, split, fmt, size, quality, workers, chunk_size, name == stats_split, progress, stop
+        )
         for name, split in found.items()
     }
+    stop.where = "with every image prepared, before the dataset's last files were written"
     moments = _moments(states[stats_split]["sums"], states[stats_split]["written"], size)
     write_atomic(out / "stats.pt", lambda f: torch.save(moments, f))
     split = next(iter(found.values()))
@@ -170,6 +197,7 @@ def _prepare_split(
     chunk_size: int,
     with_stats: bool,
     progress: bool,
+    stop: StopSignals,
 ) -> dict:
     """Decode one split into its files, resuming from .progress/<name>.pt; return the final progress state."""
     files, n = split_files(name, fmt), len(split.samples)
@@ -198,7 +226,8 @@ def _prepare_split(
             write_atomic(state_path, lambda f: torch.save(state, f))
 
         recorded = -float("inf")
-        with closing(_in_order(_decode_chunk, tasks, workers)) as results:
+        stopped_at = f"with {{}} of {n} {name} images done"  # a signal: written and recorded, or none in hand
+        with stop.deferred(after=stopped_at.format(n)), closing(_in_order(_decode_chunk, tasks, workers)) as results:
             for images, failed, sums in results:
                 if fmt == "raw":
                     data.write(memoryview(images))
@@ -214,16 +243,19 @@ def _prepare_split(
                 state["bytes"] += nbytes
                 if sums is not None:
                     state["sums"] = {k: state["sums"][k] + sums[k] for k in sums}
-                if time.monotonic() - recorded >= RECORD_EVERY_S:
+                if time.monotonic() - recorded >= RECORD_EVERY_S or stop.signum:
                     record()
                     recorded = time.monotonic()
                 bar.update(len(images) + len(failed))
+                if stop.signum:
+                    raise stop.interrupted(stopped_at.format(state["done"]))
                 if len(state["bad"]) > n / 2:
                     raise UserError(
                         f"{len(state['bad'])} of {n} files in {name}/ cannot be read as images "
                         f"(first: {state['bad'][0].replace(chr(9), ': ')})"
                     )
         record()
+        stop.where = f"with every {name} image prepared, before its lists were written"
 
     bad = set(state["bad_index"])
     kept = [sample for i, sample in enumerate(split.samples) if i not in bad]
@@ -238,11 +270,16 @@ def _prepare_split(
 
 def _in_order(fn: Callable, tasks: Iterable, workers: int) -> Iterator:
     """fn over tasks in worker processes, results in task order, at most 2 * workers tasks in flight
-    (so memory stays bounded however fast the workers are). workers 0: in this process."""
+    (so memory stays bounded however fast the workers are). workers 0: in this process.
+
+    However it ends, the workers finish the tasks in flight and exit: a pool whose workers were killed
+    mid-task (Pool.terminate, or a signal to the process group) can be left waiting on a lock that a
+    dead worker held."""
     if workers == 0:
         yield from map(fn, tasks)
         return
-    with multiprocessing.Pool(workers, initializer=_init_worker) as pool:
+    pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(os.getpid(),))
+    try:
         pending: deque = deque()
         for task in tasks:
             pending.append(pool.apply_async(fn, (task,)))
@@ -250,11 +287,21 @@ def _in_order(fn: Callable, tasks: Iterable, workers: int) -> Iterator:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+    finally:
+        pool.close()
+        pool.join()
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
     torch.set_num_threads(1)  # one process per core already
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process, which stops the pool
+    # Ctrl-C and SIGTERM reach the whole process group: the main process acts on them, then closes the pool
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    if sys.platform == "linux":  # if a second signal ends the main process at once, its workers end with it
+        with contextlib.suppress(OSError, AttributeError):  # a C library without prctl: they end on its EOF
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it ended before prctl
+        os._exit(1)
 
 
 def _decode_chunk(task: tuple) -> tuple:

@@ -12,13 +12,10 @@ import dataclasses
 import json
 import math
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -58,17 +55,9 @@ from .model import build_model
 from .prepared import PreparedLoader, is_prepared, open_prepared, read_manifest
 from .schedule import make_scheduler, scale_learning_rate, steps_each_iteration
 from .step import TrainStep, make_optimizer, resolve_channels_last, resolve_cuda_graphs, resolve_precision, tune_for
+from .stopping import StopSignals
 from .tblog import TensorBoardLog
 from .weights import freeze_layers, load_pretrained, read_pretrained
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived `where` ('at epoch 3, step 7': a checkpoint of that step has been
-    written; 'before the first step', 'in the final evaluation': nothing a checkpoint would keep was lost)."""
-
-    def __init__(self, run_dir: Path, signum: int, where: str) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
-        self.run_dir, self.signum = run_dir, signum
 
 
 class Diverged(Exception):
@@ -110,48 +99,6 @@ def _differences(made_with: list[str], now: list[str]) -> str:
 
 def write_bad_files(run_dir: Path, bad_files: set[str]) -> None:
     write_text_atomic(run_dir / "bad_files.txt", "".join(f"{b}\n" for b in sorted(bad_files)))
-
-
-class StopSignals:
-    """SIGINT and SIGTERM during a training, from reading the data to the final evaluation.
-
-    Between steps (in `between_steps()`, the epoch loop) the first is remembered: the step in progress
-    finishes and the loop writes a checkpoint before it stops. Elsewhere (the data, the statistics, the
-    final evaluation: nothing a checkpoint would keep) it stops at once, raising Interrupted `where`.
-    A second signal: the default action, at once.
-    """
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir, self.signum, self.where = run_dir, 0, "before the first step"
-        self._deferred = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():  # the only thread Python gives signals to
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-        for s in self._old:
-            signal.signal(s, signal.SIG_DFL)
-        if not self._deferred:
-            raise Interrupted(self.run_dir, signum, self.where)
-
-    @contextlib.contextmanager
-    def between_steps(self) -> Iterator[None]:
-        self._deferred = True
-        try:
-            yield
-        finally:
-            self._deferred = False
-        if self.signum:  # came after the loop's last look, as it ended
-            raise Interrupted(self.run_dir, self.signum, "after the last epoch")
-
-    def __exit__(self, *exc: object) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 @dataclass
@@ -444,7 +391,7 @@ def _train(
 
     # --- the epoch loop --------------------------------------------------------------------------
     tb = TensorBoardLog(run_dir / "tensorboard") if cfg.tensorboard and main else None
-    with stop.between_steps():
+    with stop.deferred(after="after the last epoch"):
         while state.epoch < cfg.epochs:
             epoch = state.epoch
             loader = train_loader(epoch, state.step_in_epoch)
@@ -528,9 +475,7 @@ def _train(
                 if stopping:
                     bar.close()
                     checkpoint(run_dir / "last.pt")  # no rank exits before rank 0's checkpoint is whole
-                    raise Interrupted(
-                        run_dir, stop.signum or signal.SIGTERM, f"at epoch {epoch + 1}, step {state.step_in_epoch}"
-                    )
+                    raise stop.interrupted(f"at epoch {epoch + 1}, step {state.step_in_epoch}")
             bar.close()
             if diverged:  # --on-nan rollback: back to the last checkpoint, with a tenth of the learning rate
                 state = restore(load_checkpoint(run_dir / "last.pt"))
@@ -595,7 +540,7 @@ def _train(
                     write_bad_files(run_dir, bad_files)
             # a signal in the epoch's evaluation or checkpoint: stop now, the epoch whole (all ranks agree)
             if distributed.sum_over_ranks(torch.tensor([float(bool(stop.signum))], device=device), ranks).item():
-                raise Interrupted(run_dir, stop.signum or signal.SIGTERM, f"after epoch {epoch + 1}")
+                raise stop.interrupted(f"after epoch {epoch + 1}")
 
     if tb:
         tb.close()

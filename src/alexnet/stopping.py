@@ -1,0 +1,67 @@
+"""Ctrl-C (SIGINT) and SIGTERM (preemption) as a long command's orderly stop: the work in hand
+finishes, what it made is recorded, and the command ends in one line that says how to carry on."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived `where` ('at epoch 3, step 7': a checkpoint of that step has been
+    written; 'before the first step', 'in the final evaluation': nothing a checkpoint would keep was lost).
+    `then`: what to do next, where the command line cannot tell it from `run_dir`."""
+
+    def __init__(self, run_dir: Path, signum: int, where: str, then: str | None = None) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
+        self.run_dir, self.signum, self.then = run_dir, signum, then
+
+
+class StopSignals:
+    """SIGINT and SIGTERM while a command runs.
+
+    Inside `deferred()` (the loop whose steps must finish whole) the first is remembered in `signum`:
+    the loop looks at it between steps, records its work and raises Interrupted. Elsewhere (nothing
+    that a record would keep is in hand) it stops at once, raising Interrupted `where`.
+    A second signal: the default action, at once.
+    """
+
+    def __init__(self, run_dir: Path, then: str | None = None) -> None:
+        self.run_dir, self.then, self.signum, self.where = run_dir, then, 0, "before the first step"
+        self._deferred = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # the only thread Python gives signals to
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        for s in self._old:
+            signal.signal(s, signal.SIG_DFL)
+        if not self._deferred:
+            raise self.interrupted(self.where)
+
+    def interrupted(self, where: str) -> Interrupted:
+        return Interrupted(self.run_dir, self.signum or signal.SIGTERM, where, self.then)
+
+    @contextlib.contextmanager
+    def deferred(self, after: str) -> Iterator[None]:
+        """Signals are remembered, not raised; one that came after the loop's last look raises `after`."""
+        self._deferred = True
+        try:
+            yield
+        finally:
+            self._deferred = False
+        if self.signum:
+            raise self.interrupted(after)
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
