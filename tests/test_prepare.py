@@ -1,7 +1,6 @@
 """Prepared datasets: the same pixels, labels, statistics and batches as the folder pipeline, a killed
 prepare that resumes to identical bytes, bad files left out, and a loader that shards and resumes."""
 
-import functools
 import os
 import shutil
 import signal
@@ -169,17 +168,16 @@ def children_of(pid: int) -> set[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists worker processes from Linux's /proc")
 @pytest.mark.parametrize(
-    "signum, group, twice",
+    "signum, to",
     [
-        (signal.SIGTERM, False, False),  # preemption of the main process alone
-        (signal.SIGTERM, True, False),  # the whole group: the workers get it too
-        (signal.SIGINT, True, False),  # Ctrl-C in a terminal
-        (signal.SIGTERM, True, True),  # a second signal: the process ends at once, and its workers with it
+        (signal.SIGTERM, "process"),  # preemption of the main process alone
+        (signal.SIGTERM, "group"),  # the whole group: the workers die of it
+        (signal.SIGINT, "group"),  # Ctrl-C in a terminal: the workers ignore it
+        (signal.SIGTERM, "process twice"),  # a second signal ends the process at once, and its workers with it
+        (signal.SIGKILL, "a worker"),  # the kernel's OOM killer
     ],
 )
-def test_a_signal_stops_prepare_in_one_line_and_it_resumes_to_identical_bytes(
-    source, prepared, signum, group, twice, tmp_path
-):
+def test_a_signal_stops_prepare_in_one_line_and_it_resumes_to_identical_bytes(source, prepared, signum, to, tmp_path):
     out = tmp_path / "prepared"
     child = subprocess.Popen(
         [sys.executable, "-c", SLOW_PREPARE, str(source), str(out)],
@@ -192,24 +190,30 @@ def test_a_signal_stops_prepare_in_one_line_and_it_resumes_to_identical_bytes(
         time.sleep(0.02)
     workers = children_of(child.pid)
     assert len(workers) == 2, "the pool's workers are running"
-    send = functools.partial(os.killpg, child.pid) if group else child.send_signal
-    send(signum)
-    if twice:
-        time.sleep(0.05)
-        send(signum)
+    if to == "a worker":
+        os.kill(min(workers), signum)
+    elif to == "group":
+        os.killpg(child.pid, signum)
+    else:
+        child.send_signal(signum)
+        if to == "process twice":
+            time.sleep(0.05)
+            child.send_signal(signum)
     _, err = child.communicate(timeout=60)
 
     assert "Traceback" not in err and "Error" not in err, err
-    if twice:  # the default action
+    if to == "process twice":  # the default action
         assert child.returncode == -signum
     else:
-        assert child.returncode == 128 + signum
         done = torch.load(out / ".progress" / "train.pt", weights_only=True)["done"]
         assert 0 < done < 19
-        assert err.strip().splitlines() == [
-            f"alexnet: stopped by {signal.Signals(signum).name} with {done} of 19 train images done; "
-            "run the same prepare again to resume"
-        ]
+        if to == "a worker":
+            assert child.returncode == 2
+            said = f"error: a worker process of prepare died (killed, or out of memory?) with {done} of 19 train"
+        else:
+            assert child.returncode == 128 + signum
+            said = f"stopped by {signal.Signals(signum).name} with {done} of 19 train"
+        assert err.strip().splitlines() == [f"alexnet: {said} images done; run the same prepare again to resume"]
     time.sleep(0.5)  # no worker is left behind, whichever way the main process ended
     assert not [pid for pid in workers if running(pid)]
     assert not (out / "manifest.json").exists()

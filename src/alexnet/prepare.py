@@ -16,8 +16,8 @@ Interruption: once a second (after a whole chunk) the files are fsynced and the 
 consumed and written, bad files, moment sums) is saved atomically in OUT/.progress/. Running prepare
 again cuts the files back to the recorded length and carries on, so a killed run, resumed, writes
 exactly the bytes of an uninterrupted one. manifest.json is written last: a dataset is complete iff
-it exists. Ctrl-C or SIGTERM, to this process or its whole group, stops in order: the chunks in hand
-are written and recorded, the workers finish theirs and exit, and Interrupted says how to resume.
+it exists. Ctrl-C or SIGTERM, to this process or its whole group, stops in order: the chunks decoded
+are written and recorded, and Interrupted says how far it got; so does a worker's death, in a UserError.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import contextlib
 import ctypes
 import io
 import json
-import multiprocessing
 import os
 import re
 import shutil
@@ -35,7 +34,8 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from pathlib import Path
 
@@ -227,33 +227,42 @@ def _prepare_split(
 
         recorded = -float("inf")
         stopped_at = f"with {{}} of {n} {name} images done"  # a signal: written and recorded, or none in hand
-        with stop.deferred(after=stopped_at.format(n)), closing(_in_order(_decode_chunk, tasks, workers)) as results:
-            for images, failed, sums in results:
-                if fmt == "raw":
-                    data.write(memoryview(images))
-                    nbytes = images.nbytes
-                else:
-                    data.write(b"".join(images))
-                    nbytes = sum(map(len, images))
-                    sizes.write(np.array([len(b) for b in images], np.int64).tobytes())
-                state["bad_index"] += [state["done"] + i for i, _ in failed]
-                state["bad"] += [reason for _, reason in failed]
-                state["done"] += len(images) + len(failed)
-                state["written"] += len(images)
-                state["bytes"] += nbytes
-                if sums is not None:
-                    state["sums"] = {k: state["sums"][k] + sums[k] for k in sums}
-                if time.monotonic() - recorded >= RECORD_EVERY_S or stop.signum:
-                    record()
-                    recorded = time.monotonic()
-                bar.update(len(images) + len(failed))
-                if stop.signum:
-                    raise stop.interrupted(stopped_at.format(state["done"]))
-                if len(state["bad"]) > n / 2:
-                    raise UserError(
-                        f"{len(state['bad'])} of {n} files in {name}/ cannot be read as images "
-                        f"(first: {state['bad'][0].replace(chr(9), ': ')})"
-                    )
+        try:
+            with stop.deferred(stopped_at.format(n)), closing(_in_order(_decode_chunk, tasks, workers)) as results:
+                for images, failed, sums in results:
+                    if fmt == "raw":
+                        data.write(memoryview(images))
+                        nbytes = images.nbytes
+                    else:
+                        data.write(b"".join(images))
+                        nbytes = sum(map(len, images))
+                        sizes.write(np.array([len(b) for b in images], np.int64).tobytes())
+                    state["bad_index"] += [state["done"] + i for i, _ in failed]
+                    state["bad"] += [reason for _, reason in failed]
+                    state["done"] += len(images) + len(failed)
+                    state["written"] += len(images)
+                    state["bytes"] += nbytes
+                    if sums is not None:
+                        state["sums"] = {k: state["sums"][k] + sums[k] for k in sums}
+                    if time.monotonic() - recorded >= RECORD_EVERY_S or stop.signum:
+                        record()
+                        recorded = time.monotonic()
+                    bar.update(len(images) + len(failed))
+                    if stop.signum:
+                        raise stop.interrupted(stopped_at.format(state["done"]))
+                    if len(state["bad"]) > n / 2:
+                        raise UserError(
+                            f"{len(state['bad'])} of {n} files in {name}/ cannot be read as images "
+                            f"(first: {state['bad'][0].replace(chr(9), ': ')})"
+                        )
+        except BrokenProcessPool:  # a worker died: of this stop's SIGTERM to the group, or of something else
+            record()
+            if stop.signum:
+                raise stop.interrupted(stopped_at.format(state["done"])) from None
+            raise UserError(
+                f"a worker process of prepare died (killed, or out of memory?) with {state['done']} of {n} {name} "
+                "images done; run the same prepare again to resume"
+            ) from None
         record()
         stop.where = f"with every {name} image prepared, before its lists were written"
 
@@ -272,31 +281,31 @@ def _in_order(fn: Callable, tasks: Iterable, workers: int) -> Iterator:
     """fn over tasks in worker processes, results in task order, at most 2 * workers tasks in flight
     (so memory stays bounded however fast the workers are). workers 0: in this process.
 
-    However it ends, the workers finish the tasks in flight and exit: a pool whose workers were killed
-    mid-task (Pool.terminate, or a signal to the process group) can be left waiting on a lock that a
-    dead worker held."""
+    A worker that dies (SIGTERM to the process group, the kernel's OOM killer) raises BrokenProcessPool:
+    concurrent.futures notices the death, where multiprocessing.Pool would wait for the lost task forever.
+    However it ends, the tasks not started are dropped and those in flight finish."""
     if workers == 0:
         yield from map(fn, tasks)
         return
-    pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(os.getpid(),))
     try:
         pending: deque = deque()
         for task in tasks:
-            pending.append(pool.apply_async(fn, (task,)))
+            pending.append(pool.submit(fn, task))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+                yield pending.popleft().result()
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     finally:
-        pool.close()
-        pool.join()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _init_worker(parent: int) -> None:
     torch.set_num_threads(1)  # one process per core already
-    # Ctrl-C and SIGTERM reach the whole process group: the main process acts on them, then closes the pool
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
+    # Ctrl-C reaches the whole process group: the main process acts on it, then shuts the pool down. SIGTERM
+    # there ends the workers at once (not a handler inherited from the main process), which it notices.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if sys.platform == "linux":  # if a second signal ends the main process at once, its workers end with it
         with contextlib.suppress(OSError, AttributeError):  # a C library without prctl: they end on its EOF
             ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
