@@ -255,6 +255,50 @@ def test_sigterm_to_the_process_group_stops_cleanly_and_resumes(tiny_dataset, tm
     assert (run / "eval.json").is_file()
 
 
+# `alexnet ARGS`, each image taking a second to load (in the data-loader workers too)
+SLOW_LOAD = """
+import sys, time
+import alexnet.data as d
+from alexnet.cli import main
+load = d.load_image
+d.load_image = lambda *a, **k: (time.sleep(1), load(*a, **k))[1]
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", ["evaluate", "features"])
+def test_sigterm_stops_other_commands_in_one_line(command, tiny_run, tmp_path):
+    """Commands without an orderly stop of their own unwind on SIGTERM as on Ctrl-C: one line, exit
+    143, the data-loader workers gone, and no file half-written (they are written atomically)."""
+    import os
+    import signal
+    import time
+
+    data, run = tiny_run
+    out = tmp_path / ("report" if command == "evaluate" else "features.npz")
+    args = ["--checkpoint", str(run), "--workers", "1", "--no-progress", "--out", str(out)]
+    args += ["--data", str(data)] if command == "evaluate" else ["--layer", "fc7", str(data / "val")]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_LOAD, command, *args], stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 60
+    while not children(proc.pid):  # the data-loader worker has started
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    workers = children(proc.pid)
+    time.sleep(0.5)  # into the loading
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "alexnet: stopped by SIGTERM" and "Traceback" not in err, err
+    assert not [p for p in workers if Path(f"/proc/{p}").exists()]
+    assert not out.exists() or (out.is_dir() and not any(out.iterdir())), "nothing half-written is left"
+
+
+def children(pid: int) -> set[int]:
+    return {int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()}
+
+
 def test_prepare_command_and_check(tiny_dataset, tmp_path, capsys):
     out = tmp_path / "prepared"
     args = ["prepare", str(tiny_dataset), str(out), "--format", "jpeg", "--workers", "0", "--no-progress"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -437,15 +438,16 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .stopping import Interrupted
+    from .stopping import Interrupted, Terminated, sigterm_unwinds
     from .train import Diverged
 
     for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print as escapes, not a traceback
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
-        args = build_parser().parse_args(argv)
-        return args.func(args)
+        with sigterm_unwinds():
+            args = build_parser().parse_args(argv)
+            return args.func(args)
     except UserError as e:
         print(f"alexnet: error: {e}", file=sys.stderr)
         return 2
@@ -457,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as e:
         print(f"alexnet: error: {e}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("alexnet: stopped by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("alexnet: interrupted", file=sys.stderr)
         return 130

@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -293,15 +294,17 @@ def make_loader(
     sampler: torch.utils.data.Sampler | None = None,
     pin_memory: bool = False,
     batch_sampler: torch.utils.data.Sampler | None = None,
+    collate_fn: Callable = collate,
 ) -> torch.utils.data.DataLoader:
-    """Batches of `dataset`: of `batch_size` in `sampler`'s order, or the index lists of `batch_sampler`."""
+    """Batches of `dataset`: of `batch_size` in `sampler`'s order, or the index lists of `batch_sampler`;
+    each a Batch, or what `collate_fn` makes of the list of items."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size if batch_sampler is None else 1,
         sampler=sampler,
         batch_sampler=batch_sampler,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         pin_memory=pin_memory,
         persistent_workers=False,
         worker_init_fn=_ignore_stop_signals if workers > 0 else None,

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .augment import PixelStats, center_batch
 from .checkpoint import write_atomic
-from .data import ImageDataset, list_images
+from .data import ImageDataset, list_images, make_loader
 from .errors import UserError
 
 
@@ -78,9 +78,7 @@ def extract_samples(
     """Activations of `layers` for the (path, label) `samples`, in batches, on the CPU.
     Returns ({layer: (N, ...)}, indices of the N samples read, "path<TAB>reason" of those skipped)."""
     check_layers(model, layers)
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(samples, image_size), batch_size=batch_size, num_workers=workers, collate_fn=_keep_items
-    )
+    loader = make_loader(ImageDataset(samples, image_size), batch_size, workers, collate_fn=_keep_items)
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     kept: list[int] = []
     bad: list[str] = []

@@ -65,3 +65,25 @@ class StopSignals:
     def __exit__(self, *exc: object) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM where no orderly stop is set up (evaluate, predict, features, ...): it unwinds as Ctrl-C
+    does, so that a file being written atomically is left whole, and the command line says it in one line."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises Terminated in here (StopSignals, inside, takes over for a while); outside, as before."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
