@@ -19,6 +19,7 @@ from alexnet.data import EpochSampler, ImageDataset, image_moments, load_image, 
 from alexnet.errors import UserError
 from alexnet.prepare import check_dataset, prepare_dataset
 from alexnet.prepared import PreparedLoader, open_prepared, read_manifest
+from alexnet.stopping import Interrupted
 
 WNIDS = ("n01440764", "n02102040", "n02979186")  # tench, English springer, cassette player
 FMTS = ("raw", "jpeg")
@@ -220,6 +221,22 @@ def test_a_signal_stops_prepare_in_one_line_and_it_resumes_to_identical_bytes(so
 
     prepare_dataset(source, out, fmt="raw", workers=2, progress=False, chunk_size=3)
     assert_same_files(out, prepared["raw"])
+
+
+def test_a_signal_before_the_decoding_stops_at_once_in_one_line(source, tmp_path, monkeypatch):
+    import alexnet.prepare as prepare_module
+
+    def listing_then_signal(*args):
+        found = real(*args)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return found
+
+    real = prepare_module._open_splits
+    monkeypatch.setattr(prepare_module, "_open_splits", listing_then_signal)
+    with pytest.raises(Interrupted, match="^stopped by SIGTERM before any image was prepared$") as stopped:
+        prepare_dataset(source, tmp_path / "out", workers=0, progress=False)
+    assert stopped.value.then == "run the same prepare again to resume"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
 
 def running(pid: int) -> bool:

@@ -227,6 +227,7 @@ def _prepare_split(
 
         recorded = -float("inf")
         stopped_at = f"with {{}} of {n} {name} images done"  # a signal: written and recorded, or none in hand
+        stop.where = stopped_at.format(state["done"])
         try:
             with stop.deferred(stopped_at.format(n)), closing(_in_order(_decode_chunk, tasks, workers)) as results:
                 for images, failed, sums in results:
@@ -264,7 +265,7 @@ def _prepare_split(
                 "images done; run the same prepare again to resume"
             ) from None
         record()
-        stop.where = f"with every {name} image prepared, before its lists were written"
+        stop.where = f"with every {name} image prepared, before its lists of files were written"
 
     bad = set(state["bad_index"])
     kept = [sample for i, sample in enumerate(split.samples) if i not in bad]
