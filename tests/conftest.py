@@ -66,6 +66,14 @@ def write_image(path: Path, size: tuple[int, int] = (40, 30), colour: tuple[int,
     return path
 
 
+def assert_same_files(a: Path, b: Path) -> None:
+    """Folders a and b hold the same files, byte for byte (a prepared dataset resumed, and one not)."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
 def make_tiny_dataset(root: Path) -> Path:
     """3 classes x (6 train + 2 val) small coloured JPEGs: a dataset that trains in seconds."""
     colours = {"n001_red": (220, 40, 40), "n002_green": (40, 200, 40), "n003_blue": (40, 40, 220)}

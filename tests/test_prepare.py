@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_image
+from conftest import assert_same_files, write_image
 
 from alexnet.augment import make_pixel_stats, train_batch
 from alexnet.data import EpochSampler, ImageDataset, image_moments, load_image, make_loader, open_split
@@ -58,13 +58,6 @@ def folder_batches(source: Path, batch_size: int, seed: int, epoch: int) -> list
     split = open_split(source, "train")
     sampler = EpochSampler(len(split.samples), seed, epoch)
     return list(make_loader(ImageDataset(split.samples), batch_size, 0, sampler))
-
-
-def assert_same_files(a: Path, b: Path) -> None:
-    names = sorted(p.name for p in a.iterdir())
-    assert names == sorted(p.name for p in b.iterdir())
-    for name in names:
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("fmt", FMTS)

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from .checkpoint import write_atomic, write_text_atomic
 from .data import Split, _one_line, listing, load_image, open_split
-from .errors import UserError
+from .errors import UserError, one_line
 from .prepared import FORMAT, MANIFEST, PreparedSplit, decode_jpegs, open_prepared, read_manifest, split_files
 from .stopping import StopSignals
 
@@ -256,6 +256,8 @@ def _prepare_split(
                             f"{len(state['bad'])} of {n} files in {name}/ cannot be read as images "
                             f"(first: {state['bad'][0].replace(chr(9), ': ')})"
                         )
+        except OSError as e:  # a full disk: what was recorded stays, and the next run carries on from it
+            raise UserError(f"{one_line(e)}, writing {out}; make room and run the same prepare again to resume") from e
         except BrokenProcessPool:  # a worker died: of this stop's SIGTERM to the group, or of something else
             record()
             if stop.signum:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -91,14 +92,21 @@ def checkpoint_bytes() -> int:
     return 2 * 4 * sum(p.numel() for p in model.parameters())
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs with room for 1.5 checkpoints: the first fits, writing the second beside it does not."""
-    mount = tmp_path / "disk"
+@contextmanager
+def tmpfs(mount: Path, size: int) -> Iterator[Path]:
+    """A file system of `size` bytes at `mount` (skips the test where mounting is not allowed)."""
     mount.mkdir()
-    size = int(1.5 * checkpoint_bytes())
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
     if result.returncode:
         pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs with room for 1.5 checkpoints: the first fits, writing the second beside it does not."""
+    with tmpfs(tmp_path / "disk", int(1.5 * checkpoint_bytes())) as mount:
+        yield mount

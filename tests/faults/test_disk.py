@@ -6,18 +6,22 @@ import os
 import re
 import resource
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_files
 
 from alexnet.checkpoint import load_checkpoint
 from alexnet.cli import main
+from alexnet.errors import UserError
 from alexnet.evaluate import EvalResult, write_report
 from alexnet.features import write_features
 from alexnet.figures import curves_figure
+from alexnet.prepare import prepare_dataset
 
-from .conftest import TINY, alexnet_process, cli_args
+from .conftest import TINY, alexnet_process, cli_args, tmpfs
 
 
 def test_full_disk_keeps_the_previous_checkpoint(fault_data, small_disk, capsys):
@@ -30,6 +34,20 @@ def test_full_disk_keeps_the_previous_checkpoint(fault_data, small_disk, capsys)
     )
     assert load_checkpoint(run_dir / "last.pt")["run_state"]["epoch"] == 1  # epoch 2's did not fit
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_full_disk_in_prepare_is_one_line_and_it_resumes_once_there_is_room(fault_data, tmp_path):
+    reference = tmp_path / "reference"
+    prepare_dataset(fault_data, reference, workers=0, progress=False)
+    with tmpfs(tmp_path / "disk", 2 * 2**20) as disk:  # room for 10 of the 18 training images (192 KiB each)
+        out = disk / "prepared"
+        with pytest.raises(UserError, match=f"^No space left on device, writing {out}; make room and run the same"):
+            prepare_dataset(fault_data, out, workers=0, progress=False, chunk_size=2)
+        done = torch.load(out / ".progress" / "train.pt", weights_only=True)["done"]
+        assert 0 < done < 18 and not list(out.rglob("*.tmp"))
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)  # room made
+        prepare_dataset(fault_data, out, workers=2, progress=False, chunk_size=3)
+        assert_same_files(out, reference)
 
 
 def test_a_failing_write_is_one_line_and_leaves_nothing(fault_data, tmp_path):
