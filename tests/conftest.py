@@ -74,6 +74,19 @@ def assert_same_files(a: Path, b: Path) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+def child_processes(pid: int) -> set[int]:
+    """The processes `pid` started that are still there (Linux's /proc)."""
+    return {int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()}
+
+
+def running(pid: int) -> bool:
+    """Neither gone nor a zombie (dead, waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def make_tiny_dataset(root: Path) -> Path:
     """3 classes x (6 train + 2 val) small coloured JPEGs: a dataset that trains in seconds."""
     colours = {"n001_red": (220, 40, 40), "n002_green": (40, 200, 40), "n003_blue": (40, 40, 220)}

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_image
+from conftest import child_processes, running, write_image
 
 from alexnet.cli import main
 
@@ -257,15 +257,16 @@ def test_sigterm_to_the_process_group_stops_cleanly_and_resumes(tiny_dataset, tm
 
 # `alexnet ARGS`, each image taking a second to load (in the data-loader workers too)
 SLOW_LOAD = """
-import sys, time
+import os, pathlib, sys, time
 import alexnet.data as d
 from alexnet.cli import main
 load = d.load_image
-d.load_image = lambda *a, **k: (time.sleep(1), load(*a, **k))[1]
+d.load_image = lambda *a, **k: (pathlib.Path(os.environ["MARK"]).touch(), time.sleep(1), load(*a, **k))[2]
 sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists worker processes from Linux's /proc")
 @pytest.mark.parametrize("command", ["evaluate", "features"])
 def test_sigterm_stops_other_commands_in_one_line(command, tiny_run, tmp_path):
     """Commands without an orderly stop of their own unwind on SIGTERM as on Ctrl-C: one line, exit
@@ -278,25 +279,25 @@ def test_sigterm_stops_other_commands_in_one_line(command, tiny_run, tmp_path):
     out = tmp_path / ("report" if command == "evaluate" else "features.npz")
     args = ["--checkpoint", str(run), "--workers", "1", "--no-progress", "--out", str(out)]
     args += ["--data", str(data)] if command == "evaluate" else ["--layer", "fc7", str(data / "val")]
+    mark = tmp_path / "loading"
     proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_LOAD, command, *args], stderr=subprocess.PIPE, text=True, start_new_session=True
+        [sys.executable, "-c", SLOW_LOAD, command, *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "MARK": str(mark)},
     )
     deadline = time.monotonic() + 60
-    while not children(proc.pid):  # the data-loader worker has started
+    while not mark.exists():  # the data-loader worker is loading images
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.05)
-    workers = children(proc.pid)
-    time.sleep(0.5)  # into the loading
+    workers = child_processes(proc.pid)
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert err.strip().splitlines()[-1] == "alexnet: stopped by SIGTERM" and "Traceback" not in err, err
-    assert not [p for p in workers if Path(f"/proc/{p}").exists()]
+    assert not [p for p in workers if running(p)]
     assert not out.exists() or (out.is_dir() and not any(out.iterdir())), "nothing half-written is left"
-
-
-def children(pid: int) -> set[int]:
-    return {int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()}
 
 
 def test_prepare_command_and_check(tiny_dataset, tmp_path, capsys):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_files, write_image
+from conftest import assert_same_files, child_processes, running, write_image
 
 from alexnet.augment import make_pixel_stats, train_batch
 from alexnet.data import EpochSampler, ImageDataset, image_moments, load_image, make_loader, open_split
@@ -156,10 +156,6 @@ sys.exit(main(["prepare", *sys.argv[1:], "--workers", "2", "--no-progress"]))
 """
 
 
-def children_of(pid: int) -> set[int]:
-    return {int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()}
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists worker processes from Linux's /proc")
 @pytest.mark.parametrize(
     "signum, to",
@@ -182,7 +178,7 @@ def test_a_signal_stops_prepare_in_one_line_and_it_resumes_to_identical_bytes(so
     deadline = time.monotonic() + 60
     while not (out / ".progress" / "train.pt").exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    workers = children_of(child.pid)
+    workers = child_processes(child.pid)
     assert len(workers) == 2, "the pool's workers are running"
     if to == "a worker":
         os.kill(min(workers), signum)
@@ -230,14 +226,6 @@ def test_a_signal_before_the_decoding_stops_at_once_in_one_line(source, tmp_path
         prepare_dataset(source, tmp_path / "out", workers=0, progress=False)
     assert stopped.value.then == "run the same prepare again to resume"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
-
-
-def running(pid: int) -> bool:
-    """Neither gone nor a zombie (dead, waiting to be reaped)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_bad_files_are_listed_and_left_out(imagenette_ci, tmp_path):

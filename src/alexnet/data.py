@@ -287,6 +287,12 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def loader_worker_died(error: BaseException) -> bool:
+    """Whether `error` is PyTorch's word that a data-loader worker died: the OOM killer, a crash in a
+    decoder. (Raised in the main process by its SIGCHLD handler, wherever it happens to be.)"""
+    return isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker (pid")
+
+
 def make_loader(
     dataset: ImageDataset,
     batch_size: int,

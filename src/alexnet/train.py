@@ -43,12 +43,13 @@ from .data import (
     display_names,
     image_moments,
     listing,
+    loader_worker_died,
     make_loader,
     open_split,
     rank_share,
 )
 from .distributed import Ranks
-from .errors import UserError
+from .errors import UserError, first_line
 from .evaluate import evaluate, write_report
 from .export import read_safetensors
 from .model import build_model
@@ -161,6 +162,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                     with contextlib.suppress(OSError):
                         parent.rmdir()
             raise
+    except RuntimeError as e:  # a data-loader worker killed: the last checkpoint is whole, as after a kill -9
+        if not loader_worker_died(e):
+            raise
+        written = (run_dir / "config.json").is_file()
+        then = f"resume with: alexnet train --resume {run_dir}" if written else "nothing was written"
+        raise UserError(f"{first_line(e).strip().rstrip('.')} (out of memory?); {then}") from e
     finally:
         distributed.stop()
 

@@ -1,9 +1,17 @@
 """kill -9 at any moment, in the middle of writing a checkpoint included, loses at most the steps since
 the last checkpoint: the run directory always holds a loadable last.pt, and resuming ends with exactly
-the weights of an uninterrupted run."""
+the weights of an uninterrupted run. A data-loader worker killed (the OOM killer) stops the run in one
+line, with the same guarantees."""
 
+import os
 import random
+import re
+import signal
 import time
+from pathlib import Path
+
+import pytest
+from conftest import child_processes
 
 from alexnet.checkpoint import load_checkpoint
 from alexnet.cli import main
@@ -80,3 +88,26 @@ def test_kill_9_in_the_middle_of_writing_a_checkpoint(fault_data, reference_run,
     assert not list(run_dir.glob(".*.tmp"))  # the half-written temporary was cleared
     assert_same_weights(checkpoint_weights(run_dir / "last.pt"), checkpoint_weights(reference_run / "last.pt"))
     assert_same_weights(checkpoint_weights(run_dir / "best.pt"), checkpoint_weights(reference_run / "best.pt"))
+
+
+# each image takes 0.2 s to load, in the data-loader workers too
+SLOW_LOAD = """
+import time
+import alexnet.data as d
+load = d.load_image
+d.load_image = lambda *a, **k: (time.sleep(0.2), load(*a, **k))[1]
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists worker processes from Linux's /proc")
+def test_a_killed_data_loader_worker_stops_the_run_in_one_line_and_it_resumes(fault_data, reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = alexnet_process(cli_args(fault_data, run_dir, **{**CHECKPOINTED, "workers": 1}), SLOW_LOAD)
+    wait_for(lambda: (run_dir / "last.pt").is_file(), proc=proc)  # step 1 done: the epoch's worker loads on
+    os.kill(min(child_processes(proc.pid)), signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    said = re.escape(f" (out of memory?); resume with: alexnet train --resume {run_dir}")
+    assert re.fullmatch(rf"alexnet: error: DataLoader worker \(pid.*{said}", err.strip().splitlines()[-1]), err
+    assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
+    assert_same_weights(checkpoint_weights(run_dir / "last.pt"), checkpoint_weights(reference_run / "last.pt"))
