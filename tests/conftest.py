@@ -74,6 +74,22 @@ def assert_same_files(a: Path, b: Path) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+def slow_loading(seconds: float) -> str:
+    """Python that makes every image take `seconds` to load, in the data-loader workers too, touching the
+    file $MARK (where set) as each starts: run before a command, so that a signal or a kill lands mid-run."""
+    return (
+        "import os, pathlib, time\n"
+        "import alexnet.data as d\n"
+        "load = d.load_image\n"
+        "def slow_load(*a, **k):\n"
+        "    if os.environ.get('MARK'):\n"
+        "        pathlib.Path(os.environ['MARK']).touch()\n"
+        f"    time.sleep({seconds})\n"
+        "    return load(*a, **k)\n"
+        "d.load_image = slow_load\n"
+    )
+
+
 def child_processes(pid: int) -> set[int]:
     """The processes `pid` started that are still there (Linux's /proc)."""
     return {int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()}

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import child_processes, running, write_image
+from conftest import child_processes, running, slow_loading, write_image
 
 from alexnet.cli import main
 
@@ -255,15 +255,7 @@ def test_sigterm_to_the_process_group_stops_cleanly_and_resumes(tiny_dataset, tm
     assert (run / "eval.json").is_file()
 
 
-# `alexnet ARGS`, each image taking a second to load (in the data-loader workers too)
-SLOW_LOAD = """
-import os, pathlib, sys, time
-import alexnet.data as d
-from alexnet.cli import main
-load = d.load_image
-d.load_image = lambda *a, **k: (pathlib.Path(os.environ["MARK"]).touch(), time.sleep(1), load(*a, **k))[2]
-sys.exit(main(sys.argv[1:]))
-"""
+CLI_MAIN = "import sys\nfrom alexnet.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists worker processes from Linux's /proc")
@@ -281,7 +273,7 @@ def test_sigterm_stops_other_commands_in_one_line(command, tiny_run, tmp_path):
     args += ["--data", str(data)] if command == "evaluate" else ["--layer", "fc7", str(data / "val")]
     mark = tmp_path / "loading"
     proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_LOAD, command, *args],
+        [sys.executable, "-c", slow_loading(1) + CLI_MAIN, command, *args],
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,

@@ -25,7 +25,7 @@ import torch
 
 from . import distributed
 from .config import RESUMABLE_OVERRIDES, SCHEDULES, TrainConfig
-from .errors import UserError, first_line, one_line
+from .errors import UserError, one_line
 from .model import INITS, PRESETS, build_model, input_size_error, layer_table
 
 DEMO_DATA = "alexnet-demo-data"
@@ -438,7 +438,7 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import loader_worker_died
+    from .data import loader_worker_death
     from .stopping import Interrupted, Terminated, sigterm_unwinds
     from .train import Diverged
 
@@ -469,9 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head`: nothing left to say
         return 0
     except RuntimeError as e:
-        if not loader_worker_died(e):
+        if (said := loader_worker_death(e)) is None:
             raise
-        print(f"alexnet: error: {first_line(e).strip().rstrip('.')} (out of memory?)", file=sys.stderr)
+        print(f"alexnet: error: {said}", file=sys.stderr)
         return 2  # as for the other one-line errors (UserError), the same death in train and prepare included
     except OSError as e:  # a full disk, a permission, a file that vanished: say which, in one line
         print(f"alexnet: error: {one_line(e)}", file=sys.stderr)

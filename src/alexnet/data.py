@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 ILSVRC_VAL_LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt")
@@ -287,10 +287,14 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def loader_worker_died(error: BaseException) -> bool:
-    """Whether `error` is PyTorch's word that a data-loader worker died: the OOM killer, a crash in a
-    decoder. (Raised in the main process by its SIGCHLD handler, wherever it happens to be.)"""
-    return isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker (pid")
+def loader_worker_death(error: BaseException) -> str | None:
+    """The one line to say of `error` if it is PyTorch's word that a data-loader worker died (the OOM
+    killer, a crash in a decoder; raised in the main process by its SIGCHLD handler, wherever it is),
+    else None."""
+    said = first_line(error)
+    if not isinstance(error, RuntimeError) or not said.startswith("DataLoader worker (pid"):
+        return None
+    return f"{said.rstrip('.')} (out of memory?)"
 
 
 def make_loader(

@@ -43,13 +43,13 @@ from .data import (
     display_names,
     image_moments,
     listing,
-    loader_worker_died,
+    loader_worker_death,
     make_loader,
     open_split,
     rank_share,
 )
 from .distributed import Ranks
-from .errors import UserError, first_line
+from .errors import UserError
 from .evaluate import evaluate, write_report
 from .export import read_safetensors
 from .model import build_model
@@ -163,11 +163,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                         parent.rmdir()
             raise
     except RuntimeError as e:  # a data-loader worker killed: the last checkpoint is whole, as after a kill -9
-        if not loader_worker_died(e):
+        if (said := loader_worker_death(e)) is None:
             raise
         written = (run_dir / "config.json").is_file()
         then = f"resume with: alexnet train --resume {run_dir}" if written else "nothing was written"
-        raise UserError(f"{first_line(e).strip().rstrip('.')} (out of memory?); {then}") from e
+        raise UserError(f"{said}; {then}") from e
     finally:
         distributed.stop()
 

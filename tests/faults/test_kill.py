@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import child_processes
+from conftest import child_processes, slow_loading
 
 from alexnet.checkpoint import load_checkpoint
 from alexnet.cli import main
@@ -90,19 +90,10 @@ def test_kill_9_in_the_middle_of_writing_a_checkpoint(fault_data, reference_run,
     assert_same_weights(checkpoint_weights(run_dir / "best.pt"), checkpoint_weights(reference_run / "best.pt"))
 
 
-# each image takes 0.2 s to load, in the data-loader workers too
-SLOW_LOAD = """
-import time
-import alexnet.data as d
-load = d.load_image
-d.load_image = lambda *a, **k: (time.sleep(0.2), load(*a, **k))[1]
-"""
-
-
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists worker processes from Linux's /proc")
 def test_a_killed_data_loader_worker_stops_the_run_in_one_line_and_it_resumes(fault_data, reference_run, tmp_path):
     run_dir = tmp_path / "run"
-    proc = alexnet_process(cli_args(fault_data, run_dir, **{**CHECKPOINTED, "workers": 1}), SLOW_LOAD)
+    proc = alexnet_process(cli_args(fault_data, run_dir, **{**CHECKPOINTED, "workers": 1}), slow_loading(0.2))
     wait_for(lambda: (run_dir / "last.pt").is_file(), proc=proc)  # step 1 done: the epoch's worker loads on
     os.kill(min(child_processes(proc.pid)), signal.SIGKILL)
     _, err = proc.communicate(timeout=120)
