@@ -15,11 +15,14 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import multiprocessing.context
+import multiprocessing.popen_fork
 import os
 import re
 import signal
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import stopping
 from .errors import UserError, first_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -282,9 +286,12 @@ class EpochBatches(torch.utils.data.Sampler[list[int]]):
 
 def _ignore_stop_signals(worker_id: int) -> None:
     """Ctrl-C and SIGTERM reach the whole process group; only the main process acts on them (it
-    finishes the step, checkpoints and shuts the workers down), so a worker must not die of them."""
+    finishes the step, checkpoints and shuts the workers down), so a worker must not die of them.
+    Until here they were held (blocked, see _Loader): one that came meanwhile is dropped."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stopping.STOP_SIGNALS)
 
 
 def loader_worker_death(error: BaseException) -> str | None:
@@ -295,6 +302,36 @@ def loader_worker_death(error: BaseException) -> str | None:
     if not isinstance(error, RuntimeError) or not said.startswith("DataLoader worker (pid"):
         return None
     return f"{said.rstrip('.')} (out of memory?)"
+
+
+class _WorkerPopen(multiprocessing.popen_fork.Popen):
+    """Data-loader workers ignore SIGTERM (_ignore_stop_signals), so terminate() sends them SIGKILL: a
+    worker still there after the loader's shutdown (a signal stopped it halfway) is ended by Python's
+    exit, which terminates its daemon processes and then waits for them."""
+
+    def terminate(self) -> None:
+        self.kill()
+
+
+class _WorkerProcess(multiprocessing.context.ForkProcess):
+    @staticmethod
+    def _Popen(process_obj: multiprocessing.process.BaseProcess) -> _WorkerPopen:
+        return _WorkerPopen(process_obj)
+
+
+class _WorkerContext(multiprocessing.context.ForkContext):
+    Process = _WorkerProcess
+
+
+class _Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers start with Ctrl-C and SIGTERM held (stopping.held): one that comes
+    meanwhile acts once they all have started. Acting halfway, it would leave workers that no iterator
+    shuts down and that ignore SIGTERM, on which Python's exit then waits forever; and a worker that
+    had not yet set its handlers would act on the main process's (raise in it, or die of it)."""
+
+    def __iter__(self) -> Iterator:
+        with stopping.held():
+            return super().__iter__()
 
 
 def make_loader(
@@ -308,7 +345,7 @@ def make_loader(
 ) -> torch.utils.data.DataLoader:
     """Batches of `dataset`: of `batch_size` in `sampler`'s order, or the index lists of `batch_sampler`;
     each a Batch, or what `collate_fn` makes of the list of items."""
-    return torch.utils.data.DataLoader(
+    return _Loader(
         dataset,
         batch_size=batch_size if batch_sampler is None else 1,
         sampler=sampler,
@@ -318,6 +355,7 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
         worker_init_fn=_ignore_stop_signals if workers > 0 else None,
+        multiprocessing_context=_WorkerContext() if workers > 0 and sys.platform == "linux" else None,
         prefetch_factor=4 if workers > 0 else None,
     )
 

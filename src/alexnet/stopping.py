@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
 
 class Interrupted(Exception):
     """SIGINT or SIGTERM arrived `where` ('at epoch 3, step 7': a checkpoint of that step has been
@@ -87,3 +89,25 @@ def sigterm_unwinds() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """SIGINT and SIGTERM that come in here are noted, and sent again as it ends, to the handlers of
+    before. Processes forked in here start with them blocked: each unblocks them once it has set its
+    own handlers (a signal it ignores by then is dropped)."""
+    if threading.current_thread() is not threading.main_thread():  # the only thread that sets handlers
+        yield
+        return
+    came: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in STOP_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if hasattr(signal, "pthread_sigmask") else None
+    try:
+        yield
+    finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in came:
+            signal.raise_signal(s)

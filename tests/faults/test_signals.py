@@ -4,12 +4,20 @@ damaging what is on disk. Outside the steps (listing the data, the statistics, t
 a signal stops at once, in one line. (tests/test_cli.py sends SIGTERM to a whole process group, data workers
 included; tests/test_train.py checks the weights after a SIGTERM and resume.)"""
 
+import contextlib
+import os
 import signal
+import subprocess
+from collections.abc import Callable
 
 import pytest
+import torch.utils.data._utils.worker as loader_worker
+from conftest import child_processes
 
 from alexnet.checkpoint import load_checkpoint
 from alexnet.cli import main
+from alexnet.data import ImageDataset, make_loader, open_split
+from alexnet.stopping import sigterm_unwinds
 
 from .conftest import CHECKPOINTED, TINY, alexnet_process, assert_same_weights, checkpoint_weights, cli_args, wait_for
 
@@ -123,3 +131,87 @@ def test_a_signal_outside_the_steps_stops_in_one_line_and_the_run_resumes(phase,
             assert (state["epoch"], state["step_in_epoch"]) == (1, 0)
         assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
         assert (run_dir / "eval.json").is_file()
+
+
+def with_a_signal(fn: Callable, signum: int, before: bool) -> Callable:
+    """`fn`, sending this process `signum` `before` it runs or after: in a data-loader worker, a signal
+    to the process group in the instant before it has set its own handlers, which a test cannot time
+    from outside."""
+
+    def patched(*args, **kwargs):
+        if before:
+            os.kill(os.getpid(), signum)
+        out = fn(*args, **kwargs)
+        if not before:
+            os.kill(os.getpid(), signum)
+        return out
+
+    return patched
+
+
+@pytest.mark.parametrize("moment", ["at its start", "after PyTorch's handlers"])
+@pytest.mark.parametrize(
+    "signum, around",
+    [
+        (signal.SIGINT, contextlib.nullcontext),  # the main process's handler raises KeyboardInterrupt
+        (signal.SIGTERM, sigterm_unwinds),  # ... raises Terminated (every command but train and prepare)
+        (signal.SIGTERM, contextlib.nullcontext),  # the default action kills
+    ],
+    ids=["SIGINT", "SIGTERM unwinds", "SIGTERM default"],
+)
+def test_a_signal_in_a_loader_workers_first_instant_is_ignored(signum, around, moment, tiny_dataset, monkeypatch):
+    if moment == "at its start":  # it has the main process's handlers
+        monkeypatch.setattr(loader_worker, "_worker_loop", with_a_signal(loader_worker._worker_loop, signum, True))
+    else:  # PyTorch's SIGTERM handler: exit if the main process sent it, else die of it
+        module, name = loader_worker.signal_handling, "_set_worker_signal_handlers"
+        monkeypatch.setattr(module, name, with_a_signal(getattr(module, name), signum, False))
+    samples = open_split(tiny_dataset, "train").samples
+    with around():
+        batches = list(make_loader(ImageDataset(samples), batch_size=4, workers=2))
+    assert sum(len(batch.labels) for batch in batches) == len(samples)
+
+
+# The main process signalled once: as its data-loader workers start (the first has), or as the
+# loader's shutdown tells them to end (before it tells the first).
+SIGNAL_THE_MAIN_PROCESS = """
+import os, multiprocessing.process as mp, torch.utils.data.dataloader as dl
+
+def signal_once(when):
+    if os.environ.get("WHEN") == when:
+        del os.environ["WHEN"]
+        os.kill(os.getpid(), int(os.environ.pop("SIGNUM")))
+
+start = mp.BaseProcess.start
+def start_then_signal(self):
+    start(self)
+    signal_once("starting")
+mp.BaseProcess.start = start_then_signal
+
+mark = dl._MultiProcessingDataLoaderIter._mark_worker_as_unavailable
+def signal_then_mark(self, worker_id, shutdown=False):
+    if shutdown:
+        signal_once("ending")
+    mark(self, worker_id, shutdown)
+dl._MultiProcessingDataLoaderIter._mark_worker_as_unavailable = signal_then_mark
+"""
+
+
+@pytest.mark.parametrize("when", ["starting", "ending"])
+@pytest.mark.parametrize(
+    "signum, said", [(signal.SIGTERM, "alexnet: stopped by SIGTERM"), (signal.SIGINT, "alexnet: interrupted")]
+)
+def test_a_signal_as_the_loader_workers_start_or_end_stops_in_one_line(when, signum, said, fault_data, reference_run):
+    """Acted on halfway, it left workers that ignore SIGTERM and were never told to end; Python's exit
+    then waited for them forever."""
+    args = ["evaluate", "--checkpoint", str(reference_run), "--data", str(fault_data), "--workers", "2"]
+    env = {"SIGNUM": str(int(signum)), "WHEN": when}
+    proc = alexnet_process([*args, "--no-progress"], SIGNAL_THE_MAIN_PROCESS, env)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        for pid in child_processes(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        raise AssertionError(f"hung: {proc.communicate()[1][-2000:]}") from None
+    assert proc.returncode == 128 + signum, err
+    assert err.strip().splitlines() == [said], err
