@@ -96,8 +96,8 @@ def held() -> Iterator[None]:
     """SIGINT and SIGTERM that come in here are noted, and sent again as it ends, to the handlers of
     before. Processes forked in here start with them blocked: each unblocks them once it has set its
     own handlers (a signal it ignores by then is dropped)."""
-    if threading.current_thread() is not threading.main_thread():  # the only thread that sets handlers
-        yield
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, STOP_SIGNALS):
+        yield  # only the main thread sets handlers, and one set outside Python cannot be put back
         return
     came: list[int] = []
     old = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in STOP_SIGNALS}

@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 
 import pytest
@@ -17,7 +18,7 @@ from conftest import child_processes
 from alexnet.checkpoint import load_checkpoint
 from alexnet.cli import main
 from alexnet.data import ImageDataset, make_loader, open_split
-from alexnet.stopping import sigterm_unwinds
+from alexnet.stopping import Terminated, held, sigterm_unwinds
 
 from .conftest import CHECKPOINTED, TINY, alexnet_process, assert_same_weights, checkpoint_weights, cli_args, wait_for
 
@@ -131,6 +132,18 @@ def test_a_signal_outside_the_steps_stops_in_one_line_and_the_run_resumes(phase,
             assert (state["epoch"], state["step_in_epoch"]) == (1, 0)
         assert main(["train", "--resume", str(run_dir), "--no-progress"]) == 0
         assert (run_dir / "eval.json").is_file()
+
+
+def test_held_signals_act_once_as_the_hold_ends():
+    reached, before = [], signal.getsignal(signal.SIGTERM)
+    with sigterm_unwinds(), pytest.raises(Terminated):
+        with held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # unheld, Terminated is raised here
+            reached.append("the end of the hold")
+    assert reached == ["the end of the hold"]
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the mask, unchanged
 
 
 def with_a_signal(fn: Callable, signum: int, before: bool) -> Callable:
