@@ -366,3 +366,29 @@ def test_evaluate_labels_folders_by_the_checkpoints_classes(tiny_run, tmp_path, 
     assert main(["evaluate", "--checkpoint", str(run), "--data", str(tmp_path / "prepared")]) == 2
     err = capsys.readouterr().err
     assert f"is a prepared dataset; give the image folder it was made from ({data}) with --data" in err
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="watches the process in Linux's /proc")
+@pytest.mark.parametrize("signum, said", [(2, "alexnet: interrupted"), (15, "alexnet: stopped by SIGTERM")])
+def test_a_signal_while_pytorch_is_imported_stops_in_one_line(signum, said, tmp_path):
+    """Ctrl-C in the ~2 s that `import torch` takes printed a traceback; SIGTERM ended the process silently."""
+    import os
+    import re
+    import time
+
+    args = [sys.executable, "-m", "alexnet", "train", "--run-dir", str(tmp_path)]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE)
+
+    def importing_or_ready() -> bool:  # the handlers are set, or PyTorch's libraries are being loaded
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        sigterm_caught = int(re.search(r"SigCgt:\s*(\w+)", status)[1], 16) >> (15 - 1) & 1
+        return bool(sigterm_caught) or "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text()
+
+    deadline = time.monotonic() + 60
+    while not importing_or_ready():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.001)
+    os.kill(proc.pid, signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err
+    assert err.decode().strip().splitlines() == [said]
