@@ -317,6 +317,9 @@ def test_prepare_command_and_check(tiny_dataset, tmp_path, capsys):
         (["info", "--preset", "torchvision", "--input-size", "10"], "--input-size 10: the torchvision preset takes"),
         (["info", "--input-size", "0"], "argument --input-size: must be at least 1, not 0"),  # not the default
         (["export", "--checkpoint", "c.pt", "--format", "onnx", "--out", "m.onnx", "--input-size", "0"], "at least 1"),
+        (["nonsense"], "invalid choice: 'nonsense' (choose from 'train', "),
+        (["nonsense"], "(see alexnet --help)"),
+        (["train", "--epochs", "x"], "argument --epochs: invalid int value: 'x' (see alexnet train --help)"),
     ],
 )
 def test_invalid_numbers_are_one_line(args, pattern, capsys):

@@ -60,7 +60,7 @@ HELP = {
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not usage + message
-        raise UserError(f"{message} (see alexnet {self.prog.split()[-1]} --help)")
+        raise UserError(f"{message} (see {self.prog} --help)")  # prog: "alexnet", or "alexnet train"
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
