@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import SHARED_DATA
 
 from alexnet.augment import (
     IMAGENET_EIGVAL,
@@ -19,6 +20,7 @@ from alexnet.augment import (
     ten_crop_batch,
     train_batch,
 )
+from alexnet.data import ImageDataset, image_moments, make_loader, open_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small tensor ops: threads only contend
 
@@ -267,7 +269,7 @@ def test_make_pixel_stats_dataset_pca(seed: int) -> None:
     assert stats.eigval.shape == (3,) and stats.eigvec.shape == (3, 3)
     c = cov.double()
     v = stats.eigvec.double()
-    lam = stats.eigval.double() ** 2  # eigval holds standard deviations: squares are the eigenvalues
+    lam = stats.eigval.double()
     for i in range(3):
         torch.testing.assert_close(c @ v[:, i], lam[i] * v[:, i], rtol=0, atol=1e-6)
         assert v[:, i].norm().item() == pytest.approx(1.0, abs=1e-5)
@@ -275,6 +277,18 @@ def test_make_pixel_stats_dataset_pca(seed: int) -> None:
     true = torch.linalg.eigvalsh(c).flip(0)
     torch.testing.assert_close(lam, true, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(v.T @ v, torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-5)
+
+
+def test_dataset_pca_of_real_photographs_is_on_the_scale_of_the_imagenet_constants() -> None:
+    """`--pca dataset` and `--pca imagenet` are the same lighting: the eigenvalues of the RGB covariance
+    of photographs (in [0, 1] units) are close to the widely used constants (REFERENCE.md section 4)."""
+    split = open_split(SHARED_DATA / "imagenet-sample-1000", "val")
+    mean_image, cov, count, _ = image_moments(make_loader(ImageDataset(split.samples[::10]), 50, 0))
+    assert count == 100
+    stats = make_pixel_stats(mean_image, cov, pca="dataset")
+    torch.testing.assert_close(stats.eigval, torch.tensor(IMAGENET_EIGVAL), rtol=0.35, atol=0)
+    for i in range(2):  # the two leading axes (the third is noise at 100 images): the same, up to sign
+        assert abs(stats.eigvec[:, i] @ torch.tensor(IMAGENET_EIGVEC)[:, i]) > 0.95
 
 
 def test_make_pixel_stats_imagenet_constants() -> None:

@@ -15,9 +15,9 @@ import torch
 
 from .errors import warn_slower
 
-# Commonly used ImageNet constants (RGB, [0, 1]): REFERENCE.md section 4. The "eigenvalues" are the
-# standard deviations along the principal colour axes (square roots of the covariance eigenvalues),
-# which is the scale at which the paper's alpha ~ N(0, 0.1) gives a visible but mild shift.
+# Commonly used ImageNet constants (RGB, [0, 1]): REFERENCE.md section 4. The eigenvalues are those of
+# the RGB covariance in [0, 1] units, as the paper's formula uses them (the covariance of ImageNet-like
+# images has eigenvalues close to these); the shift they give is then scaled to the inputs' units.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
@@ -30,7 +30,7 @@ class PixelStats:
 
     mean: torch.Tensor  # (3, S, S) mean image, or (3, 1, 1) mean colour
     std: torch.Tensor  # (3, 1, 1)
-    eigval: torch.Tensor  # (3,) standard deviations along the principal colour axes
+    eigval: torch.Tensor  # (3,) eigenvalues of the RGB covariance in [0, 1] units, largest first
     eigvec: torch.Tensor  # (3, 3) principal axes as columns
 
     def to(self, device: torch.device | str) -> PixelStats:
@@ -195,7 +195,7 @@ def make_pixel_stats(
     std = torch.full((3, 1, 1), 1 / 255) if scale == "raw" else torch.tensor(IMAGENET_STD).view(3, 1, 1)
     if pca == "dataset":
         eigval, eigvec = torch.linalg.eigh(covariance.double())  # ascending; the paper lists largest first
-        eigval, eigvec = eigval.flip(0).clamp(min=0).sqrt().float(), eigvec.flip(1).float()
+        eigval, eigvec = eigval.flip(0).clamp(min=0).float(), eigvec.flip(1).float()
     else:
         eigval, eigvec = torch.tensor(IMAGENET_EIGVAL), torch.tensor(IMAGENET_EIGVEC)
     return PixelStats(m.float().contiguous(), std.float(), eigval, eigvec)
