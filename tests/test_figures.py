@@ -146,3 +146,20 @@ def test_figures_of_a_run_trained_from_a_prepared_dataset(tiny_run, tmp_path, ca
     out = capsys.readouterr().out
     assert f"{prepared} is a prepared dataset and the image folder it was made from, {source}, is gone" in out
     assert "predictions and neighbours skipped" in out
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_figures_of_a_data_folder_without_a_split_skip_only_what_needs_it(tiny_run, tmp_path, capsys, split):
+    data, run = tiny_run
+    (tmp_path / "data").mkdir()
+    kept = "val" if split == "train" else "train"
+    (tmp_path / "data" / kept).symlink_to(data / kept)
+    out = tmp_path / "figs"
+    assert main(["figures", str(run), "--data", str(tmp_path / "data"), "--out", str(out), "--no-progress"]) == 0
+    drawn = {
+        "train": ["confusion", "conv1_filters", "curves", "predictions"],
+        "val": ["confusion", "conv1_filters", "curves"],
+    }
+    assert sorted(p.stem for p in out.iterdir()) == drawn[split]
+    skipped = "neighbours skipped" if split == "train" else "predictions and neighbours skipped"
+    assert f"has no '{split}' folder: {skipped}" in capsys.readouterr().out

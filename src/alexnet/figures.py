@@ -328,13 +328,18 @@ def make_figures(
     folder, missing = _image_folder(data or config.get("data"), given=data is not None, log=log)
     if missing:
         log(f"{missing}: predictions and neighbours skipped")
+    elif not (Path(folder) / "val").is_dir():
+        log(f"{folder} has no 'val' folder: predictions and neighbours skipped")
     else:
         val = open_split(folder, "val", classes=ckpt["classes"]).samples
-        train = open_split(folder, "train", classes=ckpt["classes"]).samples
         written.append(predictions_figure(model, stats, val, names, size, crop, out / "predictions.png"))
-        options = dict(train_cap=neighbour_images, batch_size=batch_size, workers=workers, progress=progress)
-        path = out / "neighbours.png"
-        written.append(neighbours_figure(model, stats, val, train, names, size, crop, path, **options))
+        if (Path(folder) / "train").is_dir():  # a folder of validation images alone is enough for predictions
+            train = open_split(folder, "train", classes=ckpt["classes"]).samples
+            options = dict(train_cap=neighbour_images, batch_size=batch_size, workers=workers, progress=progress)
+            path = out / "neighbours.png"
+            written.append(neighbours_figure(model, stats, val, train, names, size, crop, path, **options))
+        else:
+            log(f"{folder} has no 'train' folder: neighbours skipped")
 
     metrics = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
     if metrics:
