@@ -81,6 +81,8 @@ def test_seed_parameter_count_and_shapes() -> None:
     assert shapes["fc7"] == (4098,)
     assert shapes["fc8"] == (1000,)
     assert "pool1" not in shapes and "pool5" not in shapes
+    # no pooling after conv5: `features --layer pool5` is refused (conv5 is what fc6 sees)
+    assert "pool5" not in model.taps and model.taps["conv5"] == "features.12"
     # LRN in TensorFlow's convention: depth_radius 5 is an 11-channel window, alpha not divided
     lrns = [m for m in model.modules() if isinstance(m, LocalResponseNorm)]
     assert len(lrns) == 1

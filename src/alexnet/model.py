@@ -299,7 +299,8 @@ class AlexNet(nn.Module):
             if c.pool:
                 self._add(features, "features", f"pool{i}", MaxPool2d(3, 2))
             in_ch = c.out
-        self.taps["pool5"] = f"features.{len(features) - 1}"  # what fc6 sees
+        if preset.convs[-1].pool:  # what fc6 sees; the seed's last pooling is pool3, and fc6 sees conv5
+            self.taps["pool5"] = f"features.{len(features) - 1}"
         self.features = nn.Sequential(*features)
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6)) if preset.adaptive_pool else nn.Identity()
 
