@@ -128,6 +128,46 @@ def test_flat_validation_without_labels_is_a_clear_error(tmp_path):
         open_split(root, "val", classes=wnids)
 
 
+GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
+
+
+@pytest.mark.parametrize(
+    "label_file,text,meta,error",  # meta: the meta.mat beside the labels: none, "devkit" or "truncated"
+    [
+        (
+            "LOC_val_solution.csv",
+            "ImageId,PredictionString\nILSVRC2012_val_00000001,n01440764 1 2 3 4\nILSVRC2012_val_00000002,\n",
+            None,
+            "LOC_val_solution.csv line 3: ILSVRC2012_val_00000002 has an empty PredictionString",
+        ),
+        (
+            "LOC_val_solution.csv",
+            "ImageId,Label\nILSVRC2012_val_00000001,n01440764\n",
+            None,
+            "LOC_val_solution.csv has no PredictionString column (its header is ImageId,PredictionString)",
+        ),
+        ("LOC_val_solution.csv", b"\xff\xfe\x00I\x00d", None, "LOC_val_solution.csv has no ImageId column"),
+        (GROUND_TRUTH, "1\nn01440764\n", "devkit", f"{GROUND_TRUTH} line 2: 'n01440764' is not one of the 2 class"),
+        (GROUND_TRUTH, "1\n\n7\n", "devkit", f"{GROUND_TRUTH} line 3: '7' is not one of the 2 class ids in meta.mat"),
+        (GROUND_TRUTH, "1\n2\n", "truncated", "cannot read {root}/val/meta.mat: "),
+    ],
+    ids=["empty-prediction", "no-prediction-column", "not-utf8", "not-a-number", "unknown-id", "corrupt-meta"],
+)
+def test_flat_validation_with_bad_labels_is_a_one_line_error(tmp_path, label_file, text, meta, error):
+    root, wnids = _flat_val(tmp_path, n=2)
+    label = root / "val" / label_file
+    label.write_bytes(text if isinstance(text, bytes) else text.encode())
+    if meta:  # the devkit's, with class ids 1 and 2; or cut short
+        scipy_io = pytest.importorskip("scipy.io")
+        synsets = np.array([(1, wnids[1]), (2, wnids[0])], dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O")])
+        scipy_io.savemat(root / "val" / "meta.mat", {"synsets": synsets})
+        if meta == "truncated":
+            (root / "val" / "meta.mat").write_bytes((root / "val" / "meta.mat").read_bytes()[:300])
+    with pytest.raises(UserError) as caught:
+        open_split(root, "val", classes=wnids)
+    assert error.format(root=root) in str(caught.value) and "\n" not in str(caught.value)
+
+
 @pytest.mark.parametrize(
     "mode,size",
     [

@@ -14,6 +14,7 @@ from torch import nn
 
 from alexnet.augment import IMAGENET_EIGVAL, IMAGENET_EIGVEC, PixelStats
 from alexnet.data import Batch
+from alexnet.errors import UserError
 from alexnet.evaluate import class_probabilities, evaluate, write_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small tensor ops: threads only contend
@@ -161,3 +162,40 @@ def test_evaluate_puts_the_model_in_eval_mode() -> None:
     assert torch.equal(first.confusion, want)
     assert (second.loss, second.top1_err, second.top5_err) == (first.loss, first.top1_err, first.top5_err)
     assert torch.equal(second.confusion, first.confusion)
+
+
+# ------------------------------------------------------------------------- no readable image
+
+
+def test_evaluate_command_with_no_readable_image_is_a_one_line_error_and_no_report(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """Every validation file corrupt or empty: one line and exit 2, not errors of NaN "on 0 images", and
+    no eval.json (NaN is not JSON)."""
+    import alexnet.train
+    from alexnet.cli import main
+
+    val = tmp_path / "data" / "val" / "n0"
+    val.mkdir(parents=True)
+    (val / "0.JPEG").write_bytes(b"")
+    (val / "1.JPEG").write_text("not an image")
+    ckpt = {"classes": ["n0", "n1"], "names": ["cat", "dog"], "config": {"image_size": S, "crop": CROP}}
+    monkeypatch.setattr(alexnet.train, "load_for_inference", lambda *_: (predicting(torch.zeros(1, 2)), STATS, ckpt))
+    report = tmp_path / "report"
+    args = ["evaluate", "--checkpoint", "c.pt", "--data", str(tmp_path / "data"), "--ten-crop", "--out", str(report)]
+    assert main([*args, "--device", "cpu", "--workers", "0", "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [
+        f"alexnet: error: none of the 2 validation images could be read; e.g. {val / '0.JPEG'}: "
+        f"UnidentifiedImageError: cannot identify image file '{val / '0.JPEG'}'"
+    ]
+    assert "top-1" not in out and not report.exists()
+
+
+def test_a_result_of_no_images_is_no_report(tmp_path) -> None:
+    bad = Batch(torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), ["a.JPEG\tbroken"])
+    result = evaluate(predicting(torch.zeros(1, 2)), [bad], STATS, 2, CPU, CROP, progress=False)
+    assert result.count == 0 and result.bad == ["a.JPEG\tbroken"]
+    with pytest.raises(UserError, match="none of the validation images could be read: no report written"):
+        write_report(tmp_path / "report", {"center": result}, ["n0", "n1"], ["cat", "dog"])
+    assert not (tmp_path / "report").exists()

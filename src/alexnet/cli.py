@@ -132,7 +132,7 @@ def _device(name: str) -> torch.device:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import ImageDataset, make_loader, open_split
-    from .evaluate import evaluate, write_report
+    from .evaluate import evaluate, none_readable, write_report
     from .prepared import is_prepared, made_from
     from .train import load_for_inference
 
@@ -150,6 +150,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for name, ten in (("center", False), ("ten_crop", True)):
         if name == "center" or args.ten_crop:
             results[name] = evaluate(model, loader, stats, n, device, cfg["crop"], ten_crop=ten, progress=progress)
+            if results[name].count == 0:  # every file corrupt or empty: no error to tell, no report to write
+                raise none_readable(len(split.samples), results[name].bad)
     for name, r in results.items():
         print(f"{name}: top-1 error {r.top1_err:.4f}, top-5 error {r.top5_err:.4f} on {r.count} images")
     bad = sorted({b for r in results.values() for b in r.bad})

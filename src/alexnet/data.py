@@ -170,8 +170,7 @@ def _flat_samples(root: Path, folder: Path, classes: list[str] | None) -> list[t
 def read_ilsvrc_val_labels(label_file: Path) -> dict[str, str]:
     """Image stem -> wnid, from LOC_val_solution.csv or the devkit's ground truth (+ meta.mat beside it)."""
     if label_file.suffix == ".csv":
-        with open(label_file, newline="") as f:
-            return {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f)}
+        return _read_loc_solution(label_file)
     meta = label_file.parent / "meta.mat"
     if not meta.is_file():
         raise UserError(f"{label_file.name} needs the devkit's meta.mat beside it to map class ids to wnids")
@@ -179,11 +178,37 @@ def read_ilsvrc_val_labels(label_file: Path) -> dict[str, str]:
         from scipy.io import loadmat
     except ImportError as e:
         raise UserError("reading the devkit's meta.mat needs scipy: pip install scipy") from e
-    synsets = loadmat(meta, squeeze_me=True)["synsets"]
-    wnid_of_id = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
-    ids = [int(line) for line in label_file.read_text().split()]
-    # The devkit lists labels in file order: ILSVRC2012_val_00000001 first.
-    return {f"ILSVRC2012_val_{i:08d}": wnid_of_id[cid] for i, cid in enumerate(ids, start=1)}
+    try:
+        synsets = loadmat(meta, squeeze_me=True)["synsets"]
+        wnid_of_id = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or not the devkit's: say so in one line
+        raise UserError(f"cannot read {meta}: {type(e).__name__}: {_one_line(str(e))}") from e
+    # The devkit lists labels in file order, one a line: ILSVRC2012_val_00000001 first.
+    wnids = []
+    for n, line in enumerate(label_file.read_text(errors="replace").splitlines(), start=1):
+        if not (word := line.strip()):
+            continue
+        if not word.isdecimal() or int(word) not in wnid_of_id:
+            raise UserError(
+                f"{label_file.name} line {n}: {word[:40]!r} is not one of the {len(wnid_of_id)} class ids in meta.mat"
+            )
+        wnids.append(wnid_of_id[int(word)])
+    return {f"ILSVRC2012_val_{i:08d}": wnid for i, wnid in enumerate(wnids, start=1)}
+
+
+def _read_loc_solution(label_file: Path) -> dict[str, str]:
+    """Image stem -> wnid: the first word of each row's PredictionString (wnid and box, repeated)."""
+    wnid_of = {}
+    with open(label_file, newline="", errors="replace") as f:
+        rows = csv.DictReader(f)
+        if missing := [c for c in ("ImageId", "PredictionString") if c not in (rows.fieldnames or [])]:
+            raise UserError(f"{label_file.name} has no {missing[0]} column (its header is ImageId,PredictionString)")
+        for row in rows:
+            if not (words := (row["PredictionString"] or "").split()):
+                where = f"{label_file.name} line {rows.line_num}"
+                raise UserError(f"{where}: {row['ImageId']} has an empty PredictionString")
+            wnid_of[row["ImageId"]] = words[0]
+    return wnid_of
 
 
 def load_image(path: str, size: int = 256) -> torch.Tensor:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from .augment import PixelStats, center_batch, ten_crop_batch
 from .checkpoint import write_text_atomic
 from .distributed import Ranks, sum_over_ranks
+from .errors import UserError
 
 
 @dataclass
@@ -57,7 +58,8 @@ def evaluate(
     progress: bool = True,
     ranks: Ranks | None = None,
 ) -> EvalResult:
-    """Errors over `loader`'s images; under DDP each rank passes a loader of its share of them."""
+    """Errors over `loader`'s images; under DDP each rank passes a loader of its share of them. Where
+    none could be read, count is 0 and the errors NaN: the caller stops (`none_readable`)."""
     model.eval()
     stats = stats.to(device)
     k = min(5, num_classes)
@@ -100,9 +102,18 @@ def evaluate(
     )
 
 
+def none_readable(images: int, bad: list[str]) -> UserError:
+    """The error for an evaluation of `images` images none of which could be read, naming the first."""
+    first = f"; e.g. {bad[0].replace(chr(9), ': ')}" if bad else ""
+    return UserError(f"none of the {images} validation images could be read{first}")
+
+
 def write_report(out_dir: Path, results: dict[str, EvalResult], classes: list[str], names: list[str]) -> None:
     """eval.json (each protocol's errors), per_class.csv and confusion.csv (of the last protocol given);
-    each replaced whole or not at all (a full disk, a kill), as checkpoints are."""
+    each replaced whole or not at all (a full disk, a kill), as checkpoints are. A result of no images
+    (its errors NaN, which JSON cannot hold) is refused."""
+    if any(r.count == 0 for r in results.values()):
+        raise UserError(f"none of the validation images could be read: no report written to {out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "eval.json", json.dumps({k: r.summary() for k, r in results.items()}, indent=2) + "\n")
     last = list(results.values())[-1]
