@@ -1,16 +1,20 @@
 """Weights out: every export format, loaded back, gives PyTorch's logits on real images."""
 
 import json
+import os
+import warnings
 
+import numpy as np
 import onnxruntime
 import pytest
 import torch
 from conftest import scoped_folder
 
-from alexnet.augment import make_pixel_stats
+from alexnet.augment import center_batch, make_pixel_stats
 from alexnet.checkpoint import save_checkpoint
 from alexnet.cli import main
 from alexnet.config import TrainConfig
+from alexnet.data import load_image
 from alexnet.errors import UserError
 from alexnet.export import export_checkpoint, load_exported, max_abs_difference
 from alexnet.model import build_model
@@ -55,6 +59,21 @@ def images(imagenette_ci):
     return [str(sorted(f.glob("*.JPEG"))[0]) for f in folders]
 
 
+def assert_metadata_gives_predicts_input(run, meta: dict, folder, checkpoint: str, image: str) -> None:
+    """A user with the export, its alexnet.json and mean file alone gets predict's logits for `image`."""
+    info = meta["input"]
+    size, std = info["shape"][2], np.array(info["std"], dtype=np.float32).reshape(3, 1, 1)
+    pixels = load_image(image, info["image_size"])  # the shorter side scaled to image_size, the centre kept
+    top = (info["image_size"] - size) // 2
+    crop = pixels[:, top : top + size, top : top + size].numpy() / np.float32(255)
+    x = torch.from_numpy((crop - np.load(folder / info["mean_file"])) / std)[None]
+    model, stats, ckpt = load_for_inference(checkpoint, torch.device("cpu"))
+    fed = center_batch(pixels[None], stats, ckpt["config"]["crop"])  # what predict gives the model
+    assert (x - fed).abs().max() < 1e-5
+    with torch.no_grad():
+        assert (run(x).float() - model(fed)).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize(
     ("preset", "size"),
     [("torchvision", 224), ("torchvision", 160), ("paper", 227), ("paper", 224)],
@@ -69,10 +88,15 @@ def test_onnx_matches_pytorch(checkpoints, images, tmp_path, preset, size):
     assert shape[1:] == [3, size, size] and not isinstance(shape[0], int)  # dynamic batch axis
     meta = json.loads(session.get_modelmeta().custom_metadata_map["alexnet.json"])
     assert meta["classes"][3] == "n00000003" and meta["input"]["shape"][2] == size
+    if preset == "torchvision":  # a mean colour: alexnet.json holds it all
+        assert meta["input"]["mean_file"] is None and not list(tmp_path.glob("*.npy"))
+    elif size == 224:  # the paper checkpoint's crop, subtracting a mean image
+        assert meta["input"]["mean_file"] == "model.mean.npy"
+        assert_metadata_gives_predicts_input(load_exported(out), meta, tmp_path, checkpoints[preset], images[0])
 
 
 @pytest.mark.parametrize(("fmt", "preset"), [("export", "torchvision"), ("export", "paper"), ("torchscript", "paper")])
-def test_torch_formats_round_trip(checkpoints, images, tmp_path, fmt, preset):
+def test_torch_formats_round_trip(checkpoints, images, tmp_path, capsys, fmt, preset):
     suffix = {"export": ".pt2", "torchscript": ".torchscript"}[fmt]
     out = export_checkpoint(checkpoints[preset], fmt, tmp_path / f"model{suffix}")
     diff, count, _ = max_abs_difference(out, checkpoints[preset], images)
@@ -80,11 +104,33 @@ def test_torch_formats_round_trip(checkpoints, images, tmp_path, fmt, preset):
     run = load_exported(out)
     with torch.no_grad():  # another batch size than the export's example; the checkpoints' crop is 224
         assert run(torch.zeros(3, 3, 224, 224)).shape == (3, 10)
+    if fmt == "torchscript":
+        extra = {"alexnet.json": ""}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
+            torch.jit.load(str(out), _extra_files=extra)
+        assert_metadata_gives_predicts_input(
+            run, json.loads(extra["alexnet.json"]), tmp_path, checkpoints[preset], images[0]
+        )
+        # given as a checkpoint: one line that says what it is, not torch's notice first
+        capsys.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main(["predict", "--checkpoint", str(out), images[0]]) == 2
+        assert not [str(w.message) for w in caught]
+        assert capsys.readouterr().err == (
+            f"alexnet: error: {out} is a TorchScript export, not a checkpoint: give a checkpoint, run directory or"
+            " .safetensors export\n"
+        )
 
 
 def test_safetensors_loads_back_without_pickle(checkpoints, images, tmp_path, capsys):
     out = tmp_path / "paper.safetensors"
     assert main(["export", "--checkpoint", checkpoints["paper"], "--format", "safetensors", "--out", str(out)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask == os.stat(checkpoints["paper"]).st_mode & 0o777
+    assert not list(tmp_path.glob("*.npy"))  # the mean image is in the file
     model, stats, ckpt = load_for_inference(out, torch.device("cpu"))
     reference, ref_stats, ref_ckpt = load_for_inference(checkpoints["paper"], torch.device("cpu"))
     assert ckpt["classes"] == ref_ckpt["classes"] and ckpt["config"] == ref_ckpt["config"]
@@ -120,6 +166,28 @@ def test_bad_export_requests(checkpoints, tmp_path):
     with pytest.raises(UserError, match="cannot read"):
         load_for_inference(not_safetensors, torch.device("cpu"))
     assert not list(tmp_path.glob("m.*"))
+
+
+def test_bad_export_requests_are_refused_before_any_work(checkpoints, tmp_path, capsys, monkeypatch):
+    import alexnet.train
+
+    monkeypatch.setattr(alexnet.train, "load_for_inference", None)  # no checkpoint is read, nothing exported
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    export = ["export", "--checkpoint", checkpoints["torchvision"], "--format"]
+    for args, said in [
+        (["safetensors", "--input-size", "100", "--out", f"{tmp_path}/m.safetensors"], "--input-size is for onnx"),
+        (["onnx", "--out", str(tmp_path)], f"{tmp_path} is a directory; --out names the file to write"),
+        (["onnx", "--out", f"{a_file}/m.onnx"], f"cannot write {a_file}/m.onnx: {a_file} is not a directory"),
+        (
+            ["onnx", "--out", f"{tmp_path}/m.onnx", "--check", f"{tmp_path}/gone.jpg"],
+            f"{tmp_path}/gone.jpg does not exist",
+        ),
+    ]:
+        assert main([*export, *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"alexnet: error: {said}") and err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == ["a_file"]
 
 
 def test_check_skips_unreadable_files_and_compares_in_batches(checkpoints, images, tmp_path, capsys, monkeypatch):

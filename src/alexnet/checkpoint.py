@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ FORMAT = "alexnet-checkpoint-1"
 TMP_SUFFIX = ".tmp"  # of files being written; never a finished file
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+NEW_FILE_MODE = 0o666 & ~_UMASK  # the mode open() gives a new file
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -51,7 +53,7 @@ def write_atomic(path: Path, write: Any) -> None:
     except OSError as e:
         raise _failed_write(e, path) from e
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
+        os.fchmod(fd, NEW_FILE_MODE)  # mkstemp makes 0600
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -144,6 +146,9 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda f: f.write(text.encode(errors="surrogateescape")))
 
 
+_EXPORTS = {".onnx": "an ONNX", ".pt2": "a .pt2", ".torchscript": "a TorchScript"}  # alexnet export's
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint file, or a run directory (its best.pt, else last.pt)."""
     path = Path(path)
@@ -153,8 +158,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notice that it will not read a TorchScript file
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say so in one line
+        kind = "a TorchScript" if "TorchScript" in str(e) else _EXPORTS.get(path.suffix)
+        if kind:
+            raise UserError(
+                f"{path} is {kind} export, not a checkpoint: give a checkpoint, run directory or .safetensors export"
+            ) from e
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not an alexnet checkpoint")

@@ -246,11 +246,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint, max_abs_difference
+    from .features import list_image_files
 
+    images = list_image_files(args.check) if args.check else []  # a missing one: refused before the work
     out = export_checkpoint(args.checkpoint, args.format, args.out, args.input_size)
     print(f"wrote {out}")
-    if args.check:
-        diff, count, bad = max_abs_difference(out, args.checkpoint, args.check, args.input_size, args.format)
+    if images:
+        diff, count, bad = max_abs_difference(out, args.checkpoint, images, args.input_size, args.format)
         for b in bad:
             print(f"skipped (cannot read): {b}", file=sys.stderr)
         skipped = f"; {len(bad)} unreadable files skipped" if bad else ""

@@ -5,7 +5,9 @@ checkpoint says, (x / 255 - mean) / std of a centred S x S crop; output (N, clas
 batch axis is dynamic, S is fixed at export (`--input-size`, default the checkpoint's crop): the
 paper preset takes 224 or 227, torchvision's any S >= 63. Each file also carries `alexnet.json`
 (classes, input size, normalisation, the run's config): ONNX metadata_props, the .pt2's and
-TorchScript's extra files, safetensors' metadata.
+TorchScript's extra files, safetensors' metadata. A checkpoint that subtracts a mean image (`--mean
+pixel`) also gets the mean its input subtracts, (3, S, S) float32, in `<out stem>.mean.npy` beside the
+file; alexnet.json's input.mean_file names it.
 
 safetensors holds the weights and the pixel statistics as tensors, and the JSON as metadata, so the
 project reads it back without pickle: `load_for_inference` accepts a .safetensors file.
@@ -22,11 +24,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import center_batch
-from .checkpoint import FORMAT
+from .augment import center_batch, crop_offsets
+from .checkpoint import FORMAT, NEW_FILE_MODE, write_atomic
 from .data import ImageDataset, make_loader
 from .errors import UserError
 
@@ -48,12 +51,13 @@ def _save_atomic(out: Path, save: Callable[[str], Any]) -> None:
     tmp = out.with_name(f".tmp.{out.name}")  # same suffix: torch.export.save wants .pt2
     try:
         save(str(tmp))
+        os.chmod(tmp, NEW_FILE_MODE)  # safetensors writes 0600
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def describe(ckpt: dict[str, Any], size: int) -> str:
+def describe(ckpt: dict[str, Any], size: int, mean_file: str | None = None) -> str:
     """The JSON every export carries: what goes in, what comes out, and the run's config."""
     stats = ckpt["stats"]
     return json.dumps(
@@ -61,9 +65,11 @@ def describe(ckpt: dict[str, Any], size: int) -> str:
             "format": "alexnet-export-1",
             "input": {
                 "shape": ["batch", 3, size, size],
-                "pixels": "RGB, (x / 255 - mean) / std; a centred crop of the image scaled to image_size",
+                "pixels": "RGB, (x / 255 - mean) / std; the centred crop of the image scaled to image_size;"
+                " mean: the (3, S, S) array in mean_file when it names one, else the colour",
                 "mean": stats["mean"].mean(dim=(1, 2)).tolist(),  # the mean image's average colour
                 "mean_image": stats["mean"].shape[-1] > 1,  # True: the checkpoint subtracts a whole image
+                "mean_file": mean_file,  # then this file beside the export holds the mean to subtract
                 "std": stats["std"].flatten().tolist(),
                 "image_size": ckpt["config"]["image_size"],
             },
@@ -73,6 +79,24 @@ def describe(ckpt: dict[str, Any], size: int) -> str:
             "config": ckpt["config"],
         }
     )
+
+
+def mean_for_input(mean: torch.Tensor, size: int) -> torch.Tensor:
+    """The (3, size, size) mean an input of `size` subtracts: the mean image's centred crop, as predict
+    takes it, or for an input larger than the run's images the mean image scaled up, as --check does."""
+    if size > mean.shape[-1]:
+        return F.interpolate(mean[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+    top, left = crop_offsets(mean.shape[-1], size)[4]
+    return mean[:, top : top + size, left : left + size]
+
+
+def check_out(out: Path) -> None:
+    """Refuse an --out that cannot be written before any work: a folder, or a path through a file."""
+    if out.is_dir():
+        raise UserError(f"{out} is a directory; --out names the file to write")
+    folder = next(p for p in out.parents if p.exists())  # the folders below it are made
+    if not folder.is_dir():
+        raise UserError(f"cannot write {out}: {folder} is not a directory")
 
 
 def check_input_size(model: torch.nn.Module, size: int) -> None:
@@ -91,12 +115,20 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, input_s
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    model, _, ckpt = load_for_inference(checkpoint, torch.device("cpu"))
+    if fmt == "safetensors" and input_size is not None:
+        raise UserError("--input-size is for onnx, export and torchscript: safetensors holds weights, not a graph")
+    out = Path(out)
+    check_out(out)
+    model, stats, ckpt = load_for_inference(checkpoint, torch.device("cpu"))
     size = ckpt["config"]["crop"] if input_size is None else input_size  # 0 is refused, not the default
     check_input_size(model, size)
-    meta = describe(ckpt, size)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    mean_file = None
+    if fmt != "safetensors" and stats.mean.shape[-1] > 1:  # safetensors holds the mean image itself
+        mean_file = out.with_suffix(".mean.npy")
+        mean = mean_for_input(stats.mean, size).numpy().astype(np.float32)
+        write_atomic(mean_file, lambda f: np.save(f, mean))
+    meta = describe(ckpt, size, mean_file.name if mean_file else None)
     example = torch.zeros(2, 3, size, size)  # batch 2: a size-1 axis would be fixed at 1
     batch = ({0: torch.export.Dim("batch", min=1)},)
     if fmt == "onnx":
