@@ -69,6 +69,7 @@ PAPER = Preset(
         "i.e. 3 zero pixels past the right and bottom edges; 227x227 input needs no padding",
         "LRN as printed in the paper: s = alpha = 1e-4 (cuda-convnet divides alpha by 5)",
         "one device: the two towers are grouped convolutions (groups=2), not two GPUs",
+        "LRN's window runs across both towers' maps (as Caffe's): each GPU normalised its own half",
     ),
 )
 
