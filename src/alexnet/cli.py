@@ -42,6 +42,7 @@ HELP = {
     "mean": "subtract the mean 'pixel' image (paper) or the mean 'channel' colour",
     "scale": "'raw' 0-255 pixels (paper) or 'imagenet' std (torchvision); default: the preset's",
     "pca": "PCA lighting axes from the training set ('dataset') or the 'imagenet' constants",
+    "bias_decay": "decay the biases too (default: no for paper and seed, as cuda-convnet did; yes for torchvision)",
     "lighting": "standard deviation of the PCA lighting alphas (0: off)",
     "device": "auto, cpu, cuda or cuda:N",
     "lrn": "LRN convention: paper, cuda-convnet or caffe (default: the preset's)",

@@ -53,6 +53,9 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # weight decay on the biases too; None = the preset's own: not for paper and seed (cuda-convnet, the
+    # paper's code, and Caffe decayed weights only), yes for torchvision (as its reference recipe)
+    bias_decay: bool | None = None
     schedule: str = "plateau"
     plateau_patience: int = 2  # epochs without a better validation error before dividing by 10
     max_lr_drops: int = 3  # the paper divided the learning rate 3 times
@@ -88,6 +91,7 @@ class TrainConfig:
             raise UserError(f"unknown preset {c.preset!r}; choose one of {', '.join(PRESETS)}")
         c.init = c.init or PRESETS[c.preset].default_init
         c.scale = c.scale or ("imagenet" if c.preset == "torchvision" else "raw")
+        c.bias_decay = c.preset == "torchvision" if c.bias_decay is None else c.bias_decay
         _choice("init", c.init, INITS)
         _choice("schedule", c.schedule, SCHEDULES)
         _choice("mean", c.mean, ("pixel", "channel"))
@@ -139,7 +143,8 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise UserError(f"unknown config keys: {', '.join(unknown)}")
-        return TrainConfig(**d)
+        # a run made before bias_decay existed decayed its biases: it resumes doing so
+        return TrainConfig(**{"bias_decay": True, **d})
 
     @staticmethod
     def load(path: Path) -> TrainConfig:

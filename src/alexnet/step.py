@@ -43,12 +43,23 @@ def resolve_channels_last(name: str) -> bool:
     return name == "on"
 
 
+def decay_groups(model: torch.nn.Module, bias_decay: bool) -> list[dict]:
+    """The model's parameters as SGD's groups: the biases in a group without weight decay, unless
+    `bias_decay`. cuda-convnet (the paper's code) and Caffe decayed the weights only."""
+    named = list(model.named_parameters())
+    if bias_decay:
+        return [{"params": [p for _, p in named]}]
+    biases = [p for name, p in named if name.endswith(".bias")]
+    weights = [p for name, p in named if not name.endswith(".bias")]
+    return [{"params": weights}, {"params": biases, "weight_decay": 0.0}]
+
+
 def make_optimizer(
-    parameters: Iterable[torch.nn.Parameter], lr: float, momentum: float, weight_decay: float
+    parameters: Iterable[torch.nn.Parameter] | list[dict], lr: float, momentum: float, weight_decay: float
 ) -> torch.optim.SGD:
-    """SGD with momentum and weight decay, fused: one pass over each parameter per step instead of a
-    chain of operations with temporaries. The same weights, bit for bit (tests/test_step.py); faster on
-    a CPU (benchmarks/README.md)."""
+    """SGD with momentum and weight decay (where a group does not set its own), fused: one pass over each
+    parameter per step instead of a chain of operations with temporaries. The same weights, bit for bit
+    (tests/test_step.py); faster on a CPU (benchmarks/README.md)."""
     return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
 
 

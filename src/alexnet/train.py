@@ -55,7 +55,15 @@ from .export import read_safetensors
 from .model import build_model
 from .prepared import PreparedLoader, is_prepared, open_prepared, read_manifest
 from .schedule import make_scheduler, scale_learning_rate, steps_each_iteration
-from .step import TrainStep, make_optimizer, resolve_channels_last, resolve_cuda_graphs, resolve_precision, tune_for
+from .step import (
+    TrainStep,
+    decay_groups,
+    make_optimizer,
+    resolve_channels_last,
+    resolve_cuda_graphs,
+    resolve_precision,
+    tune_for,
+)
 from .stopping import StopSignals
 from .tblog import TensorBoardLog
 from .weights import freeze_layers, load_pretrained, read_pretrained
@@ -300,7 +308,7 @@ def _train(
     precision = resolve_precision(cfg.precision, device)
     channels_last = resolve_channels_last(cfg.channels_last)
     model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    optimizer = make_optimizer(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+    optimizer = make_optimizer(decay_groups(model, cfg.bias_decay), cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     state = RunState()
     trained = model  # what forward and backward run: compiled and/or DDP-wrapped `model`
