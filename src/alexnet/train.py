@@ -569,8 +569,9 @@ def _train(
         name: evaluate(model, val_loader, stats, num_classes, device, cfg.crop, ten, progress, ranks)
         for name, ten in (("center", False), ("ten_crop", True))
     }
-    if main:
-        write_report(run_dir, results, classes, names)
+    with distributed.together(ranks):  # a full disk on rank 0 stops every rank, with its line
+        if main:
+            write_report(run_dir, results, classes, names)
     for name, r in results.items():
         say(f"{name}: top-1 error {r.top1_err:.4f}, top-5 error {r.top5_err:.4f} on {r.count} val images")
     return run_dir

@@ -34,24 +34,43 @@ if os.environ.get("SLOW_STEPS"):
     import alexnet.step as s
     real = s.train_batch
     s.train_batch = lambda *a, **k: (time.sleep(float(os.environ["SLOW_STEPS"])), real(*a, **k))[1]
+if os.environ.get("FULL_DISK_AT_REPORT"):  # the final report's first write fails as on a full disk
+    import errno, alexnet.evaluate as e
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    e.write_text_atomic = full
 from alexnet.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
 def torchrun(
-    tmp_path, args: list[str], max_restarts: int = 0, slow: float = 0.0, launch: tuple[str, ...] = (), cwd=None
+    tmp_path,
+    args: list[str],
+    max_restarts: int = 0,
+    slow: float = 0.0,
+    launch: tuple[str, ...] = (),
+    cwd=None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     """One machine's torchrun agent: 2 processes (--standalone) unless `launch` says otherwise."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     command = [sys.executable, "-m", "torch.distributed.run", *(launch or ("--standalone", "--nproc-per-node", "2"))]
     command += [f"--max-restarts={max_restarts}", str(driver), *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "SLOW_STEPS": str(slow)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "OMP_NUM_THREADS": "1",
+        "SLOW_STEPS": str(slow),
+        **(env or {}),
+    }
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
 
 
-def two_machines(tmp_path, args: list[str], data: tuple[Path | None, Path | None]) -> list[tuple[int, str, str]]:
+def two_machines(
+    tmp_path, args: list[str], data: tuple[Path | None, Path | None], env: dict[str, str] | None = None
+) -> list[tuple[int, str, str]]:
     """(exit status, stdout, stderr) of two torchrun agents, one process each, that meet at a c10d
     rendezvous as two machines do (`--nnodes 2 --rdzv-endpoint`). Each runs in a folder of its own,
     its machine, holding a copy of `data` (or none) as ./data."""
@@ -65,7 +84,7 @@ def two_machines(tmp_path, args: list[str], data: tuple[Path | None, Path | None
         (tmp_path / name).mkdir(exist_ok=True)
         if source is not None:
             shutil.copytree(source, tmp_path / name / "data")
-        procs.append(torchrun(tmp_path, args, launch=launch, cwd=tmp_path / name))
+        procs.append(torchrun(tmp_path, args, launch=launch, cwd=tmp_path / name, env=env))
     outputs = [p.communicate(timeout=300) for p in procs]
     return [(p.returncode, *output) for p, output in zip(procs, outputs, strict=True)]
 
@@ -188,3 +207,16 @@ def test_a_full_disk_on_rank_0_stops_both_machines_with_its_line(fault_data, sma
     assert said == [f"alexnet: error: {full}", f"alexnet: error: rank 0 stopped: {full}"]
     state = load_checkpoint(run_dir / "last.pt")["run_state"]
     assert (state["epoch"], state["step_in_epoch"]) == ((0, 1) if when == "mid_epoch" else (1, 0))
+
+
+def test_a_full_disk_at_the_final_report_stops_both_machines_with_its_line(fault_data, tmp_path):
+    run_dir = tmp_path / "run"
+    settings = {**TINY, "epochs": 1, "dropout": 0.0}
+    env = {"FULL_DISK_AT_REPORT": "1"}
+    ended = two_machines(tmp_path, cli_args(Path("data"), run_dir, **settings), (fault_data, fault_data), env)
+    for code, _, err in ended:
+        assert code != 0 and "[rank" not in err, err[-3000:]  # the rank that does not write stops too
+    said = sorted(line for _, _, err in ended for line in err.splitlines() if line.startswith("alexnet"))
+    assert len(said) == 2 and "No space left on device" in said[0], said
+    assert said[1] == said[0].replace("alexnet: error: ", "alexnet: error: rank 0 stopped: "), said
+    assert (run_dir / "last.pt").is_file() and not (run_dir / "eval.json").exists()
