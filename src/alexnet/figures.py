@@ -213,7 +213,7 @@ def neighbours_figure(
             ax = fig.add_subplot(len(query_samples), cols, r * cols + j + 2)
             ax.imshow(_shown(load_image(file, image_size), crop))
             colour = "tab:green" if lab == label[1] else "tab:red"
-            ax.set_title(f"{_short(names[lab], 18)}\nd = {d:.1f}", fontsize=7, color=colour)
+            ax.set_title(f"{_short(names[lab], 18)}\nd = {d:.3g}", fontsize=7, color=colour)
             ax.set_axis_off()
     fig.suptitle(
         f"nearest training images in fc7 (Euclidean, {len(pool)} training images searched); green: same class",
