@@ -4,7 +4,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import write_image
+from conftest import SHARED_DATA, write_image
 from PIL import Image
 
 from alexnet.data import (
@@ -200,6 +200,21 @@ def test_load_image_short_side_256_then_centre(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "wide.png")
     x = load_image(str(tmp_path / "wide.png"))
     assert x.shape == (3, 256, 256) and int(x.min()) == 255
+
+
+@pytest.mark.parametrize("name", ["n02492660_howler_monkey", "n03345487_fire_engine", "n02100583_vizsla"])
+def test_a_large_jpeg_is_what_a_full_decode_gives(name):
+    """Decoding a large JPEG at a reduced scale (for speed) gives what decoding it whole and scaling it
+    gives, to rounding: PIL's bilinear resize, shorter side 256, the centre kept (no draft)."""
+    path = SHARED_DATA / "imagenet-sample-1000" / "val" / name.split("_")[0] / f"{name}.JPEG"
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        im = im.resize((round(w * 256 / min(w, h)), round(h * 256 / min(w, h))), Image.BILINEAR)
+        left, top = (im.size[0] - 256) // 2, (im.size[1] - 256) // 2
+        want = torch.from_numpy(np.asarray(im.crop((left, top, left + 256, top + 256))).copy()).permute(2, 0, 1)
+    got = load_image(str(path))
+    assert (got.float() - want.float()).abs().mean() < 1.0  # grey levels; a draft of 256 itself: 9.7, 6.9, 5.0
 
 
 def test_bad_files_are_skipped_and_named(tmp_path):
