@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from alexnet.augment import make_pixel_stats, train_batch
-from alexnet.bench import format_table, run_benchmark
+from alexnet.bench import Measure, format_table, run_benchmark
 from alexnet.data import EpochBatches, rank_share
 from alexnet.errors import UserError
 from alexnet.model import build_model
@@ -119,6 +119,12 @@ def test_benchmark_measures_against_the_torchvision_baseline(tmp_path, tiny_data
         run_benchmark("paper", 2, "cpu", data=str(tiny_dataset))
     with pytest.raises(UserError, match="18 training images, fewer than one batch of 32"):
         run_benchmark("paper", 32, "cpu", data=str(prepared))
+    prepare_dataset(tiny_dataset, tmp_path / "small", size=72, workers=0, progress=False)
+    with pytest.raises(UserError, match="holds 72px images; the benchmark's 224x224 crops need 224 or more"):
+        run_benchmark("paper", 2, "cpu", data=str(tmp_path / "small"))
+    # without the baseline, no ratio: not even for the torchvision preset's own first row
+    alone = format_table([Measure("torchvision model-only", 10.0, [10.0])], settings)
+    assert alone.splitlines()[2].split()[3] == "-"
 
 
 def test_benchmark_measures_other_lrn_kernels_where_asked(monkeypatch):

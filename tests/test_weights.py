@@ -276,6 +276,10 @@ def test_torchvision_state_dict_gives_identical_logits(torchvision_file, imagene
     x = center_batch(torch.stack([load_image(str(f), 256) for f in files]), stats, 224)
     with torch.no_grad():
         assert torch.equal(model(x), net(x))
+    # an alexnet checkpoint is refused: its mean image and classes would give way to ImageNet's
+    with pytest.raises(UserError, match="is an alexnet checkpoint already"):
+        convert("torchvision", tmp_path / "tv.pt", tmp_path / "again.pt")
+    assert not (tmp_path / "again.pt").exists()
 
 
 def test_new_classes_replace_fc8_only(torchvision_file):

@@ -218,7 +218,9 @@ def convert(
     if source == "torchvision":
         if mean:
             raise UserError("--mean is for Caffe weights; torchvision's use the ImageNet mean and std")
-        state, _, _ = read_state(path)
+        state, config, _ = read_state(path)
+        if config is not None:  # its mean image and classes would be lost, replaced by ImageNet's
+            raise UserError(f"{path} is an alexnet checkpoint already: use it as it is, no convert needed")
         if "classifier.6.bias" not in state:
             raise UserError(f"{path} is not a torchvision AlexNet state_dict (no classifier.6)")
         model = build_model("torchvision", state["classifier.6.bias"].shape[0], init="default")
