@@ -86,6 +86,8 @@ def tiny_run(tmp_path_factory):
         (["train", "--device", "meta", "--data", "."], "device 'meta' is not supported"),
         (["train", "--seed", "1000000000000000", "--data", "."], "seed must be in"),
         (["train", "--freeze", "features,fc6..fc8", "--data", "."], "freezes every layer"),
+        (["train", "--data", __file__], "is a file, not a folder"),
+        (["convert", "--from", "torchvision", __file__, "--out", str(Path(__file__).parent)], "is a directory"),
     ],
 )
 def test_bad_input_is_one_line(args, pattern, capsys):

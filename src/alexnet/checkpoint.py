@@ -33,6 +33,15 @@ os.umask(_UMASK)
 NEW_FILE_MODE = 0o666 & ~_UMASK  # the mode open() gives a new file
 
 
+def check_out(out: Path) -> None:
+    """Refuse an --out that cannot be written, before any work: a folder, or a path through a file."""
+    if out.is_dir():
+        raise UserError(f"{out} is a directory; --out names the file to write")
+    folder = next(p for p in out.parents if p.exists())  # the folders below it are made
+    if not folder.is_dir():
+        raise UserError(f"cannot write {out}: {folder} is not a directory")
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:

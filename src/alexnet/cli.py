@@ -239,8 +239,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import check_out
     from .weights import convert
 
+    check_out(Path(args.out))
     print(f"wrote {convert(args.source, args.file, args.out, args.mean, args.classes)}")
     return 0
 
@@ -262,6 +264,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
+    from .checkpoint import check_out
     from .features import check_layers, extract_samples, label_of, list_image_files, write_features
     from .train import load_for_inference
 
@@ -270,6 +273,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         raise UserError(f"--out must end in .npz or .npy, not {out.name!r}")
     if out.suffix == ".npy" and len(args.layer) != 1:
         raise UserError(f"a .npy file holds one layer, not {len(args.layer)}; write .npz")
+    check_out(out)
     model, stats, ckpt = load_for_inference(args.checkpoint, _device(args.device))
     check_layers(model, args.layer)
     files = list_image_files(args.images)

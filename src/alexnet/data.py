@@ -106,7 +106,7 @@ def open_split(root: str | Path, split: str, classes: list[str] | None = None, *
     root = Path(root)
     folder = root / split
     if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist")
+        raise UserError(f"data folder {root} {'is a file, not a folder' if root.exists() else 'does not exist'}")
     if not folder.is_dir():
         raise UserError(f"{root} has no '{split}' folder (expected {folder}/<class>/<image>)")
     subdirs = sorted(d.name for d in folder.iterdir() if d.is_dir() and not is_hidden(d.name))

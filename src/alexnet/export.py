@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment import center_batch, crop_offsets
-from .checkpoint import FORMAT, NEW_FILE_MODE, write_atomic
+from .checkpoint import FORMAT, NEW_FILE_MODE, check_out, write_atomic
 from .data import ImageDataset, make_loader
 from .errors import UserError
 
@@ -88,15 +88,6 @@ def mean_for_input(mean: torch.Tensor, size: int) -> torch.Tensor:
         return F.interpolate(mean[None], size=(size, size), mode="bilinear", align_corners=False)[0]
     top, left = crop_offsets(mean.shape[-1], size)[4]
     return mean[:, top : top + size, left : left + size]
-
-
-def check_out(out: Path) -> None:
-    """Refuse an --out that cannot be written before any work: a folder, or a path through a file."""
-    if out.is_dir():
-        raise UserError(f"{out} is a directory; --out names the file to write")
-    folder = next(p for p in out.parents if p.exists())  # the folders below it are made
-    if not folder.is_dir():
-        raise UserError(f"cannot write {out}: {folder} is not a directory")
 
 
 def check_input_size(model: torch.nn.Module, size: int) -> None:

@@ -226,7 +226,12 @@ def _train(
         if is_prepared(cfg.data):
             manifest = read_manifest(cfg.data)
             if manifest["size"] != cfg.image_size:
-                raise UserError(f"{cfg.data} holds {manifest['size']}px images; pass --image-size {manifest['size']}")
+                fix = (
+                    f"prepare one with --image-size {cfg.image_size}, as the run was made"
+                    if resume
+                    else f"pass --image-size {manifest['size']}"
+                )
+                raise UserError(f"{cfg.data} holds {manifest['size']}px images; {fix}")
             train_data, val_data = open_prepared(cfg.data, "train"), open_prepared(cfg.data, "val")
             classes, names = manifest["classes"], manifest["names"]
             held = [manifest["fmt"], classes, {name: info["images"] for name, info in manifest["splits"].items()}]
