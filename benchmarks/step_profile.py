@@ -23,6 +23,8 @@ of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images alrea
   paper, eager LRN       the same with LRN's eager formulas
   paper, no LRN          LRN layers removed
   paper, groups=1        one tower: conv2, conv4 and conv5 see all their input channels
+  paper, LRN across towers  LRN's window across both towers' maps (Caffe's; the paper's GPUs each
+                         normalised their own): one launch of LRN's kernels each way, not one per tower
   torchvision            the torchvision preset
   augmentation only      alexnet.augment.train_batch alone
 with the time the host takes to enqueue each step (where it nears the step's time, the host limits
@@ -299,6 +301,8 @@ def main() -> None:
         "paper, eager LRN": lambda: paper_step(set_on(paper_model(), LocalResponseNorm, kernels="eager")),
         "paper, no LRN": lambda: paper_step(without_lrn(paper_model())),
         "paper, groups=1": lambda: paper_step(build_model("paper", groups=1, init="caffe")),
+        # LRN's window across both towers (Caffe's), one kernel launch each way instead of one per tower
+        "paper, LRN across towers": lambda: paper_step(build_model("paper", init="caffe", lrn_per_tower=False)),
         "torchvision": lambda: paper_step(build_model("torchvision")),
         "augmentation only": lambda: augment_only,
     }

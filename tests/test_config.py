@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from alexnet.config import TrainConfig
+from alexnet.errors import UserError
+from alexnet.lrn import LocalResponseNorm
 from alexnet.model import build_model
 from alexnet.step import decay_groups, make_optimizer
 
@@ -76,6 +78,22 @@ def test_resolved_fills_the_presets_bias_decay() -> None:
     # a run made before the option existed decayed its biases, and resumes doing so
     old = {k: v for k, v in dataclasses.asdict(TrainConfig().resolved()).items() if k != "bias_decay"}
     assert TrainConfig.from_dict(old).bias_decay is True
+
+
+def test_resolved_fills_the_presets_lrn_per_tower() -> None:
+    # the paper's two GPUs each normalised the maps they held; one tower (groups 1) or no towers: across
+    assert TrainConfig().resolved().lrn_per_tower is True
+    assert TrainConfig(groups=1).resolved().lrn_per_tower is False
+    assert TrainConfig(preset="seed").resolved().lrn_per_tower is False
+    assert TrainConfig(lrn_per_tower=False).resolved().lrn_per_tower is False  # Caffe's, asked for
+    for bad in ({"preset": "seed"}, {"preset": "torchvision"}, {"groups": 1}):
+        with pytest.raises(UserError, match="lrn_per_tower applies to the paper preset with its two towers"):
+            TrainConfig(lrn_per_tower=True, **bad).resolved()
+    # a run made before the option existed normalised across the towers, and resumes doing so
+    old = {k: v for k, v in dataclasses.asdict(TrainConfig().resolved()).items() if k != "lrn_per_tower"}
+    assert TrainConfig.from_dict(old).lrn_per_tower is False
+    lrns = [m for m in TrainConfig.from_dict(old).build_model(10).modules() if isinstance(m, LocalResponseNorm)]
+    assert [m.towers for m in lrns] == [1, 1]
 
 
 @pytest.mark.parametrize("preset", ["paper", "torchvision"])

@@ -118,6 +118,28 @@ def test_fused_lrn_equals_eager_on_cuda(kernels, dtype, layout, channels):
     torch.testing.assert_close(got["grad"], want["grad"], **tol)
 
 
+@pytest.mark.parametrize("kernels", ["triton", "triton-band"])
+@pytest.mark.parametrize(("dtype", "layout"), [(torch.bfloat16, "channels_last"), (torch.float32, "nchw")])
+def test_per_tower_lrn_on_cuda_equals_eager(kernels, dtype, layout):
+    """towers=2 (the paper preset's LRN): each tower's slice in its own kernel launch gives the eager
+    formulas' values and gradients per tower (those checked against PyTorch's LRN on the CPU)."""
+    layout = LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(2)
+    for channels in (96, 256):
+        x = (torch.rand(8, channels, 27, 27, generator=gen) * 60).to("cuda", dtype).contiguous(memory_format=layout)
+        g = torch.randn(x.shape, generator=gen).to("cuda", dtype).contiguous(memory_format=layout)
+        got, want = {}, {}
+        for name, out in ((kernels, got), ("eager", want)):
+            xi = x.clone().requires_grad_()
+            y = LocalResponseNorm(PAPER_LRN, kernels=name, towers=2)(xi)
+            (out["grad"],) = torch.autograd.grad(y, xi, g)
+            out["y"] = y.detach()
+        assert got["y"].stride() == x.stride() and got["grad"].stride() == x.stride()
+        tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+        torch.testing.assert_close(got["y"], want["y"], **tol)
+        torch.testing.assert_close(got["grad"], want["grad"], **tol)
+
+
 def test_lrn_on_cuda_uses_the_triton_kernels_by_default(monkeypatch):
     from alexnet import lrn_triton
 

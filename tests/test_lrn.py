@@ -261,3 +261,56 @@ def test_an_exported_graph_holds_only_pytorch_operations(kernels) -> None:
     code = exported.graph_module.print_readable(print_output=False)
     assert "ops.alexnet" not in code and "aten.exp" in code
     torch.testing.assert_close(exported.module()(x), LocalResponseNorm(PAPER_LRN, "eager")(model[0](x)))
+
+
+def per_tower_reference(x: torch.Tensor, spec: LRNSpec, towers: int) -> torch.Tensor:
+    """PyTorch's own LRN (s = alpha / size, odd windows) run on each tower's channels apart, in float64:
+    what the paper's GPUs computed, each on the maps it held."""
+    alpha = spec.scale * spec.size
+    return torch.cat(
+        [torch.nn.functional.local_response_norm(t, spec.size, alpha, spec.beta, spec.k) for t in x.chunk(towers, 1)],
+        1,
+    )
+
+
+PER_TOWER_CASES = [(kernels, layout) for kernels in ("eager", "compiled") for layout in ("nchw", "channels_last")] + [
+    (None, "channels_last")
+]  # None: compiled when training on the CPU, eager for inference
+
+
+@pytest.mark.parametrize(("kernels", "layout"), PER_TOWER_CASES)
+@pytest.mark.parametrize("spec", [PAPER_LRN, LRNSpec(5, 0.5, 0.75, 1.0, True)], ids=["paper", "strong"])
+def test_per_tower_lrn_normalises_each_towers_maps_alone(kernels, layout: str, spec: LRNSpec) -> None:
+    """towers=2: values and gradient (training and inference) equal PyTorch's LRN on each half apart; the
+    window across both towers differs exactly at the two channels either side of the boundary."""
+    x = _data(c=16, scale=30.0 if spec is PAPER_LRN else 3.0, seed=9)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(10))
+    a = x.double().requires_grad_()
+    want = per_tower_reference(a, spec, 2)
+    (want_grad,) = torch.autograd.grad(want, a, g.double())
+
+    lrn = LocalResponseNorm(spec, kernels=kernels, towers=2)
+    with torch.no_grad():
+        inferred = lrn(x)
+    x32 = x.clone().requires_grad_()
+    y = lrn(x32)
+    (got_grad,) = torch.autograd.grad(y, x32, g)
+    assert y.grad_fn is not None and y.shape == x.shape
+    for got in (inferred, y.detach()):
+        torch.testing.assert_close(got.double(), want.detach(), rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+    across = LocalResponseNorm(spec, kernels=kernels)(x).double()
+    differs = ((across - want).abs() > 1e-4 * want.abs().max()).flatten(2).any(2).any(0)
+    assert differs.tolist() == [c in (6, 7, 8, 9) for c in range(16)]  # a 5-channel window reaches 2 across
+
+
+def test_towers_must_divide_the_channels() -> None:
+    with pytest.raises(ValueError, match="towers must be at least 1, not 0"):
+        LocalResponseNorm(PAPER_LRN, towers=0)
+    with pytest.raises(ValueError, match="9 channels do not split into 2 towers"):
+        LocalResponseNorm(PAPER_LRN, towers=2)(_data(c=9))

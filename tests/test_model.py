@@ -189,6 +189,41 @@ def test_paper_lrn_and_classifier_order(paper: nn.Module) -> None:
     assert all(m.p == 0.5 for m in paper.classifier if isinstance(m, nn.Dropout))
 
 
+def test_paper_lrn_normalises_each_towers_maps_alone(paper: nn.Module) -> None:
+    """cuda-convnet's two-GPU net ran rnorm1a on conv1a's 48 maps and rnorm1b on conv1b's (and conv2's
+    128 and 128): lrn1 and lrn2 equal PyTorch's LRN run on each half of relu1's and relu2's outputs apart,
+    which differs from a window across all maps. One tower (groups=1) or Caffe's way: across."""
+    assert [m.towers for m in paper.features if isinstance(m, LocalResponseNorm)] == [2, 2]
+    seen = {}
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.detach().clone()))
+        for name, m in paper.named_modules()
+        if name in ("features.1", "features.2", "features.5", "features.6")  # relu1, lrn1, relu2, lrn2
+    ]
+    paper.eval()
+    with torch.no_grad():
+        paper(torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)) * 255 - 120)
+    paper.train()
+    for h in hooks:
+        h.remove()
+    alpha = PAPER_LRN.scale * PAPER_LRN.size  # PyTorch divides alpha by the window's size
+
+    def lrn(x: torch.Tensor) -> torch.Tensor:
+        return F.local_response_norm(x.double(), 5, alpha, PAPER_LRN.beta, PAPER_LRN.k)
+
+    for relu, out in (("features.1", "features.2"), ("features.5", "features.6")):
+        per_tower = torch.cat([lrn(t) for t in seen[relu].chunk(2, 1)], 1)
+        torch.testing.assert_close(seen[out].double(), per_tower, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(seen[out].double(), lrn(seen[relu]), rtol=1e-5, atol=1e-6)
+    for model in (build_model("paper", groups=1), build_model("paper", lrn_per_tower=False)):
+        assert [m.towers for m in model.features if isinstance(m, LocalResponseNorm)] == [1, 1]
+    assert [m.towers for m in build_model("seed").features if isinstance(m, LocalResponseNorm)] == [1]
+    with pytest.raises(UserError, match="lrn_per_tower applies to the paper preset only, not 'seed'"):
+        build_model("seed", lrn_per_tower=True)
+    with pytest.raises(UserError, match="lrn_per_tower needs the two towers"):
+        build_model("paper", groups=1, lrn_per_tower=True)
+
+
 # ------------------------------------------------------------------------------------ CeilConv2d
 
 

@@ -73,13 +73,18 @@ def kernels(request, monkeypatch):
     return interpreted(monkeypatch, "lrn_triton", BLOCK_P=getattr(request, "param", 4))
 
 
-def reference(x: torch.Tensor, g: torch.Tensor, spec: LRNSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values and gradient in float64, by autograd through the formula written out directly."""
-    a = x.detach().double().requires_grad_()
+def formula(a: torch.Tensor, spec: LRNSpec) -> torch.Tensor:
+    """LRN written out directly, over dim 1."""
     lo, hi = spec.size // 2, (spec.size - 1) // 2
     padded = torch.nn.functional.pad(a * a, (0, 0, 0, 0, lo, hi))
     window = sum(padded[:, j : j + a.shape[1]] for j in range(spec.size))
-    y = a / (spec.k + spec.scale * window) ** spec.beta
+    return a / (spec.k + spec.scale * window) ** spec.beta
+
+
+def reference(x: torch.Tensor, g: torch.Tensor, spec: LRNSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and gradient in float64, by autograd through the formula written out directly."""
+    a = x.detach().double().requires_grad_()
+    y = formula(a, spec)
     (grad,) = torch.autograd.grad(y, a, g.double())
     return y.detach(), grad
 
@@ -208,7 +213,9 @@ def test_logarithms_run_in_the_special_function_units(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["lrn", "bias_relu_lrn"])
-@pytest.mark.parametrize("width", [128, 256], ids=["conv1", "conv2"])  # 96 and 256 channels
+@pytest.mark.parametrize(  # conv1's and conv2's LRN per tower (48 and 128 channels), and across (96 and 256)
+    "width", [64, 128, 256], ids=["conv1_tower", "conv2_tower_or_conv1", "conv2"]
+)
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_every_tile_the_autotuner_may_pick_builds_for_an_h100_without_spilling(
     width: int, direction: str, bias: bool, monkeypatch
@@ -379,6 +386,37 @@ def test_bias_relu_lrn_runs_the_band_kernels_where_lrn_names_them(band_kernels, 
     s = PAPER_LRN
     want_dx, _ = band_kernels.backward_with_bias(x.detach(), bias, g, s.size, s.scale, s.k, s.beta, band=True)
     assert torch.equal(x.grad.nan_to_num(-1), want_dx.nan_to_num(-1))
+
+
+@pytest.mark.parametrize("band", [False, True], ids=["tile", "band"])
+def test_kernels_normalise_each_tower_alone(band_kernels, band: bool) -> None:
+    """towers=2, the paper's LRN (each GPU's maps alone): a kernel launched on each tower's slice of the
+    tensors equals the formula on each half apart, in float64; so does fuse_lrn's operation with a bias
+    (x's gradient and the bias's, summed tower by tower). 40 channels: towers of 20, so the tile kernels
+    mask 12 of 32 channels and the band kernels' second row of 16 runs past each tower's end."""
+    s = LRNSpec(5, 0.5, 0.75, 1.0, True)
+    x, g = _inputs(s, channels_last=True, c=40)
+    bias = torch.randn(40, generator=torch.Generator().manual_seed(3))
+    xd, bd = x.double().requires_grad_(), bias.double().requires_grad_()
+    want = {}
+    for name, a in (("lrn", xd), ("bias_relu_lrn", torch.relu(xd + bd.view(1, -1, 1, 1)))):
+        y = torch.cat([formula(t, s) for t in a.chunk(2, 1)], 1)
+        want[name] = (y.detach(), *torch.autograd.grad(y, (xd, bd) if name != "lrn" else (xd,), g.double()))
+    args = (s.size, s.scale, s.k, s.beta)
+    got = {
+        "lrn": (band_kernels.forward(x, *args, band=band, towers=2), band_kernels.backward(x, g, *args, band, 2)),
+        "bias_relu_lrn": (
+            band_kernels.forward(x, *args, bias=bias, band=band, towers=2),
+            *band_kernels.backward_with_bias(x, bias, g, *args, band=band, towers=2),
+        ),
+    }
+    for name, values in got.items():
+        assert all(v.stride() == x.stride() for v in values[:2]), name
+        for v, w in zip(values, want[name], strict=True):
+            torch.testing.assert_close(v.double(), w, rtol=1e-4, atol=1e-5, msg=name)
+    across = band_kernels.forward(x, *args, band=band).double()
+    differs = ((across - want["lrn"][0]).abs() > 1e-4).flatten(2).any(2).any(0)
+    assert differs.tolist() == [c in (18, 19, 20, 21) for c in range(40)]
 
 
 def test_band_widths_reach_as_far_as_the_backward_needs() -> None:

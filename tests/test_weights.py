@@ -139,6 +139,7 @@ def test_caffemodel_v1_form_through_the_cli(caffemodels, caffe_weights, tmp_path
     assert_layers_equal(ckpt["model"], caffe_weights)
     cfg = ckpt["config"]
     assert (cfg["preset"], cfg["lrn"], cfg["crop"], cfg["scale"]) == ("paper", "caffe", 227, "raw")
+    assert cfg["lrn_per_tower"] is False  # bvlc_alexnet's LRN runs across both towers' maps
     assert ckpt["classes"][7] == "n00000007" and ckpt["names"][7] == "class number 7, a test"
     # no mean file: Caffe's per-channel mean [104, 117, 123] BGR, as RGB in [0, 1]; raw 0-255 pixels
     assert torch.allclose(ckpt["stats"]["mean"].flatten(), torch.tensor([123.0, 117.0, 104.0]) / 255)
@@ -337,7 +338,10 @@ def test_mismatched_preset_is_a_one_line_error(caffemodels, tiny_dataset, tmp_pa
     # the same network but Caffe's LRN convention missing: also refused, with the reason
     with pytest.raises(UserError, match="lrn='caffe'"):
         read_pretrained(paper, TrainConfig(preset="paper"))
-    read_pretrained(paper, TrainConfig(preset="paper", lrn="caffe"))
+    # and Caffe's window across both towers' maps, where the paper preset's stays within each
+    with pytest.raises(UserError, match="made with LRN across the towers, unlike this run: pass --no-lrn-per-tower"):
+        read_pretrained(paper, TrainConfig(preset="paper", lrn="caffe"))
+    read_pretrained(paper, TrainConfig(preset="paper", lrn="caffe", lrn_per_tower=False))
     # a bare state_dict of the other network: refused when its shapes are checked
     bare = tmp_path / "paper_state.pth"
     torch.save(load_checkpoint(paper)["model"], bare)

@@ -84,7 +84,8 @@ class _BiasReLULRNFunction(torch.autograd.Function):
         s = lrn.spec
         ctx.save_for_backward(x, bias)
         ctx.spec, ctx.band = s, lrn.kernels == "triton-band"  # the band kernels, a candidate (lrn_triton.py)
-        return lrn_triton.forward(x, s.size, s.scale, s.k, s.beta, bias=bias, band=ctx.band)
+        ctx.towers = lrn.towers
+        return lrn_triton.forward(x, s.size, s.scale, s.k, s.beta, bias=bias, band=ctx.band, towers=lrn.towers)
 
     @staticmethod
     @once_differentiable
@@ -93,7 +94,9 @@ class _BiasReLULRNFunction(torch.autograd.Function):
 
         x, bias = ctx.saved_tensors
         s = ctx.spec
-        dx, db = lrn_triton.backward_with_bias(x, bias, grad, s.size, s.scale, s.k, s.beta, band=ctx.band)
+        dx, db = lrn_triton.backward_with_bias(
+            x, bias, grad, s.size, s.scale, s.k, s.beta, band=ctx.band, towers=ctx.towers
+        )
         return dx, db.to(bias.dtype), None
 
 

@@ -46,6 +46,8 @@ HELP = {
     "lighting": "standard deviation of the PCA lighting alphas (0: off)",
     "device": "auto, cpu, cuda or cuda:N",
     "lrn": "LRN convention: paper, cuda-convnet or caffe (default: the preset's)",
+    "lrn_per_tower": "paper preset: LRN within each tower's maps, as the paper's GPUs (default); "
+    "--no-lrn-per-tower: across both, as Caffe",
     "init_from": "start from these weights: a torchvision state_dict, an alexnet checkpoint or run directory",
     "freeze": "layers not trained: 'features' (conv1..conv5), a range like conv1..conv3, or names conv1,fc6",
     "tensorboard": "also write TensorBoard event files to RUN_DIR/tensorboard (pip install tensorboard)",

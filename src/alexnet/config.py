@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .lrn import LRN_CONVENTIONS
-from .model import INITS, PRESETS, input_size_error
+from .model import INITS, PRESETS, AlexNet, build_model, input_size_error
 from .step import PRECISIONS
 
 SCHEDULES = ("plateau", "inverse-time", "step", "cosine")
@@ -42,6 +42,9 @@ class TrainConfig:
     dropout: float = 0.5
     init: str | None = None  # paper | kaiming | default; None = the preset's own
     lrn: str | None = None  # LRN convention (paper | cuda-convnet | caffe); None = the preset's own
+    # LRN's window within each tower's maps, as the paper's two GPUs normalised theirs; None = yes for the
+    # paper preset with its two towers; False: across both, as Caffe's bvlc_alexnet
+    lrn_per_tower: bool | None = None
     # fine-tuning: start from these weights (a torchvision state_dict, an alexnet checkpoint or run
     # directory); fc8 is replaced when the classes differ. `freeze`: layers kept fixed, e.g. 'features'
     # or 'conv1..conv3' or 'conv1,conv2'
@@ -92,6 +95,10 @@ class TrainConfig:
         c.init = c.init or PRESETS[c.preset].default_init
         c.scale = c.scale or ("imagenet" if c.preset == "torchvision" else "raw")
         c.bias_decay = c.preset == "torchvision" if c.bias_decay is None else c.bias_decay
+        towers = c.preset == "paper" and c.groups != 1
+        if c.lrn_per_tower and not towers:
+            raise UserError("lrn_per_tower applies to the paper preset with its two towers (groups 2) only")
+        c.lrn_per_tower = towers if c.lrn_per_tower is None else c.lrn_per_tower
         _choice("init", c.init, INITS)
         _choice("schedule", c.schedule, SCHEDULES)
         _choice("mean", c.mean, ("pixel", "channel"))
@@ -134,6 +141,12 @@ class TrainConfig:
             raise UserError("workers, plateau_patience, max_lr_drops and checkpoint_every cannot be negative")
         return c
 
+    def build_model(self, num_classes: int) -> AlexNet:
+        """The network this config trains, freshly initialised."""
+        return build_model(
+            self.preset, num_classes, self.groups, self.dropout, self.init, self.lrn, lrn_per_tower=self.lrn_per_tower
+        )
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
@@ -143,8 +156,9 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise UserError(f"unknown config keys: {', '.join(unknown)}")
-        # a run made before bias_decay existed decayed its biases: it resumes doing so
-        return TrainConfig(**{"bias_decay": True, **d})
+        # runs made before bias_decay and lrn_per_tower existed decayed their biases and normalised across
+        # the towers: they resume doing so
+        return TrainConfig(**{"bias_decay": True, "lrn_per_tower": False, **d})
 
     @staticmethod
     def load(path: Path) -> TrainConfig:

@@ -48,7 +48,8 @@ LRN_CONVENTIONS = {"paper": PAPER_LRN, "cuda-convnet": CUDA_CONVNET_LRN, "caffe"
 
 
 def _window_sum(t: torch.Tensor, size: int, transposed: bool = False) -> torch.Tensor:
-    """sum_{j in window(i)} t_j over channels (dim 1): window(i) = [i - size//2, i + (size-1)//2], clipped.
+    """sum_{j in window(i)} t_j over channels (dim -3, of (N, C, H, W) or per tower (N, towers, C, H, W)):
+    window(i) = [i - size//2, i + (size-1)//2], clipped.
 
     Shifted adds: exact sums, no padded copy, cheap in either memory layout. `transposed`: the sum
     over {j : i in window(j)}, the window mirrored (the same for odd sizes).
@@ -58,10 +59,19 @@ def _window_sum(t: torch.Tensor, size: int, transposed: bool = False) -> torch.T
         back, ahead = ahead, back
     total = t.clone(memory_format=torch.preserve_format)
     for shift in range(1, ahead + 1):  # t_{i+shift}
-        total[:, :-shift] += t[:, shift:]
+        total[..., :-shift, :, :] += t[..., shift:, :, :]
     for shift in range(1, back + 1):  # t_{i-shift}
-        total[:, shift:] += t[:, :-shift]
+        total[..., shift:, :, :] += t[..., :-shift, :, :]
     return total
+
+
+def _per_tower(fn: Callable[..., torch.Tensor], towers: int, *args) -> torch.Tensor:
+    """fn over each tower's channels alone: its tensor arguments (N, C, H, W) seen as (N, towers,
+    C / towers, H, W), a view in either memory layout, the window running along dim -3 within a tower."""
+    if towers == 1:
+        return fn(*args)
+    split = [a.unflatten(1, (towers, -1)) if isinstance(a, torch.Tensor) else a for a in args]
+    return fn(*split).flatten(1, 2)
 
 
 def _lrn_terms(x: torch.Tensor, spec: LRNSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,9 +118,9 @@ def _padded_window_sum(t: torch.Tensor, size: int, transposed: bool = False) -> 
     back, ahead = size // 2, (size - 1) // 2
     if transposed:
         back, ahead = ahead, back
-    padded = F.pad(t, (0, 0, 0, 0, back, ahead))  # channels: back zeros before, ahead after
-    channels = t.shape[1]
-    return sum(padded[:, j : j + channels] for j in range(size))
+    padded = F.pad(t, (0, 0, 0, 0, back, ahead))  # channels (dim -3): back zeros before, ahead after
+    channels = t.shape[-3]
+    return sum(padded[..., j : j + channels, :, :] for j in range(size))
 
 
 # Powers as exp(e * log d): a GPU computes exp and log in its special-function units, while a general
@@ -144,27 +154,28 @@ KERNELS = ("triton-band", "triton", "compiled", "eager")
 _UNUSABLE: dict[str, str] = {}  # kernels that failed here -> why, said once
 
 
-def _kernel(kernels: str, backward: bool) -> Callable[..., torch.Tensor]:
+def _kernel(kernels: str, backward: bool, towers: int) -> Callable[..., torch.Tensor]:
     if kernels.startswith("triton"):
         from . import lrn_triton  # Triton ships with PyTorch's CUDA wheels on Linux, not everywhere
 
-        return functools.partial(lrn_triton.backward if backward else lrn_triton.forward, band=kernels == "triton-band")
+        fn = lrn_triton.backward if backward else lrn_triton.forward
+        return functools.partial(fn, band=kernels == "triton-band", towers=towers)
     formula = _fused_backward if backward else _fused_forward
-    return _compiled(formula) if kernels == "compiled" else formula
+    return functools.partial(_per_tower, _compiled(formula) if kernels == "compiled" else formula, towers)
 
 
-def _run(kernels: str, backward: bool, args: tuple, fall_back: bool) -> torch.Tensor:
-    """LRN's forward (args x, size, scale, k, beta) or backward (x, grad, ...) in `kernels`. Where
-    those cannot be built here and `fall_back`: the next in KERNELS, with one warning (a GPU older than
-    Triton supports, such as a P100, or no C compiler for the CPU's compiled kernels). The values stay
-    the same, only slower."""
+def _run(kernels: str, backward: bool, args: tuple, towers: int, fall_back: bool) -> torch.Tensor:
+    """LRN's forward (args x, size, scale, k, beta) or backward (x, grad, ...) in `kernels`, over each of
+    `towers` equal groups of channels alone. Where those cannot be built here and `fall_back`: the next
+    in KERNELS, with one warning (a GPU older than Triton supports, such as a P100, or no C compiler for
+    the CPU's compiled kernels). The values stay the same, only slower."""
     if not fall_back:
-        return _kernel(kernels, backward)(*args)
+        return _kernel(kernels, backward, towers)(*args)
     for kind in KERNELS[KERNELS.index(kernels) :]:
         if kind in _UNUSABLE:
             continue
         try:
-            return _kernel(kind, backward)(*args)
+            return _kernel(kind, backward, towers)(*args)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:
@@ -180,16 +191,24 @@ def _run(kernels: str, backward: bool, args: tuple, fall_back: bool) -> torch.Te
 
 @torch.library.custom_op("alexnet::local_response_norm", mutates_args=())
 def _lrn_op(
-    x: torch.Tensor, size: int, scale: float, k: float, beta: float, kernels: str, fall_back: bool
+    x: torch.Tensor, size: int, scale: float, k: float, beta: float, towers: int, kernels: str, fall_back: bool
 ) -> torch.Tensor:
-    return _run(kernels, False, (x, size, scale, k, beta), fall_back)
+    return _run(kernels, False, (x, size, scale, k, beta), towers, fall_back)
 
 
 @torch.library.custom_op("alexnet::local_response_norm_backward", mutates_args=())
 def _lrn_backward_op(
-    x: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float, kernels: str, fall_back: bool
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    size: int,
+    scale: float,
+    k: float,
+    beta: float,
+    towers: int,
+    kernels: str,
+    fall_back: bool,
 ) -> torch.Tensor:
-    return _run(kernels, True, (x, grad, size, scale, k, beta), fall_back)
+    return _run(kernels, True, (x, grad, size, scale, k, beta), towers, fall_back)
 
 
 @_lrn_op.register_fake
@@ -218,6 +237,10 @@ _lrn_op.register_autograd(_lrn_gradient, setup_context=_save_input)
 class LocalResponseNorm(nn.Module):
     """LRN across channels, always computed in float32 (squares overflow or lose bits in fp16/bf16).
 
+    `towers`: the channels split into that many equal groups, each normalised on its own (the paper's
+    two GPUs each normalised the 48 or 128 maps it held: cuda-convnet's rnorm1a on conv1a); 1, the
+    default, lets the window run across all of them, as Caffe's bvlc_alexnet and PyTorch's LRN do.
+
     `kernels`: what computes it, one of KERNELS:
       "triton"    hand-written Triton kernels, one pass over memory each way (CUDA only: lrn_triton.py);
       "triton-band"  the same, the window's sums as products with a band matrix on tensor cores, each
@@ -235,14 +258,18 @@ class LocalResponseNorm(nn.Module):
     the formulas, which the compiler fuses with the layers around them.
     """
 
-    def __init__(self, spec: LRNSpec, kernels: str | None = None) -> None:
+    def __init__(self, spec: LRNSpec, kernels: str | None = None, towers: int = 1) -> None:
         super().__init__()
         if kernels not in (None, *KERNELS):
             raise ValueError(f"unknown LRN kernels {kernels!r}: choose one of {', '.join(KERNELS)}")
-        self.spec, self.kernels = spec, kernels
+        if towers < 1:
+            raise ValueError(f"towers must be at least 1, not {towers}")
+        self.spec, self.kernels, self.towers = spec, kernels, towers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.spec
+        s, towers = self.spec, self.towers
+        if x.shape[1] % towers:
+            raise ValueError(f"{x.shape[1]} channels do not split into {towers} towers")
         tracing = torch.jit.is_tracing()  # export: tracing records neither autograd functions nor compiled ones
         learning = torch.is_grad_enabled() and x.requires_grad and not tracing
         kernels = self.kernels or ("triton" if x.is_cuda and x.dim() == 4 else "compiled" if learning else "eager")
@@ -251,14 +278,19 @@ class LocalResponseNorm(nn.Module):
         compiling = torch.compiler.is_compiling()
         with torch.autocast(device_type=x.device.type, enabled=False):
             if kernels.startswith("triton") or (kernels == "compiled" and not compiling):
-                return _lrn_op(x, s.size, s.scale, s.k, s.beta, kernels, self.kernels is None)
+                return _lrn_op(x, s.size, s.scale, s.k, s.beta, towers, kernels, self.kernels is None)
             if compiling:  # inside a compiled model, which fuses the formula and its gradient itself
-                return _fused_forward(x, s.size, s.scale, s.k, s.beta)
+                return _per_tower(_fused_forward, towers, x, s.size, s.scale, s.k, s.beta)
             if learning:
-                return _LRNFunction.apply(x, s)
-            x32, scale, _ = _lrn_terms(x, s)
-            return (x32 * scale).to(x.dtype)
+                return _per_tower(_LRNFunction.apply, towers, x, s)
+            return _per_tower(_lrn_eval, towers, x, s)
 
     def extra_repr(self) -> str:
         s = self.spec
-        return f"size={s.size}, alpha={s.alpha}, beta={s.beta}, k={s.k}, alpha_over_size={s.alpha_over_size}"
+        towers = f", towers={self.towers}" if self.towers > 1 else ""
+        return f"size={s.size}, alpha={s.alpha}, beta={s.beta}, k={s.k}, alpha_over_size={s.alpha_over_size}{towers}"
+
+
+def _lrn_eval(x: torch.Tensor, spec: LRNSpec) -> torch.Tensor:
+    x32, scale, _ = _lrn_terms(x, spec)
+    return (x32 * scale).to(x.dtype)

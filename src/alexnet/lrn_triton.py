@@ -317,10 +317,9 @@ def rows_per_program(pixels: int) -> int:
     return min(1024, max(32, triton.next_power_of_2(pixels // 2048)))
 
 
-def _kernel_and_grid(band: bool, forward: bool, x: torch.Tensor, size: int) -> tuple:
+def _kernel_and_grid(band: bool, forward: bool, x: torch.Tensor, channels: int, size: int) -> tuple:
     """The kernel, its shape constants, the name of its block of pixels, and the grid's further axes:
-    the tile kernels take all channels in a program, the band kernels a row of W of them."""
-    channels = x.shape[1]
+    the tile kernels take all `channels` (of a tower) in a program, the band kernels a row of W of them."""
     if band:
         w, halo = band_widths(size)
         kernel = _band_forward_kernel if forward else _band_backward_kernel
@@ -328,6 +327,16 @@ def _kernel_and_grid(band: bool, forward: bool, x: torch.Tensor, size: int) -> t
         return kernel, {"PIECES": pieces, "W": w, "HALO": halo}, "BLOCK_R", (triton.cdiv(channels, w),)
     kernel = _forward_kernel if forward else _backward_kernel
     return kernel, {"BLOCK_C": triton.next_power_of_2(channels)}, "BLOCK_P", ()
+
+
+def tower_slices(channels: int, towers: int) -> list[slice]:
+    """Each tower's channels. A kernel is launched on each tower's slice of x, y and the bias: the
+    same strides, the pointers moved on, its channels counted from 0, so its window stops at the
+    tower's edges as at the tensor's."""
+    if channels % towers:
+        raise ValueError(f"{channels} channels do not split into {towers} towers")
+    width = channels // towers
+    return [slice(t * width, (t + 1) * width) for t in range(towers)]
 
 
 def forward(
@@ -338,16 +347,21 @@ def forward(
     beta: float,
     bias: torch.Tensor | None = None,
     band: bool = False,
+    towers: int = 1,
 ) -> torch.Tensor:
     """y = x * d^-beta, in x's dtype and memory layout; with `bias` (in x's dtype), of relu(x + bias).
-    `band`: in the band kernels (a candidate), else the tile kernels."""
+    `band`: in the band kernels (a candidate), else the tile kernels. `towers`: each of that many equal
+    groups of channels normalised alone."""
     x, (pixels, per_image, *strides) = flat_layout(x)
     y = torch.empty_like(x)
-    kernel, shape, block, rows_of_channels = _kernel_and_grid(band, True, x, size)
-    kernel[lambda meta: (triton.cdiv(pixels, meta[block]), *rows_of_channels)](
-        x, x if bias is None else bias, y, pixels, per_image, *strides, x.shape[1], scale, k, beta,
-        SIZE=size, BIAS=bias is not None, FAST_LOG=FAST_LOG, **shape,
-    )  # fmt: skip
+    slices = tower_slices(x.shape[1], towers)
+    channels = x.shape[1] // towers
+    kernel, shape, block, rows_of_channels = _kernel_and_grid(band, True, x, channels, size)
+    for c in slices:
+        kernel[lambda meta: (triton.cdiv(pixels, meta[block]), *rows_of_channels)](
+            x[:, c], x[:, c] if bias is None else bias[c], y[:, c], pixels, per_image, *strides, channels,
+            scale, k, beta, SIZE=size, BIAS=bias is not None, FAST_LOG=FAST_LOG, **shape,
+        )  # fmt: skip
     return y
 
 
@@ -360,31 +374,44 @@ def _backward(
     beta: float,
     bias: torch.Tensor | None,
     band: bool,
+    towers: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     x, (pixels, per_image, *strides) = flat_layout(x)
     grad = with_strides_of(x, grad)
     dx = torch.empty_like(x)
-    channels = x.shape[1]
+    slices = tower_slices(x.shape[1], towers)
+    channels = x.shape[1] // towers
     rows = 0 if bias is None else rows_per_program(pixels)
-    partial = None if bias is None else x.new_empty(triton.cdiv(pixels, rows), channels, dtype=torch.float32)
-    kernel, shape, block, rows_of_channels = _kernel_and_grid(band, False, x, size)
+    kernel, shape, block, rows_of_channels = _kernel_and_grid(band, False, x, channels, size)
 
     def grid(meta: dict) -> tuple[int, ...]:  # with a bias, ROWS pixels a program whatever the tile
-        return (triton.cdiv(pixels, meta[block]) if partial is None else len(partial), *rows_of_channels)
+        return (triton.cdiv(pixels, meta[block]) if bias is None else triton.cdiv(pixels, rows), *rows_of_channels)
 
-    kernel[grid](
-        x, x if bias is None else bias, grad, dx, dx if partial is None else partial,
-        pixels, per_image, *strides, channels, scale, k, beta,
-        SIZE=size, BIAS=bias is not None, FAST_LOG=FAST_LOG, ROWS=rows, **shape,
-    )  # fmt: skip
-    return dx, None if partial is None else partial.sum(0)
+    bias_sums = []
+    for c in slices:
+        partial = None if bias is None else x.new_empty(triton.cdiv(pixels, rows), channels, dtype=torch.float32)
+        kernel[grid](
+            x[:, c], x[:, c] if bias is None else bias[c], grad[:, c], dx[:, c], dx if partial is None else partial,
+            pixels, per_image, *strides, channels, scale, k, beta,
+            SIZE=size, BIAS=bias is not None, FAST_LOG=FAST_LOG, ROWS=rows, **shape,
+        )  # fmt: skip
+        if partial is not None:
+            bias_sums.append(partial.sum(0))
+    return dx, torch.cat(bias_sums) if bias_sums else None
 
 
 def backward(
-    x: torch.Tensor, grad: torch.Tensor, size: int, scale: float, k: float, beta: float, band: bool = False
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    size: int,
+    scale: float,
+    k: float,
+    beta: float,
+    band: bool = False,
+    towers: int = 1,
 ) -> torch.Tensor:
     """The gradient with respect to x of forward(x) given the gradient `grad` of its output."""
-    return _backward(x, grad, size, scale, k, beta, None, band)[0]
+    return _backward(x, grad, size, scale, k, beta, None, band, towers)[0]
 
 
 def backward_with_bias(
@@ -396,6 +423,7 @@ def backward_with_bias(
     k: float,
     beta: float,
     band: bool = False,
+    towers: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of forward(x, ..., bias=bias)'s x and bias (float32, summed over pixels)."""
-    return _backward(x, grad, size, scale, k, beta, bias, band)
+    return _backward(x, grad, size, scale, k, beta, bias, band, towers)

@@ -38,6 +38,7 @@ class Preset:
     convs: tuple[Conv, ...]
     hidden: int  # units in fc6 and fc7
     lrn: LRNSpec | None
+    lrn_towers: int  # LRN's window stays within each of this many equal groups of channels (1: across all)
     input_size: int
     ceil_conv1: bool  # cuda-convnet's output size 1 + ceil((in - k) / s): 224 and 227 both give 55
     dropout_first: bool  # torchvision: dropout before each hidden linear; paper: after its ReLU
@@ -58,6 +59,7 @@ PAPER = Preset(
     ),
     hidden=4096,
     lrn=PAPER_LRN,
+    lrn_towers=2,  # each GPU normalised its own maps (cuda-convnet's rnorm1a: channels=48, of conv1a)
     input_size=224,
     ceil_conv1=True,
     dropout_first=False,
@@ -68,8 +70,8 @@ PAPER = Preset(
         "224x224 input: conv1 uses cuda-convnet's output size 1 + ceil((224 - 11) / 4) = 55, "
         "i.e. 3 zero pixels past the right and bottom edges; 227x227 input needs no padding",
         "LRN as printed in the paper: s = alpha = 1e-4 (cuda-convnet divides alpha by 5)",
-        "one device: the two towers are grouped convolutions (groups=2), not two GPUs",
-        "LRN's window runs across both towers' maps (as Caffe's): each GPU normalised its own half",
+        "one device: the two towers are grouped convolutions (groups=2), not two GPUs; LRN normalises "
+        "each tower's maps alone, as each GPU did (--no-lrn-per-tower: across both, as Caffe's)",
     ),
 )
 
@@ -84,6 +86,7 @@ SEED = Preset(
     ),
     hidden=4098,
     lrn=tensorflow_lrn(depth_radius=5, bias=2.0, alpha=1e-4, beta=0.75),
+    lrn_towers=1,
     input_size=224,
     ceil_conv1=True,
     dropout_first=False,
@@ -115,6 +118,7 @@ TORCHVISION = Preset(
     ),
     hidden=4096,
     lrn=None,
+    lrn_towers=1,
     input_size=224,
     ceil_conv1=False,
     dropout_first=True,
@@ -296,7 +300,7 @@ class AlexNet(nn.Module):
             )
             self._add(features, "features", f"relu{i}", nn.ReLU(inplace=True), tap=c.name)
             if c.lrn:
-                self._add(features, "features", f"lrn{i}", LocalResponseNorm(preset.lrn))
+                self._add(features, "features", f"lrn{i}", LocalResponseNorm(preset.lrn, towers=preset.lrn_towers))
             if c.pool:
                 self._add(features, "features", f"pool{i}", MaxPool2d(3, 2))
             in_ch = c.out
@@ -434,10 +438,13 @@ def build_model(
     dropout: float = 0.5,
     init: str | None = None,
     lrn: str | None = None,
+    lrn_per_tower: bool | None = None,
 ) -> AlexNet:
     """Build an AlexNet preset. `groups` (paper only) sets conv2/conv4/conv5 to 1 or 2 towers; `lrn`
     (presets with LRN) picks a convention of lrn.LRN_CONVENTIONS instead of the preset's own, e.g.
-    'caffe' to run weights converted from Caffe."""
+    'caffe' to run weights converted from Caffe; `lrn_per_tower` (paper only): False lets LRN's window
+    run across both towers' maps, as Caffe's does (None: each tower alone, as the paper's GPUs did, unless
+    groups=1 leaves one tower)."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
@@ -453,6 +460,12 @@ def build_model(
         if groups not in (1, 2):
             raise UserError(f"groups must be 1 or 2, not {groups}")
         p = replace(p, convs=tuple(replace(c, groups=groups) if c.groups > 1 else c for c in p.convs))
+    if lrn_per_tower and p.lrn_towers == 1:
+        raise UserError(f"lrn_per_tower applies to the paper preset only, not {p.name!r}")
+    if lrn_per_tower and groups == 1:
+        raise UserError("lrn_per_tower needs the two towers: it does not go with groups=1")
+    if lrn_per_tower is False or groups == 1:
+        p = replace(p, lrn_towers=1)
     if num_classes < 2:
         raise UserError(f"num_classes must be at least 2, not {num_classes}")
     if not 0.0 <= dropout < 1.0:

@@ -52,7 +52,6 @@ from .distributed import Ranks
 from .errors import UserError
 from .evaluate import evaluate, write_report
 from .export import read_safetensors
-from .model import build_model
 from .prepared import PreparedLoader, is_prepared, open_prepared, read_manifest
 from .schedule import make_scheduler, scale_learning_rate, steps_each_iteration
 from .step import (
@@ -305,7 +304,7 @@ def _train(
 
     # --- model, optimizer and the training step -----------------------------------------------------
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.preset, num_classes, cfg.groups, cfg.dropout, cfg.init, cfg.lrn).to(device)
+    model = cfg.build_model(num_classes).to(device)
     if pretrained is not None:  # a resumed run loads its own weights below
         say(load_pretrained(model, pretrained, classes))
     if cfg.freeze:
@@ -587,7 +586,7 @@ def load_for_inference(checkpoint: str | Path, device: torch.device) -> tuple[to
     or .safetensors export."""
     ckpt = read_safetensors(checkpoint) if str(checkpoint).endswith(".safetensors") else load_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(ckpt["config"])
-    model = build_model(cfg.preset, len(ckpt["classes"]), cfg.groups, cfg.dropout, cfg.init, cfg.lrn)
+    model = cfg.build_model(len(ckpt["classes"]))
     model.load_state_dict(ckpt["model"])
     stats = PixelStats(**ckpt["stats"])
     ckpt["names"] = display_names(ckpt["classes"], ckpt.get("names"))  # ILSVRC-2012 names for bare wnids

@@ -88,13 +88,17 @@ class Pretrained:
     classes: list[str] | None  # None: a bare state_dict, classes unknown
 
 
-def _network(d: dict) -> tuple[str, int, LRNSpec | None]:
-    """What a config's weights depend on besides shapes: preset, groups, LRN convention."""
+def _network(d: dict) -> tuple[str, int, LRNSpec | None, bool]:
+    """What a config's weights depend on besides shapes: preset, groups, LRN convention, LRN per tower."""
     if d.get("preset") not in PRESETS:
         raise UserError(f"unknown preset {d.get('preset')!r} in the source's config")
     preset = PRESETS[d["preset"]]
     lrn = LRN_CONVENTIONS[d["lrn"]] if d.get("lrn") else preset.lrn
-    return preset.name, d.get("groups") or 2, lrn
+    groups = d.get("groups") or 2
+    per_tower = d.get("lrn_per_tower", False)  # a checkpoint made before the option normalised across towers
+    if per_tower is None:  # the preset's own
+        per_tower = preset.lrn_towers > 1 and groups == 2
+    return preset.name, groups, lrn, per_tower
 
 
 def read_pretrained(path: str | Path, cfg: TrainConfig) -> Pretrained:
@@ -104,15 +108,19 @@ def read_pretrained(path: str | Path, cfg: TrainConfig) -> Pretrained:
     """
     state, source_cfg, classes = read_state(path)
     if source_cfg is not None:
-        (preset, groups, lrn), here = _network(source_cfg), _network(cfg.__dict__)
+        (preset, groups, lrn, per_tower), here = _network(source_cfg), _network(cfg.__dict__)
         if preset != here[0]:
             raise UserError(f"{path} holds a {preset!r} model, this run builds {here[0]!r}: pass --preset {preset}")
         if groups != here[1]:
             raise UserError(f"{path} was made with groups={groups}, this run has {here[1]}: pass --groups {groups}")
         if lrn != here[2]:
             raise UserError(f"{path} was made with lrn={source_cfg.get('lrn')!r}, this run has lrn={cfg.lrn!r}")
+        if per_tower != here[3]:
+            made = "within each tower" if per_tower else "across the towers"
+            flag = "--lrn-per-tower" if per_tower else "--no-lrn-per-tower"
+            raise UserError(f"{path} was made with LRN {made}, unlike this run: pass {flag}")
     with torch.device("meta"):  # the network's shapes only: no memory, no initialisation cost
-        network = build_model(cfg.preset, 2, cfg.groups, cfg.dropout, cfg.init, cfg.lrn)
+        network = cfg.build_model(2)
     check_shapes(state, network, path, skip=(_fc8(network),))
     return Pretrained(str(path), state, classes)
 
@@ -234,7 +242,8 @@ def convert(
         layers = read_caffemodel(path) if source == "caffe" else read_caffe_npy(path)
         if "fc8" not in layers:
             raise UserError(f"{path} has no layer named 'fc8' with weights (it has: {', '.join(layers)})")
-        model = build_model("paper", layers["fc8"][1].size, lrn="caffe", init="default")
+        # bvlc_alexnet's LRN runs across both towers' maps
+        model = build_model("paper", layers["fc8"][1].size, lrn="caffe", init="default", lrn_per_tower=False)
         state = caffe_state_dict(layers, model, path)
         mean_bgr = torch.from_numpy(read_caffe_mean(mean)) if mean else torch.tensor(CAFFE_MEAN_BGR).view(3, 1, 1)
         side = mean_bgr.shape[-1]
@@ -243,6 +252,7 @@ def convert(
         cfg = TrainConfig(
             preset="paper",
             lrn="caffe",
+            lrn_per_tower=False,
             crop=227,
             image_size=side if side > 1 else 256,
             mean="pixel" if side > 1 else "channel",
