@@ -214,6 +214,13 @@ def test_default_train_makes_the_synthetic_demo(tmp_path, monkeypatch):
     assert (Path(tmp_path) / "demo" / "eval.json").is_file()
 
 
+def test_a_bad_option_without_data_is_refused_before_the_demo_is_rendered(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--preset", "seed", "--lrn-per-tower"]) == 2
+    assert "lrn_per_tower applies to the paper preset" in capsys.readouterr().err
+    assert not (tmp_path / "alexnet-demo-data").exists()
+
+
 def test_sigterm_to_the_process_group_stops_cleanly_and_resumes(tiny_dataset, tmp_path):
     """Preemption signals the whole process group, data-loader workers included."""
     import os

@@ -118,6 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if "data" not in given:
             from .synthetic import make_demo_dataset
 
+            TrainConfig(**{**DEMO_SETTINGS, **given}).resolved()  # a bad option: said before rendering any image
             print(f"no --data: training on a synthetic demo dataset of rendered shapes in {DEMO_DATA}/", flush=True)
             given = {**DEMO_SETTINGS, **given, "data": str(make_demo_dataset(DEMO_DATA))}
         cfg = TrainConfig(**given)
