@@ -470,14 +470,14 @@ def test_default_falls_back_to_compiled_kernels_where_triton_cannot_run(monkeypa
     x.requires_grad_()
     args = (x, PAPER_LRN.size, PAPER_LRN.scale, PAPER_LRN.k, PAPER_LRN.beta)
     with pytest.warns(UserWarning, match="triton kernels cannot run here.*compute capability") as caught:
-        y = lrn_module._lrn_op(*args, "triton", True)
+        y = lrn_module._lrn_op(*args, 1, "triton", True)
         y.backward(g)
     assert len(caught) == 1 and used == ["_fused_forward", "_fused_backward"]
     want_y, want_grad = reference(x, g, PAPER_LRN)
     torch.testing.assert_close(y.detach().double(), want_y, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad.double(), want_grad, rtol=1e-4, atol=1e-6)
     with pytest.raises(RuntimeError, match="compute capability"):  # named explicitly: no fallback
-        lrn_module._run("triton", False, args, fall_back=False)
+        lrn_module._run("triton", False, args, 1, fall_back=False)
 
 
 # --- The augmentation's kernel ------------------------------------------------------------------
@@ -551,9 +551,11 @@ def test_a_compiled_model_keeps_lrn_in_the_triton_kernels(kernels, monkeypatch) 
 
 def test_the_operator_passes_torch_library_checks(kernels) -> None:
     """Schema, fake tensors (what torch.compile traces with), autograd registration."""
-    x, _ = _inputs(PAPER_LRN, channels_last=True)
+    x, _ = _inputs(PAPER_LRN, channels_last=True, c=10)
     x.requires_grad_()
-    torch.library.opcheck(lrn_module._lrn_op, (x, 5, PAPER_LRN.scale, PAPER_LRN.k, PAPER_LRN.beta, "triton", False))
+    for towers in (1, 2):
+        args = (x, 5, PAPER_LRN.scale, PAPER_LRN.k, PAPER_LRN.beta, towers, "triton", False)
+        torch.library.opcheck(lrn_module._lrn_op, args)
 
 
 # --- Max pooling's kernels (alexnet/pool_triton.py) ----------------------------------------------
