@@ -20,6 +20,10 @@ and y out, the backward x and g in and dx out, nothing else. The backward recomp
 d_j from x rather than storing d. torch.compile's kernels for the same formulas (with pow) took 4.0 ms
 per backward call on an H200 at batch 512, some 4% of its memory bandwidth (benchmarks/RESULTS.md).
 
+Per tower (the paper preset's LRN, each GPU's maps alone), each kernel is launched on each tower's
+slice of the tensors: the same strides, the pointers moved on, and the window stops at the tower's edge
+as at the tensor's.
+
 Imported only on CUDA (Triton comes with PyTorch's Linux CUDA wheels). Tested on the CPU in Triton's
 interpreter (TRITON_INTERPRET=1) and compiled ahead of time for an H100 (tests/test_triton_kernels.py).
 """
