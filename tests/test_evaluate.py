@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,3 +200,85 @@ def test_a_result_of_no_images_is_no_report(tmp_path) -> None:
     with pytest.raises(UserError, match="none of the validation images could be read: no report written"):
         write_report(tmp_path / "report", {"center": result}, ["n0", "n1"], ["cat", "dog"])
     assert not (tmp_path / "report").exists()
+
+
+# ------------------------------------------------------------------ NaN weights, NaN results
+
+
+@pytest.fixture
+def nan_run(tmp_path) -> tuple[Path, Path]:
+    """A run directory whose best.pt is as training writes it (2 classes, random weights) but for one
+    NaN in conv1's weights, and an image folder of its classes."""
+    from conftest import write_image
+
+    from alexnet.augment import make_pixel_stats
+    from alexnet.checkpoint import save_checkpoint
+    from alexnet.config import TrainConfig
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(preset="torchvision", image_size=72, crop=64).resolved()
+    weights = cfg.build_model(2).state_dict()
+    weights["features.0.weight"][0, 0, 0, 0] = math.nan
+    stats = make_pixel_stats(torch.full((3, 8, 8), 0.5), torch.eye(3) * 0.01, "channel", cfg.scale, cfg.pca)
+    run = tmp_path / "run"
+    run.mkdir()
+    ckpt = {"config": cfg.__dict__, "classes": ["n0", "n1"], "names": ["cat", "dog"], "stats": stats.state_dict()}
+    save_checkpoint({**ckpt, "model": weights}, run / "best.pt")
+    for wnid in ("n0", "n1"):
+        write_image(tmp_path / "data" / "val" / wnid / f"{wnid}.JPEG")
+    return run, tmp_path / "data"
+
+
+def test_a_checkpoint_of_nan_weights_is_refused_in_one_line_and_no_report(nan_run, tmp_path, capsys) -> None:
+    """Its outputs would be NaN, and eval.json would hold NaN, which is not JSON: refused as it is loaded,
+    naming the file (a run directory's best.pt) and the first tensor that is not finite."""
+    from alexnet.cli import main
+
+    run, data = nan_run
+    said = f"alexnet: error: {run / 'best.pt'} holds NaN or infinite weights (in features.0.weight): it cannot"
+    said += " be evaluated or used"
+    report = tmp_path / "report"
+    args = ["evaluate", "--checkpoint", str(run), "--data", str(data), "--out", str(report), "--device", "cpu"]
+    assert main([*args, "--workers", "0", "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [said]
+    assert "top-1" not in out and not report.exists()
+    image = str(data / "val" / "n0" / "n0.JPEG")
+    assert main(["predict", "--checkpoint", str(run / "best.pt"), "--device", "cpu", image]) == 2
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [said] and not out
+
+
+def test_a_result_that_is_not_finite_is_no_report(tmp_path) -> None:
+    # finite weights can still overflow: an infinite logit makes the softmax, and so the loss, NaN
+    model = predicting(torch.tensor([[math.inf, 0.0], [0.0, 1.0]]))
+    result = evaluate(model, [Batch(tagged_images(2), torch.tensor([0, 1]), [])], STATS, 2, CPU, CROP, progress=False)
+    assert result.count == 2 and math.isnan(result.loss)
+    with pytest.raises(UserError) as e:
+        write_report(tmp_path / "report", {"center": result}, ["n0", "n1"], ["cat", "dog"])
+    assert str(e.value) == (
+        f"the center evaluation's loss is nan (the model's outputs are NaN or infinite): no report written to"
+        f" {tmp_path / 'report'}"
+    )
+    assert not (tmp_path / "report").exists()
+
+
+def test_finite_weights_whose_outputs_overflow_give_no_errors(nan_run, capsys) -> None:
+    """Finite weights whose logits overflow to infinity: the errors computed from NaN probabilities mean
+    nothing, so `evaluate` says why instead of printing them, with or without --out."""
+    from alexnet.checkpoint import load_checkpoint, save_checkpoint
+    from alexnet.cli import main
+
+    run, data = nan_run
+    ckpt = load_checkpoint(run / "best.pt")
+    ckpt["model"]["features.0.weight"][0, 0, 0, 0] = 0.0
+    ckpt["model"]["classifier.6.weight"][0] = 3e38  # finite, but its products sum past float32's largest
+    save_checkpoint(ckpt, run / "best.pt")
+    args = ["evaluate", "--checkpoint", str(run), "--data", str(data), "--device", "cpu", "--workers", "0"]
+    assert main([*args, "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [
+        "alexnet: error: the center evaluation's loss is nan (the model's outputs are NaN or infinite): its errors"
+        " would mean nothing"
+    ]
+    assert "top-1" not in out

@@ -158,12 +158,18 @@ def write_text_atomic(path: Path, text: str) -> None:
 _EXPORTS = {".onnx": "an ONNX", ".pt2": "a .pt2", ".torchscript": "a TorchScript"}  # alexnet export's
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint file, or a run directory (its best.pt, else last.pt)."""
+def checkpoint_file(path: str | Path) -> Path:
+    """The file `load_checkpoint(path)` reads: `path`, or a run directory's best.pt, else its last.pt."""
     path = Path(path)
     if path.is_dir():
         candidates = [path / "best.pt", path / "last.pt"]
         path = next((p for p in candidates if p.is_file()), candidates[0])
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file, or a run directory (its best.pt, else last.pt)."""
+    path = checkpoint_file(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:

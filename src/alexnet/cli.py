@@ -136,7 +136,7 @@ def _device(name: str) -> torch.device:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import ImageDataset, make_loader, open_split
-    from .evaluate import evaluate, none_readable, write_report
+    from .evaluate import check_finite, evaluate, none_readable, write_report
     from .prepared import is_prepared, made_from
     from .train import load_for_inference
 
@@ -156,6 +156,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             results[name] = evaluate(model, loader, stats, n, device, cfg["crop"], ten_crop=ten, progress=progress)
             if results[name].count == 0:  # every file corrupt or empty: no error to tell, no report to write
                 raise none_readable(len(split.samples), results[name].bad)
+    check_finite(results, "its errors would mean nothing")
     for name, r in results.items():
         print(f"{name}: top-1 error {r.top1_err:.4f}, top-5 error {r.top5_err:.4f} on {r.count} images")
     bad = sorted({b for r in results.values() for b in r.bad})

@@ -16,6 +16,8 @@ from .step import PRECISIONS
 SCHEDULES = ("plateau", "inverse-time", "step", "cosine")
 # Settings a resumed run may change: they do not alter what is computed, or only extend it.
 # `data` says where the run's data is now (moved): training checks it holds the same classes and images.
+# `on_nan` only decides what a run does once it has diverged (the NaN stop says to resume with rollback);
+# the rollbacks used are kept in the checkpoint (RunState.rollbacks), so a resume cannot reset the 3.
 RESUMABLE_OVERRIDES = (
     "data",
     "epochs",
@@ -27,6 +29,7 @@ RESUMABLE_OVERRIDES = (
     "channels_last",
     "compile",
     "cuda_graphs",
+    "on_nan",
 )
 NAN_POLICIES = ("stop", "rollback")
 

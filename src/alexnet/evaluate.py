@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,12 +109,25 @@ def none_readable(images: int, bad: list[str]) -> UserError:
     return UserError(f"none of the {images} validation images could be read{first}")
 
 
+def check_finite(results: dict[str, EvalResult], consequence: str) -> None:
+    """Refuse results whose loss or errors are not finite: the model's outputs were NaN or infinite
+    (finite weights can still overflow), its errors mean nothing, and JSON cannot hold NaN."""
+    for name, r in results.items():
+        for key, value in r.summary().items():
+            if not math.isfinite(value):
+                raise UserError(
+                    f"the {name} evaluation's {key} is {value} (the model's outputs are NaN or infinite): {consequence}"
+                )
+
+
 def write_report(out_dir: Path, results: dict[str, EvalResult], classes: list[str], names: list[str]) -> None:
     """eval.json (each protocol's errors), per_class.csv and confusion.csv (of the last protocol given);
     each replaced whole or not at all (a full disk, a kill), as checkpoints are. A result of no images
-    (its errors NaN, which JSON cannot hold) is refused."""
+    (its errors NaN, which JSON cannot hold) is refused, and so is a loss or error that is not finite
+    (finite weights can still overflow)."""
     if any(r.count == 0 for r in results.values()):
         raise UserError(f"none of the validation images could be read: no report written to {out_dir}")
+    check_finite(results, f"no report written to {out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "eval.json", json.dumps({k: r.summary() for k, r in results.items()}, indent=2) + "\n")
     last = list(results.values())[-1]

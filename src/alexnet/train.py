@@ -27,6 +27,7 @@ from .checkpoint import (
     TMP_SUFFIX,
     RunLock,
     append_jsonl,
+    checkpoint_file,
     link_atomic,
     load_checkpoint,
     read_jsonl,
@@ -70,6 +71,22 @@ from .weights import freeze_layers, load_pretrained, read_pretrained
 
 class Diverged(Exception):
     """The loss became NaN or infinite; the last checkpoint is the last good state."""
+
+
+def diverged_hint(run_dir: Path, on_nan: str) -> str:
+    """What is kept of a diverged run, and what can be done next: only what a resume accepts
+    (--on-nan, not --lr, which would change what the run computes)."""
+    if not (run_dir / "last.pt").is_file():
+        return "no checkpoint had been written yet; start again with a lower --lr" + (
+            ", or with --on-nan rollback" if on_nan != "rollback" else ""
+        )
+    kept = f"last good checkpoint: {run_dir / 'last.pt'}"
+    if on_nan == "rollback":  # its 3 rollbacks used: a resume would stop again
+        return f"{kept}; --on-nan rollback has used its 3 rollbacks: start a new run with a lower --lr"
+    return (
+        f"{kept}; resume with: alexnet train --resume {run_dir} --on-nan rollback (it goes back to the last"
+        " checkpoint with a tenth of the learning rate), or start a new run with a lower --lr"
+    )
 
 
 def pick_device(name: str) -> torch.device:
@@ -465,14 +482,9 @@ def _train(
                             diverged = True
                             break
                         what = "loss" if not math.isfinite(loss_sum) else "weights"
-                        kept = (
-                            f"last good checkpoint: {run_dir / 'last.pt'}"
-                            if (run_dir / "last.pt").is_file()
-                            else "no checkpoint had been written yet"
-                        )
                         raise Diverged(
                             f"{what} became {loss_sum if what == 'loss' else 'NaN/inf'} at epoch {epoch + 1}, step"
-                            f" {state.step_in_epoch}; {kept} (try a lower --lr, or --on-nan rollback)"
+                            f" {state.step_in_epoch}; {diverged_hint(run_dir, cfg.on_nan)}"
                         )
                     state.loss_sum += loss_sum
                     state.correct += int(correct)
@@ -585,6 +597,12 @@ def load_for_inference(checkpoint: str | Path, device: torch.device) -> tuple[to
     """Model (eval mode), pixel statistics and the checkpoint dict, from a checkpoint file, run directory
     or .safetensors export."""
     ckpt = read_safetensors(checkpoint) if str(checkpoint).endswith(".safetensors") else load_checkpoint(checkpoint)
+    # NaN weights (saved by hand, or by a run from before the NaN stop) give NaN outputs, and a NaN in eval.json
+    bad = next((k for k, v in ckpt["model"].items() if v.is_floating_point() and not v.isfinite().all()), None)
+    if bad is not None:
+        raise UserError(
+            f"{checkpoint_file(checkpoint)} holds NaN or infinite weights (in {bad}): it cannot be evaluated or used"
+        )
     cfg = TrainConfig.from_dict(ckpt["config"])
     model = cfg.build_model(len(ckpt["classes"]))
     model.load_state_dict(ckpt["model"])
