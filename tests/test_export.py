@@ -91,7 +91,7 @@ def test_onnx_matches_pytorch(checkpoints, images, tmp_path, preset, size):
     if preset == "torchvision":  # a mean colour: alexnet.json holds it all
         assert meta["input"]["mean_file"] is None and not list(tmp_path.glob("*.npy"))
     elif size == 224:  # the paper checkpoint's crop, subtracting a mean image
-        assert meta["input"]["mean_file"] == "model.mean.npy"
+        assert meta["input"]["mean_file"] == "model.onnx.mean.npy"
         assert_metadata_gives_predicts_input(load_exported(out), meta, tmp_path, checkpoints[preset], images[0])
 
 
@@ -122,6 +122,43 @@ def test_torch_formats_round_trip(checkpoints, images, tmp_path, capsys, fmt, pr
             f"alexnet: error: {out} is a TorchScript export, not a checkpoint: give a checkpoint, run directory or"
             " .safetensors export\n"
         )
+
+
+def test_exports_of_one_stem_keep_their_own_mean_files(checkpoints, images, tmp_path):
+    """model.torchscript at 224 and model.pt2 at 227 subtract different crops of the mean image."""
+    for fmt, suffix, size in [("torchscript", ".torchscript", 224), ("export", ".pt2", 227)]:
+        export_checkpoint(checkpoints["paper"], fmt, tmp_path / f"model{suffix}", input_size=size)
+    for suffix, size in [(".torchscript", 224), (".pt2", 227)]:
+        assert np.load(tmp_path / f"model{suffix}.mean.npy").shape == (3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
+        extra = {"alexnet.json": ""}
+        torch.jit.load(str(tmp_path / "model.torchscript"), _extra_files=extra)
+    run = load_exported(tmp_path / "model.torchscript")
+    assert_metadata_gives_predicts_input(
+        run, json.loads(extra["alexnet.json"]), tmp_path, checkpoints["paper"], images[0]
+    )
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), OSError(28, "No space left on device")])
+def test_an_export_stopped_halfway_leaves_the_previous_files_alone(checkpoints, tmp_path, monkeypatch, stop):
+    out = tmp_path / "model.pt2"
+    export_checkpoint(checkpoints["paper"], "export", out, input_size=224)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["model.pt2", "model.pt2.mean.npy"]
+
+    real_save = torch.export.save
+
+    def save_then_stop(program, path, **kwargs):
+        real_save(program, path, **kwargs)  # the new graph is written in full, then the stop comes
+        raise stop
+
+    monkeypatch.setattr(torch.export, "save", save_then_stop)
+    with pytest.raises(type(stop)) as e:
+        export_checkpoint(checkpoints["paper"], "export", out, input_size=227)
+    if isinstance(stop, OSError):
+        assert "the previous model.pt2 is unchanged" in str(e.value)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no orphan, no temporary, no mix
 
 
 def test_safetensors_loads_back_without_pickle(checkpoints, images, tmp_path, capsys):

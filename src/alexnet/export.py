@@ -3,11 +3,11 @@
 ONNX, .pt2 and TorchScript hold the bare network: input (N, 3, S, S) pixels normalised as the
 checkpoint says, (x / 255 - mean) / std of a centred S x S crop; output (N, classes) logits. The
 batch axis is dynamic, S is fixed at export (`--input-size`, default the checkpoint's crop): the
-paper preset takes 224 or 227, torchvision's any S >= 63. Each file also carries `alexnet.json`
+paper preset takes 224 to 255, torchvision's any S >= 63. Each file also carries `alexnet.json`
 (classes, input size, normalisation, the run's config): ONNX metadata_props, the .pt2's and
 TorchScript's extra files, safetensors' metadata. A checkpoint that subtracts a mean image (`--mean
-pixel`) also gets the mean its input subtracts, (3, S, S) float32, in `<out stem>.mean.npy` beside the
-file; alexnet.json's input.mean_file names it.
+pixel`) also gets the mean its input subtracts, (3, S, S) float32, in `<out name>.mean.npy` beside the
+file (model.onnx.mean.npy); alexnet.json's input.mean_file names it. The two files are replaced together.
 
 safetensors holds the weights and the pixel statistics as tensors, and the JSON as metadata, so the
 project reads it back without pickle: `load_for_inference` accepts a .safetensors file.
@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from .augment import center_batch, crop_offsets
-from .checkpoint import FORMAT, NEW_FILE_MODE, check_out, write_atomic
+from .checkpoint import FORMAT, NEW_FILE_MODE, check_out
 from .data import ImageDataset, make_loader
 from .errors import UserError
+from .stopping import held
 
 FORMATS = ("onnx", "torchscript", "export", "safetensors")
 SUFFIXES = {".onnx": "onnx", ".pt2": "export", ".torchscript": "torchscript", ".safetensors": "safetensors"}
@@ -44,17 +45,6 @@ def _require(module: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as e:
         raise UserError(f"{module.split('.')[0]} is not installed: pip install 'alexnet[export]'") from e
-
-
-def _save_atomic(out: Path, save: Callable[[str], Any]) -> None:
-    """save(temporary path) beside `out`, then rename: an interrupted export leaves no half file."""
-    tmp = out.with_name(f".tmp.{out.name}")  # same suffix: torch.export.save wants .pt2
-    try:
-        save(str(tmp))
-        os.chmod(tmp, NEW_FILE_MODE)  # safetensors writes 0600
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def describe(ckpt: dict[str, Any], size: int, mean_file: str | None = None) -> str:
@@ -116,10 +106,37 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, input_s
     out.parent.mkdir(parents=True, exist_ok=True)
     mean_file = None
     if fmt != "safetensors" and stats.mean.shape[-1] > 1:  # safetensors holds the mean image itself
-        mean_file = out.with_suffix(".mean.npy")
-        mean = mean_for_input(stats.mean, size).numpy().astype(np.float32)
-        write_atomic(mean_file, lambda f: np.save(f, mean))
+        # named after the whole file name: model.onnx and model.pt2 at other sizes need other means
+        mean_file = out.with_name(f"{out.name}.mean.npy")
     meta = describe(ckpt, size, mean_file.name if mean_file else None)
+    graph_tmp = out.with_name(f".tmp.{out.name}")  # same suffix: torch.export.save wants .pt2
+    mean_tmp = out.with_name(f".tmp.{out.name}.mean.npy")
+    try:
+        _write_graph(model, ckpt, fmt, graph_tmp, size, meta)
+        if mean_file is not None:
+            with open(mean_tmp, "wb") as f:
+                np.save(f, mean_for_input(stats.mean, size).numpy().astype(np.float32))
+        for tmp in (graph_tmp, mean_tmp):
+            if tmp.exists():
+                os.chmod(tmp, NEW_FILE_MODE)  # safetensors writes 0600
+        with held():  # both files are replaced, or neither: an export never meets another's mean
+            if mean_file is not None:
+                os.replace(mean_tmp, mean_file)
+            os.replace(graph_tmp, out)
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror}; {_kept(out)}", str(out)) from e
+    finally:
+        graph_tmp.unlink(missing_ok=True)
+        mean_tmp.unlink(missing_ok=True)
+    return out
+
+
+def _kept(out: Path) -> str:
+    return f"the previous {out.name} is unchanged" if out.exists() else f"{out.name} was not written"
+
+
+def _write_graph(model: torch.nn.Module, ckpt: dict[str, Any], fmt: str, path: Path, size: int, meta: str) -> None:
+    """`model` as `fmt` (its weights alone for safetensors) in `path`, with `meta` embedded."""
     example = torch.zeros(2, 3, size, size)  # batch 2: a size-1 axis would be fixed at 1
     batch = ({0: torch.export.Dim("batch", min=1)},)
     if fmt == "onnx":
@@ -135,23 +152,21 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, input_s
             verbose=False,
         )
         program.model.metadata_props[META] = meta
-        _save_atomic(out, lambda tmp: program.save(tmp, external_data=False))
+        program.save(str(path), external_data=False)
     elif fmt == "export":
         program = torch.export.export(model, (example,), dynamic_shapes=batch)
-        _save_atomic(out, lambda tmp: torch.export.save(program, tmp, extra_files={META: meta}))
+        torch.export.save(program, str(path), extra_files={META: meta})
     elif fmt == "torchscript":
         with warnings.catch_warnings():
             # torch.jit is deprecated in favour of torch.export but still works; the trace fixes
             # CeilConv2d's padding for this input size, which is what the file promises anyway
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace(model, example)
-            _save_atomic(out, lambda tmp: torch.jit.save(traced, tmp, _extra_files={META: meta}))
+            torch.jit.save(torch.jit.trace(model, example), str(path), _extra_files={META: meta})
     else:
         st = _require("safetensors.torch")
         tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
         tensors.update({f"stats.{k}": v.contiguous() for k, v in ckpt["stats"].items()})
-        _save_atomic(out, lambda tmp: st.save_file(tensors, tmp, metadata={META: meta}))
-    return out
+        st.save_file(tensors, str(path), metadata={META: meta})
 
 
 def read_safetensors(path: str | Path) -> dict[str, Any]:
