@@ -329,6 +329,11 @@ def test_prepare_command_and_check(tiny_dataset, tmp_path, capsys):
         (["nonsense"], "invalid choice: 'nonsense' (choose from 'train', "),
         (["nonsense"], "(see alexnet --help)"),
         (["train", "--epochs", "x"], "argument --epochs: invalid int value: 'x' (see alexnet train --help)"),
+        (["train", "--bogus"], "unrecognized arguments: --bogus (see alexnet train --help)"),
+        (
+            ["evaluate", "--checkpoint", "c.pt", "--data", ".", "x"],
+            "unrecognized arguments: x (see alexnet evaluate --help)",
+        ),
     ],
 )
 def test_invalid_numbers_are_one_line(args, pattern, capsys):

@@ -144,7 +144,7 @@ GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
             "LOC_val_solution.csv",
             "ImageId,Label\nILSVRC2012_val_00000001,n01440764\n",
             None,
-            "LOC_val_solution.csv has no PredictionString column (its header is ImageId,PredictionString)",
+            "LOC_val_solution.csv has no PredictionString column: its header is 'ImageId,Label', not 'ImageId,Predic",
         ),
         ("LOC_val_solution.csv", b"\xff\xfe\x00I\x00d", None, "LOC_val_solution.csv has no ImageId column"),
         (GROUND_TRUTH, "1\nn01440764\n", "devkit", f"{GROUND_TRUTH} line 2: 'n01440764' is not one of the 2 class"),

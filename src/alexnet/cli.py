@@ -460,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     try:
         with sigterm_unwinds():
-            args = build_parser().parse_args(argv)
+            args, extra = build_parser().parse_known_args(argv)
+            if extra:  # argparse's own check would point at the top command's help, not this one's
+                raise UserError(f"unrecognized arguments: {' '.join(extra)} (see alexnet {args.command} --help)")
             return args.func(args)
     except UserError as e:
         print(f"alexnet: error: {e}", file=sys.stderr)

@@ -202,7 +202,9 @@ def _read_loc_solution(label_file: Path) -> dict[str, str]:
     with open(label_file, newline="", errors="replace") as f:
         rows = csv.DictReader(f)
         if missing := [c for c in ("ImageId", "PredictionString") if c not in (rows.fieldnames or [])]:
-            raise UserError(f"{label_file.name} has no {missing[0]} column (its header is ImageId,PredictionString)")
+            header = ",".join(rows.fieldnames or [])[:80]
+            expected = "ImageId,PredictionString"
+            raise UserError(f"{label_file.name} has no {missing[0]} column: its header is {header!r}, not {expected!r}")
         for row in rows:
             if not (words := (row["PredictionString"] or "").split()):
                 where = f"{label_file.name} line {rows.line_num}"
