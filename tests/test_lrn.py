@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -314,3 +318,16 @@ def test_towers_must_divide_the_channels() -> None:
         LocalResponseNorm(PAPER_LRN, towers=0)
     with pytest.raises(ValueError, match="9 channels do not split into 2 towers"):
         LocalResponseNorm(PAPER_LRN, towers=2)(_data(c=9))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the notice is about a CUDA runtime that is missing")
+def test_compiling_lrn_on_a_machine_without_cuda_prints_nothing(tmp_path) -> None:
+    """Training on the CPU compiles LRN; inductor's C++ build would log 'No CUDA runtime is found' on stderr."""
+    code = (
+        "import torch\nfrom alexnet.lrn import PAPER_LRN, LocalResponseNorm\n"
+        "x = torch.randn(2, 8, 5, 5, requires_grad=True)\n"
+        "LocalResponseNorm(PAPER_LRN, 'compiled')(x).sum().backward()\n"
+    )
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}  # a cold cache: the C++ build runs
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stderr == "", result.stderr

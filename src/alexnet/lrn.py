@@ -10,6 +10,7 @@ Here each convention is a set of explicit arguments.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -145,6 +146,8 @@ def _fused_backward(
 
 @functools.cache
 def _compiled(fn):  # compiled on first use only: importing the package stays fast
+    if not torch.cuda.is_available():  # inductor's C++ build looks for CUDA even for CPU kernels, and says so
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return torch.compile(fn)
 
 
