@@ -48,7 +48,8 @@ HELP = {
     "lrn": "LRN convention: paper, cuda-convnet or caffe (default: the preset's)",
     "lrn_per_tower": "paper preset: LRN within each tower's maps, as the paper's GPUs (default); "
     "--no-lrn-per-tower: across both, as Caffe",
-    "init_from": "start from these weights: a torchvision state_dict, an alexnet checkpoint or run directory",
+    "init_from": "start from these weights: a torchvision state_dict, an alexnet checkpoint or run directory,"
+    " or a .safetensors export",
     "freeze": "layers not trained: 'features' (conv1..conv5), a range like conv1..conv3, or names conv1,fc6",
     "tensorboard": "also write TensorBoard event files to RUN_DIR/tensorboard (pip install tensorboard)",
     "on_nan": "a NaN/inf loss: 'stop', or 'rollback' to the last checkpoint with a tenth of the learning rate",

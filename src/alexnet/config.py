@@ -29,6 +29,7 @@ RESUMABLE_OVERRIDES = (
     "channels_last",
     "compile",
     "cuda_graphs",
+    "ddp_bucket_mb",
     "on_nan",
 )
 NAN_POLICIES = ("stop", "rollback")
