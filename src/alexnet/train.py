@@ -73,6 +73,11 @@ class Diverged(Exception):
     """The loss became NaN or infinite; the last checkpoint is the last good state."""
 
 
+def can_roll_back(cfg: TrainConfig, state: RunState, run_dir: Path) -> bool:
+    """--on-nan rollback applies: a checkpoint to go back to, and rollbacks left (3 in a run)."""
+    return cfg.on_nan == "rollback" and state.rollbacks < 3 and (run_dir / "last.pt").is_file()
+
+
 def diverged_hint(run_dir: Path, on_nan: str) -> str:
     """What is kept of a diverged run, and what can be done next: only what a resume accepts
     (--on-nan, not --lr, which would change what the run computes)."""
@@ -478,7 +483,7 @@ def _train(
                     # after .tolist(), which waits for the device: on CUDA the steps so far may only be queued
                     elapsed = time.perf_counter() - t_log
                     if not math.isfinite(loss_sum + weight_sum):
-                        if cfg.on_nan == "rollback" and state.rollbacks < 3 and (run_dir / "last.pt").is_file():
+                        if can_roll_back(cfg, state, run_dir):
                             diverged = True
                             break
                         what = "loss" if not math.isfinite(loss_sum) else "weights"
@@ -508,27 +513,37 @@ def _train(
                     checkpoint(run_dir / "last.pt")  # no rank exits before rank 0's checkpoint is whole
                     raise stop.interrupted(f"at epoch {epoch + 1}, step {state.step_in_epoch}")
             bar.close()
+            if not diverged:
+                val = evaluate(model, val_loader, stats, num_classes, device, cfg.crop, progress=progress, ranks=ranks)
+                bad_files.update(val.bad)
+                bad_files = distributed.union_over_ranks(bad_files, ranks)
+                if val.count == 0:  # every validation image unreadable: no error to choose best.pt or the schedule by
+                    with distributed.together(ranks):
+                        if main:
+                            write_bad_files(run_dir, bad_files)
+                    raise UserError(f"no validation image in {cfg.data} can be read; see {run_dir / 'bad_files.txt'}")
+                # finite weights can still overflow: outputs that are NaN or infinite are a divergence too
+                if not math.isfinite(val.loss):
+                    if not can_roll_back(cfg, state, run_dir):
+                        raise Diverged(
+                            f"the validation loss became {val.loss} at epoch {epoch + 1} (the model's outputs are"
+                            f" NaN or infinite); {diverged_hint(run_dir, cfg.on_nan)}"
+                        )
+                    diverged = True
             if diverged:  # --on-nan rollback: back to the last checkpoint, with a tenth of the learning rate
                 state = restore(load_checkpoint(run_dir / "last.pt"))
                 state.rollbacks += 1
                 scale_learning_rate(optimizer, scheduler, 0.1)
                 # kept at once: a second rollback, or a resume, goes on from the lowered rate and the count
                 checkpoint(run_dir / "last.pt")
+                lr_now = optimizer.param_groups[0]["lr"]
                 say(
-                    f"loss or weights became NaN/inf at epoch {epoch + 1}: rolled back to epoch {state.epoch + 1},"
-                    f" step {state.step_in_epoch}, learning rate now {optimizer.param_groups[0]['lr']:.3g}"
+                    f"loss, weights or outputs became NaN/inf at epoch {epoch + 1}: rolled back to epoch"
+                    f" {state.epoch + 1}, step {state.step_in_epoch}, learning rate now {lr_now:.3g}"
                     f" ({state.rollbacks}/3)"
                 )
                 continue
 
-            val = evaluate(model, val_loader, stats, num_classes, device, cfg.crop, progress=progress, ranks=ranks)
-            bad_files.update(val.bad)
-            bad_files = distributed.union_over_ranks(bad_files, ranks)
-            if val.count == 0:  # every validation image unreadable: no error to choose best.pt or the schedule by
-                with distributed.together(ranks):
-                    if main:
-                        write_bad_files(run_dir, bad_files)
-                raise UserError(f"no validation image in {cfg.data} can be read; see {run_dir / 'bad_files.txt'}")
             if steps_each_iteration(scheduler):  # the rate of the epoch's last step, the one before last_epoch
                 lr = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch - 1)
             else:  # the epoch's rate, before the plateau's decision for the next

@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
+import alexnet.evaluate as evaluate_module
 import alexnet.step as step_module
+import alexnet.train as train_module
 from alexnet.checkpoint import load_checkpoint, read_jsonl
 from alexnet.config import TrainConfig
 from alexnet.train import Diverged, train
@@ -25,6 +27,23 @@ def poison_steps(monkeypatch, steps: set[int]) -> list[int]:
 
     monkeypatch.setattr(step_module, "train_batch", batch)
     return calls
+
+
+def poison_evaluations(monkeypatch, calls: set[int]) -> None:
+    """Make the model's outputs NaN in the given evaluations of train (counted from 1): finite weights
+    whose outputs overflow on the validation images."""
+    real_evaluate, real_probabilities, count = train_module.evaluate, evaluate_module.class_probabilities, []
+
+    def evaluate(*args, **kw):
+        count.append(1)
+        return real_evaluate(*args, **kw)
+
+    def probabilities(*args, **kw):
+        p = real_probabilities(*args, **kw)
+        return p * math.nan if len(count) in calls else p
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    monkeypatch.setattr(evaluate_module, "class_probabilities", probabilities)
 
 
 def test_nan_stops_within_one_logging_interval_keeping_the_last_good_checkpoint(fault_data, tmp_path, monkeypatch):
@@ -123,3 +142,24 @@ def test_the_resume_the_nan_stop_suggests_is_accepted_and_rolls_back(fault_data,
     assert "rolled back to epoch 2, step 0, learning rate now 0.001 (1/3)" in capsys.readouterr().out
     ckpt = load_checkpoint(run_dir / "last.pt")
     assert ckpt["run_state"]["epoch"] == 2 and ckpt["run_state"]["rollbacks"] == 1
+
+
+def test_outputs_that_overflow_in_validation_stop_the_run_before_a_checkpoint(fault_data, tmp_path, monkeypatch):
+    """Finite weights, finite training loss, NaN outputs on the validation images: the epoch is not
+    recorded (metrics.jsonl would hold NaN, which is not JSON) and last.pt stays the last good one."""
+    poison_evaluations(monkeypatch, {2})  # epoch 2's validation
+    cfg = TrainConfig(data=str(fault_data), run_dir=str(tmp_path / "run"), **TINY)
+    with pytest.raises(Diverged, match=r"the validation loss became nan at epoch 2 \(the model's outputs are NaN or"):
+        train(cfg, progress=False)
+    assert [m["epoch"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1]
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["run_state"]["epoch"] == 1
+
+
+def test_outputs_that_overflow_in_validation_roll_back_with_on_nan_rollback(fault_data, tmp_path, monkeypatch, capsys):
+    poison_evaluations(monkeypatch, {2})
+    cfg = TrainConfig(data=str(fault_data), run_dir=str(tmp_path / "run"), on_nan="rollback", **TINY)
+    train(cfg, progress=False)
+    assert "rolled back to epoch 2, step 0, learning rate now 0.001 (1/3)" in capsys.readouterr().out
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [1, 2] and all(math.isfinite(m["val_loss"]) for m in metrics)
+    assert metrics[1]["lr"] == pytest.approx(0.001)
