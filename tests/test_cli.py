@@ -411,3 +411,25 @@ def test_a_signal_while_pytorch_is_imported_stops_in_one_line(signum, said, tmp_
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signum, err
     assert err.decode().strip().splitlines() == [said]
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """`alexnet CMD --help` explains each option; a train option shows its default where it has one."""
+    import argparse
+    import dataclasses
+
+    from alexnet.cli import build_parser
+    from alexnet.config import TrainConfig
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    silent = [
+        f"{name} {action.option_strings or action.dest}"
+        for name, parser in commands.items()
+        for action in parser._actions
+        if not action.help
+    ]
+    assert not silent
+    helps = {action.dest: action.help for action in commands["train"]._actions}
+    for f in dataclasses.fields(TrainConfig):
+        if isinstance(f.default, int | float | str) and not isinstance(f.default, bool):
+            assert "default" in helps[f.name] and str(f.default) in helps[f.name], f.name

@@ -36,9 +36,25 @@ HELP = {
     "data": "ImageNet-layout folder with train/ and val/ (default: make and use a synthetic demo dataset)",
     "run_dir": "where the run's files go (default: runs/<preset>-<time>)",
     "preset": f"network: {', '.join(PRESETS)}",
+    "dropout": "dropout probability in fc6 and fc7",
     "groups": "paper preset: 2 (two towers, the paper) or 1 (full connections)",
     "init": f"initialisation: {', '.join(INITS)} (default: the preset's)",
+    "epochs": "epochs to train; raised on --resume, it extends a run",
+    "batch_size": "images per step, over all GPUs and machines together under torchrun",
+    "lr": "learning rate at the start",
+    "momentum": "SGD momentum",
+    "weight_decay": "L2 weight decay of the weights, and of the biases with --bias-decay",
     "schedule": f"learning-rate schedule: {', '.join(SCHEDULES)}",
+    "plateau_patience": "plateau: epochs without a lower validation error before the rate is divided by 10",
+    "max_lr_drops": "plateau: divide the rate at most this many times",
+    "step_epochs": "step: divide the rate by 10 every this many epochs",
+    "inverse_time_rate": "inverse-time: lr / (1 + RATE * floor(step / STEPS))",
+    "inverse_time_steps": "inverse-time: the STEPS of that formula",
+    "image_size": "images are scaled and centre-cropped to this size once",
+    "crop": "size of the square training and test crops (the paper preset takes 224 to 255)",
+    "seed": "seed of the initialisation, the data order, the augmentation and dropout",
+    "workers": "data-loading processes",
+    "log_every": "steps between progress updates and NaN checks",
     "mean": "subtract the mean 'pixel' image (paper) or the mean 'channel' colour",
     "scale": "'raw' 0-255 pixels (paper) or 'imagenet' std (torchvision); default: the preset's",
     "pca": "PCA lighting axes from the training set ('dataset') or the 'imagenet' constants",
@@ -84,16 +100,17 @@ def at_least(minimum: int) -> Callable[[str], int]:
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field; defaults stay unset so we know what the user gave."""
     for f in dataclasses.fields(TrainConfig):
+        text = HELP[f.name]
+        if "default" not in text and f.default is not None and f.default is not False:
+            text += f" (default: {f.default})"
         if f.type in ("bool", "bool | None"):  # a flag: --tensorboard; --no-tensorboard turns it off when resuming
             flag = f"--{f.name.replace('_', '-')}"
-            p.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=HELP.get(f.name)
-            )
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
             continue
         kind = {int: int, float: float}.get(type(f.default), str)
         if f.name == "groups":
             kind = int
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=argparse.SUPPRESS, help=HELP.get(f.name))
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=argparse.SUPPRESS, help=text)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -349,18 +366,18 @@ def build_parser() -> Parser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (its best.pt)")
         p.add_argument("--ten-crop", action="store_true", help="average the 10 crops of the paper's test protocol")
-        p.add_argument("--device", default="auto")
+        p.add_argument("--device", default="auto", help=HELP["device"])
         p.set_defaults(func=func)
         if name == "evaluate":
             p.add_argument("--data", required=True, help="dataset folder holding the split")
-            p.add_argument("--split", default="val")
-            p.add_argument("--batch-size", type=at_least(1), default=64)
-            p.add_argument("--workers", type=at_least(0), default=2)
+            p.add_argument("--split", default="val", help="the split's folder under --data (default: val)")
+            p.add_argument("--batch-size", type=at_least(1), default=64, help="images per batch (default: 64)")
+            p.add_argument("--workers", type=at_least(0), default=2, help="data-loading processes (default: 2)")
             p.add_argument("--out", help="write eval.json, per_class.csv and confusion.csv here")
-            p.add_argument("--no-progress", action="store_true")
+            p.add_argument("--no-progress", action="store_true", help="no progress bars")
         else:
             p.add_argument("images", nargs="+", help="image files or folders")
-            p.add_argument("--top", type=at_least(1), default=5)
+            p.add_argument("--top", type=at_least(1), default=5, help="classes shown per image (default: 5)")
             p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     p = sub.add_parser("prepare", help="decode a dataset once into fixed 256x256 images for fast training")
@@ -374,17 +391,17 @@ def build_parser() -> Parser:
         help="raw uint8 arrays (fastest) or JPEG-packed (smaller)",
     )
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality (--format jpeg)")
-    p.add_argument("--splits", nargs="+", choices=["train", "val"], help="default: all found")
+    p.add_argument("--image-size", type=int, default=256, help="images are scaled and centre-cropped to this")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality (--format jpeg; default: 90)")
+    p.add_argument("--splits", nargs="+", choices=["train", "val"], help="the splits to prepare (default: all found)")
     p.add_argument("--check", action="store_true", help="only verify the finished dataset in OUT")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("benchmark", help="training images/s against torchvision's fp32 eager AlexNet, same run")
-    p.add_argument("--preset", default="paper")
-    p.add_argument("--batch-size", type=at_least(1), default=128)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--preset", default="paper", help=HELP["preset"])
+    p.add_argument("--batch-size", type=at_least(1), default=128, help="images per step (default: 128)")
+    p.add_argument("--device", default="auto", help=HELP["device"])
     p.add_argument("--precision", default="auto", help=HELP["precision"])
     p.add_argument("--channels-last", default="on", help=HELP["channels_last"])
     p.add_argument("--compile", action="store_true", help=HELP["compile"])
@@ -399,10 +416,10 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("info", help="layer table, parameter counts and deviations from the paper")
-    p.add_argument("--preset", default="paper")
-    p.add_argument("--groups", type=int)
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--input-size", type=at_least(1))
+    p.add_argument("--preset", default="paper", help=HELP["preset"])
+    p.add_argument("--groups", type=int, help=HELP["groups"])
+    p.add_argument("--num-classes", type=int, default=1000, help="classes of fc8 (default: 1000)")
+    p.add_argument("--input-size", type=at_least(1), help="the input size of the table (default: the preset's)")
     p.set_defaults(func=cmd_info)
 
     from .export import FORMATS
@@ -418,7 +435,7 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("export", help="a checkpoint as ONNX, torch.export, TorchScript or safetensors")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (its best.pt)")
-    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--format", required=True, choices=FORMATS, help="export: torch.export's .pt2")
     p.add_argument("--out", required=True, help="file to write")
     p.add_argument("--input-size", type=at_least(1), help="input height = width (default: the checkpoint's crop)")
     p.add_argument("--check", nargs="+", metavar="IMAGE", help="compare the export with PyTorch on these images")
@@ -429,10 +446,10 @@ def build_parser() -> Parser:
     p.add_argument("--layer", action="append", required=True, help="a layer name; repeat for several")
     p.add_argument("images", nargs="+", help="image files or folders (a class folder of the model gives the label)")
     p.add_argument("--out", required=True, help=".npz (layers, files, labels, classes) or .npy (one layer)")
-    p.add_argument("--batch-size", type=at_least(1), default=32)
-    p.add_argument("--workers", type=at_least(0), default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--batch-size", type=at_least(1), default=32, help="images per batch (default: 32)")
+    p.add_argument("--workers", type=at_least(0), default=2, help="data-loading processes (default: 2)")
+    p.add_argument("--device", default="auto", help=HELP["device"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_features)
 
     text = "PNG figures of a run: conv1 filters, predictions, neighbours, curves, confusion"
@@ -443,10 +460,10 @@ def build_parser() -> Parser:
     p.add_argument(
         "--neighbour-images", type=at_least(0), default=2000, help="training images searched for neighbours (0: all)"
     )
-    p.add_argument("--batch-size", type=at_least(1), default=32)
-    p.add_argument("--workers", type=at_least(0), default=2)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--batch-size", type=at_least(1), default=32, help="images per batch (default: 32)")
+    p.add_argument("--workers", type=at_least(0), default=2, help="data-loading processes (default: 2)")
+    p.add_argument("--device", default="auto", help=HELP["device"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_figures)
     return parser
 
