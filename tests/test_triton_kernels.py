@@ -136,6 +136,27 @@ def test_gradient_taken_in_another_layout_than_the_input(kernels) -> None:
     torch.testing.assert_close(grad.double(), reference(x, g, PAPER_LRN)[1], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("towers", [1, 2])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_a_single_column_input_with_an_unusual_stride_is_indexed_right(kernels, layout: str, towers: int) -> None:
+    """W = 1: PyTorch calls x contiguous (or channels_last) whatever its column stride, so the kernels
+    must not step from pixel to pixel by it (they read and wrote outside the tensor)."""
+    base = torch.randn(2, 8, 3, 3, generator=torch.Generator().manual_seed(0)) * 30
+    if layout == "channels_last":
+        base = base.contiguous(memory_format=torch.channels_last)
+    x = base[..., :1].clone()  # (2, 8, 3, 1) in the layout
+    x = x.as_strided(x.shape, (*x.stride()[:3], 3 * x.stride(3) + 5))  # the column stride, which W = 1 ignores
+    assert x.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).as_strided(x.shape, x.stride())
+    halves = [slice(0, 8)] if towers == 1 else [slice(0, 4), slice(4, 8)]
+    want = [reference(x[:, h], g[:, h], PAPER_LRN) for h in halves]
+    args = (5, PAPER_LRN.scale, PAPER_LRN.k, PAPER_LRN.beta)
+    y = kernels.forward(x, *args, towers=towers)
+    grad = kernels.backward(x, g, *args, towers=towers)
+    torch.testing.assert_close(y.double(), torch.cat([w[0] for w in want], 1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), torch.cat([w[1] for w in want], 1), rtol=1e-4, atol=1e-6)
+
+
 def test_local_response_norm_trains_through_the_kernels(kernels) -> None:
     """LocalResponseNorm(kernels="triton") end to end: autograd saves x, the backward kernel gets it."""
     x, g = _inputs(PAPER_LRN, channels_last=True)
@@ -556,6 +577,22 @@ def test_the_operator_passes_torch_library_checks(kernels) -> None:
     for towers in (1, 2):
         args = (x, 5, PAPER_LRN.scale, PAPER_LRN.k, PAPER_LRN.beta, towers, "triton", False)
         torch.library.opcheck(lrn_module._lrn_op, args)
+
+
+@pytest.mark.parametrize("kind", ["triton", "eager", "compiled"])
+def test_the_operator_returns_the_strides_its_fake_kernels_promise(kernels, kind: str) -> None:
+    """torch.compile plans a graph by the fake kernels' strides (empty_like(x)): an x that is dense but
+    permuted (which the Triton kernels take as a NCHW copy), and a grad in another layout than x (which
+    the formulas' backward follows), come back in x's strides all the same."""
+    x, g = _inputs(PAPER_LRN, channels_last=False, c=10)
+    permuted = x.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)  # dense, neither NCHW nor NHWC
+    cases = [(permuted, g), (x.contiguous(memory_format=torch.channels_last), g)]
+    for xs, gs in cases:
+        for towers in (1, 2):
+            rest = (5, PAPER_LRN.scale, PAPER_LRN.k, PAPER_LRN.beta, towers, kind, False)
+            assert lrn_module._lrn_op(xs, *rest).stride() == xs.stride()
+            assert lrn_module._lrn_backward_op(xs, gs, *rest).stride() == xs.stride()
+            torch.library.opcheck(lrn_module._lrn_backward_op, (xs, gs, *rest))
 
 
 # --- Max pooling's kernels (alexnet/pool_triton.py) ----------------------------------------------

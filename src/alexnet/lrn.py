@@ -71,8 +71,8 @@ def _per_tower(fn: Callable[..., torch.Tensor], towers: int, *args) -> torch.Ten
     C / towers, H, W), a view in either memory layout, the window running along dim -3 within a tower."""
     if towers == 1:
         return fn(*args)
-    split = [a.unflatten(1, (towers, -1)) if isinstance(a, torch.Tensor) else a for a in args]
-    return fn(*split).flatten(1, 2)
+    split = [a.unflatten(-3, (towers, -1)) if isinstance(a, torch.Tensor) else a for a in args]
+    return fn(*split).flatten(-4, -3)
 
 
 def _lrn_terms(x: torch.Tensor, spec: LRNSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -196,7 +196,7 @@ def _run(kernels: str, backward: bool, args: tuple, towers: int, fall_back: bool
 def _lrn_op(
     x: torch.Tensor, size: int, scale: float, k: float, beta: float, towers: int, kernels: str, fall_back: bool
 ) -> torch.Tensor:
-    return _run(kernels, False, (x, size, scale, k, beta), towers, fall_back)
+    return _strided_like(x, _run(kernels, False, (x, size, scale, k, beta), towers, fall_back))
 
 
 @torch.library.custom_op("alexnet::local_response_norm_backward", mutates_args=())
@@ -211,7 +211,17 @@ def _lrn_backward_op(
     kernels: str,
     fall_back: bool,
 ) -> torch.Tensor:
-    return _run(kernels, True, (x, grad, size, scale, k, beta), towers, fall_back)
+    return _strided_like(x, _run(kernels, True, (x, grad, size, scale, k, beta), towers, fall_back))
+
+
+def _strided_like(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`out` in the strides the fake kernels below promise, empty_like(x)'s: torch.compile plans its
+    graph by them. The kernels can return others: the Triton ones NCHW for a permuted x, the formulas'
+    backward the layout of grad."""
+    if out.stride() == x.stride():  # a dense x: what empty_like gives
+        return out
+    like = torch.empty_like(x, dtype=out.dtype)
+    return out if out.stride() == like.stride() else like.copy_(out)
 
 
 @_lrn_op.register_fake
@@ -271,8 +281,8 @@ class LocalResponseNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, towers = self.spec, self.towers
-        if x.shape[1] % towers:
-            raise ValueError(f"{x.shape[1]} channels do not split into {towers} towers")
+        if x.shape[-3] % towers:  # channels: dim 1 of a batch, 0 of one (C, H, W) image
+            raise ValueError(f"{x.shape[-3]} channels do not split into {towers} towers")
         tracing = torch.jit.is_tracing()  # export: tracing records neither autograd functions nor compiled ones
         learning = torch.is_grad_enabled() and x.requires_grad and not tracing
         kernels = self.kernels or ("triton" if x.is_cuda and x.dim() == 4 else "compiled" if learning else "eager")

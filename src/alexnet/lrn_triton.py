@@ -307,7 +307,10 @@ def flat_layout(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()
     n, _, h, w = x.shape
-    return x, (n * h * w, h * w, x.stride(0), x.stride(3), x.stride(1))
+    # pixel p = h * W + w sits at p * stride(3), which holds for dense layouts unless W is 1: PyTorch
+    # then calls x contiguous whatever stride(3) is, and a pixel's step is stride(2)
+    pixel_stride = x.stride(3) if w > 1 else x.stride(2)
+    return x, (n * h * w, h * w, x.stride(0), pixel_stride, x.stride(1))
 
 
 def with_strides_of(like: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
