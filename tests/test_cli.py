@@ -194,6 +194,12 @@ def test_evaluate_writes_a_report(tiny_run, tmp_path, capsys):
 
 
 def test_predict_shows_names_and_probabilities(tiny_run, tmp_path, capsys):
+    import torch
+
+    from alexnet.data import load_image
+    from alexnet.evaluate import class_probabilities
+    from alexnet.train import load_for_inference
+
     data, run = tiny_run
     (tmp_path / "broken.jpg").write_bytes(b"nope")
     files = [str(data / "val" / "n001_red" / "0.JPEG"), str(tmp_path / "broken.jpg")]
@@ -204,6 +210,15 @@ def test_predict_shows_names_and_probabilities(tiny_run, tmp_path, capsys):
     assert {p["name"] for p in result[0]["top"]} == {"red thing", "green thing"}
     assert abs(sum(p["probability"] for p in result[0]["top"]) - 1) < 1e-5
     assert "broken.jpg: cannot read" in captured.err
+    # most likely first, with its own class and name: the model's probabilities, computed here
+    model, stats, ckpt = load_for_inference(run / "best.pt", torch.device("cpu"))
+    with torch.no_grad():
+        image = load_image(files[0], ckpt["config"]["image_size"])[None]
+        probs = class_probabilities(model, image, stats, ckpt["config"]["crop"], False)[0]
+    top, best = result[0]["top"], int(probs.argmax())
+    assert top[0]["probability"] > top[1]["probability"] and abs(top[0]["probability"] - float(probs[best])) < 1e-5
+    assert (top[0]["class"], top[0]["name"]) == (ckpt["classes"][best], ckpt["names"][best])
+    assert (top[1]["class"], top[1]["name"]) == (ckpt["classes"][1 - best], ckpt["names"][1 - best])
 
 
 def test_default_train_makes_the_synthetic_demo(tmp_path, monkeypatch):

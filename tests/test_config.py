@@ -112,3 +112,34 @@ def test_the_optimizer_decays_the_biases_only_where_the_preset_does(preset: str)
         torch.testing.assert_close(p.detach(), want, rtol=0 if not decayed else 1e-6, atol=0, msg=name)
     biases = [before[n] for n in before if n.endswith(".bias")]
     assert any(b.abs().max() > 0.01 for b in biases)  # biases that decay would visibly move (paper: 1s)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"momentum": 1.0}, r"^momentum must be below 1, not 1\.0$"),
+        ({"momentum": 1.5}, r"^momentum must be below 1"),
+        ({"momentum": -0.1}, r"^momentum must be a finite number >= 0"),
+        ({"momentum": float("nan")}, r"^momentum must be a finite number >= 0"),
+        ({"crop": 225, "image_size": 224}, r"^crop \(225\) must be positive and at most image_size \(224\)$"),
+        ({"crop": 0}, r"^crop \(0\) must be positive"),
+        ({"checkpoint_every": -1}, r"checkpoint_every cannot be negative$"),
+    ],
+    ids=["momentum=1", "momentum=1.5", "momentum<0", "momentum=nan", "crop>image_size", "crop=0", "checkpoint_every<0"],
+)
+def test_resolved_refuses_out_of_range_values(bad: dict, match: str) -> None:
+    """momentum in [0, 1), 0 < crop <= image_size, checkpoint_every >= 0: else one line naming the option."""
+    with pytest.raises(UserError, match=match) as e:
+        TrainConfig(**bad).resolved()
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "edge",
+    [{"momentum": 0.0}, {"momentum": 0.999}, {"crop": 224, "image_size": 224}, {"checkpoint_every": 0}],
+    ids=["momentum=0", "momentum=0.999", "crop=image_size", "checkpoint_every=0"],
+)
+def test_resolved_accepts_values_just_inside_the_range(edge: dict) -> None:
+    """The edges themselves are allowed: no momentum, a crop the whole image, a checkpoint per epoch."""
+    c = TrainConfig(**edge).resolved()
+    assert {k: getattr(c, k) for k in edge} == edge

@@ -168,22 +168,37 @@ def test_flat_validation_with_bad_labels_is_a_one_line_error(tmp_path, label_fil
     assert error.format(root=root) in str(caught.value) and "\n" not in str(caught.value)
 
 
+def _palette_image(size):
+    im = Image.new("P", size, 3)
+    im.putpalette([0, 0, 0] * 3 + [10, 200, 30])
+    return im
+
+
 @pytest.mark.parametrize(
-    "mode,size",
+    "make,ext,rgb",
     [
-        ("L", (300, 200)),
-        ("RGBA", (200, 300)),
-        ("CMYK", (64, 64)),
-        ("P", (257, 256)),
-        ("RGB", (1, 1)),
-        ("RGB", (2000, 100)),
+        (lambda: Image.new("L", (300, 200), 100), "png", (100, 100, 100)),
+        (lambda: Image.new("LA", (200, 300), (90, 10)), "png", (90, 90, 90)),
+        # alpha is dropped, not composited over any background: a faint pixel keeps its full colour
+        (lambda: Image.new("RGBA", (200, 300), (200, 40, 60, 100)), "png", (200, 40, 60)),
+        # CMYK to RGB as PIL does it: channel = (255 - C|M|Y) * (255 - K) / 255
+        (lambda: Image.new("CMYK", (64, 64), (20, 200, 100, 40)), "jpg", (198, 46, 131)),
+        (lambda: _palette_image((257, 256)), "png", (10, 200, 30)),
+        (lambda: Image.fromarray(np.full((50, 60), 40000, dtype=np.uint16)), "png", (156, 156, 156)),
+        (lambda: Image.new("RGB", (1, 1), (250, 120, 0)), "png", (250, 120, 0)),
+        (lambda: Image.new("RGB", (2000, 100), (0, 80, 255)), "png", (0, 80, 255)),
     ],
+    ids=["L", "LA", "RGBA", "CMYK", "P", "I;16", "RGB-1x1", "RGB-wide"],
 )
-def test_load_image_any_mode_and_shape(tmp_path, mode, size):
-    path = tmp_path / f"x.{'jpg' if mode == 'CMYK' else 'png'}"
-    Image.new(mode, size, color=100 if mode in ("L", "P") else None).save(path)
+def test_load_image_any_mode_and_shape(tmp_path, make, ext, rgb):
+    """Every mode comes out (3, 256, 256) uint8 in its own RGB colour: greyscale as equal channels, palette
+    entries looked up, CMYK converted, alpha dropped; colour is never thrown away."""
+    path = tmp_path / f"x.{ext}"
+    make().save(path)
     x = load_image(str(path))
     assert x.shape == (3, 256, 256) and x.dtype == torch.uint8
+    got = [(int(channel.min()), int(channel.max())) for channel in x]  # per channel: (min, max)
+    assert all(c - 2 <= lo and hi <= c + 2 for (lo, hi), c in zip(got, rgb, strict=True)), (got, rgb)
 
 
 def test_load_image_16_bit_keeps_brightness(tmp_path):
@@ -238,6 +253,7 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch():
     a, b = EpochSampler(100, seed=1, epoch=0), EpochSampler(100, seed=1, epoch=0)
     assert list(a) == list(b) and sorted(a) == list(range(100))
     assert list(EpochSampler(100, seed=1, epoch=1)) != list(a)
+    assert list(EpochSampler(100, seed=2, epoch=0)) != list(a)  # the seed counts, not the epoch alone
     assert list(EpochSampler(100, seed=1, epoch=0, start=30)) == list(a)[30:]
 
 

@@ -11,7 +11,7 @@ import torch
 from conftest import scoped_folder
 
 from alexnet.augment import center_batch, make_pixel_stats
-from alexnet.checkpoint import save_checkpoint
+from alexnet.checkpoint import load_checkpoint, save_checkpoint
 from alexnet.cli import main
 from alexnet.config import TrainConfig
 from alexnet.data import load_image
@@ -181,12 +181,29 @@ def test_safetensors_loads_back_without_pickle(checkpoints, images, tmp_path, ca
     assert len(json.loads(capsys.readouterr().out)[0]["top"]) == 5
 
 
-def test_cli_export_checks_against_pytorch(checkpoints, images, tmp_path, capsys):
+def off_by_one(checkpoint: str, path) -> str:
+    """`checkpoint` with fc8's bias for class 0 raised by 1: its logits differ from the original's by 1."""
+    state = load_checkpoint(checkpoint)
+    fc8_bias = [k for k in state["model"] if k.endswith(".bias")][-1]
+    state["model"][fc8_bias][0] += 1
+    save_checkpoint(state, path)
+    return str(path)
+
+
+def test_cli_export_checks_against_pytorch(checkpoints, images, tmp_path, capsys, monkeypatch):
+    import alexnet.export
+
     out = tmp_path / "tv.pt2"
     args = ["export", "--checkpoint", checkpoints["torchvision"], "--format", "export", "--out", str(out)]
     assert main([*args, "--check", *images[:2]]) == 0
     printed = capsys.readouterr().out
     assert "largest absolute difference from PyTorch's logits on 2 images" in printed
+    assert float(printed.rsplit(": ", 1)[1]) < 1e-4
+    # an export that is off (one weight changed) is reported off: the check cannot pass whatever it gets
+    off, export = off_by_one(checkpoints["torchvision"], tmp_path / "off.pt"), alexnet.export.export_checkpoint
+    monkeypatch.setattr(alexnet.export, "export_checkpoint", lambda _, *rest: export(off, *rest))
+    assert main([*args, "--check", *images[:2]]) == 0
+    assert abs(float(capsys.readouterr().out.rsplit(": ", 1)[1]) - 1) < 1e-3
 
 
 def test_bad_export_requests(checkpoints, tmp_path):
@@ -246,6 +263,8 @@ def test_check_skips_unreadable_files_and_compares_in_batches(checkpoints, image
     diff, count, bad = max_abs_difference(out, checkpoints["torchvision"], [broken.parent, *images], batch_size=3)
     assert count == 4 and diff < 1e-4 and sizes == [2, 2]  # batches of 3 files, the broken one left out
     assert len(bad) == 1 and bad[0].startswith(f"{broken}\t")
+    off = off_by_one(checkpoints["torchvision"], tmp_path / "off.pt")  # logits 1 away from the export's
+    assert abs(max_abs_difference(out, off, [broken.parent, *images], batch_size=3)[0] - 1) < 1e-3
     args = ["export", "--checkpoint", checkpoints["torchvision"], "--format", "export", "--out", str(out)]
     assert main([*args, "--check", str(broken), *images[:2]]) == 0
     captured = capsys.readouterr()

@@ -5,11 +5,11 @@ import torch
 from alexnet.augment import PixelStats
 from alexnet.cli import main
 from alexnet.config import TrainConfig
-from alexnet.data import display_names, imagenet_class_names
+from alexnet.data import display_names, imagenet_class_names, load_image
 from alexnet.errors import UserError
 from alexnet.features import extract, filter_mosaic
 from alexnet.model import build_model
-from alexnet.train import train
+from alexnet.train import load_for_inference, train
 
 torch.set_num_threads(1)
 
@@ -102,6 +102,12 @@ def test_features_cli_npz_and_npy(tiny_run, tmp_path, capsys):
     assert names[-1].endswith("other.JPEG") and len(names) == 7
     assert z["labels"].tolist() == [0, 0, 1, 1, 2, 2, -1]
     assert z["classes"].tolist() == ["n001_red", "n002_green", "n003_blue"]
+    # each row belongs to its file: fc7 of the file alone, read independently
+    model, stats, ckpt = load_for_inference(run, torch.device("cpu"))
+    for i in (0, 3, 6):
+        image = load_image(names[i], ckpt["config"]["image_size"])[None]
+        alone = extract(model, image, stats, ["fc7"], ckpt["config"]["crop"])["fc7"][0]
+        assert torch.allclose(torch.from_numpy(z["fc7"][i]), alone, atol=1e-5), names[i]
 
     npy = tmp_path / "fc8.npy"
     assert main(["features", "--checkpoint", str(run), "--layer", "fc8", str(data / "val"), "--out", str(npy)]) == 0

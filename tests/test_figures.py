@@ -60,13 +60,31 @@ def test_figures_skip_what_is_missing(tiny_run, tmp_path, capsys):
     assert "predictions and neighbours skipped" in out and "curves skipped" in out and "confusion skipped" in out
 
 
+def widest_white_band(path) -> int:
+    """The most all-white pixel rows in a row inside the drawn kernels (below the title)."""
+    with Image.open(path) as im:
+        drawn = (np.asarray(im.convert("RGB"))[60:] < 250).any(axis=(1, 2))
+    rows = np.flatnonzero(drawn)
+    band = widest = 0
+    for d in drawn[rows[0] : rows[-1] + 1]:
+        band = 0 if d else band + 1
+        widest = max(widest, band)
+    return widest
+
+
 def test_conv1_figure_paper_towers(tmp_path):
+    weight = torch.randn(96, 3, 11, 11, generator=torch.Generator().manual_seed(0))
     for groups in (2, 1):
         model = build_model("paper", num_classes=10, groups=groups)
+        with torch.no_grad():
+            model.named_layers()["conv1"].weight.copy_(weight)  # the same kernels: only the layout differs
         path = conv1_figure(model, tmp_path / f"conv1_g{groups}.png")
         assert_picture(path, "conv1_filters")
     with Image.open(tmp_path / "conv1_g2.png") as a, Image.open(tmp_path / "conv1_g1.png") as b:
         assert np.asarray(a).shape == np.asarray(b).shape and not np.array_equal(np.asarray(a), np.asarray(b))
+    # two towers: two blocks of 48 kernels with a wide gap between them; one tower: a 1-pixel pad between rows
+    g2, g1 = widest_white_band(tmp_path / "conv1_g2.png"), widest_white_band(tmp_path / "conv1_g1.png")
+    assert g2 > 3 * g1 and g1 > 0, (g2, g1)
 
 
 def test_nearest_neighbours_are_exact():

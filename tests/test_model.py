@@ -189,6 +189,14 @@ def test_paper_lrn_and_classifier_order(paper: nn.Module) -> None:
     assert all(m.p == 0.5 for m in paper.classifier if isinstance(m, nn.Dropout))
 
 
+@pytest.mark.parametrize("preset", ["paper", "seed", "torchvision"])
+def test_every_preset_honours_dropout(preset: str) -> None:
+    """dropout= sets p of both Dropout layers (before or after the ReLU, as the preset places them)."""
+    with torch.device("meta"):  # the modules only: no weights to fill
+        model = build_model(preset, 10, dropout=0.2)
+    assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.2, 0.2]
+
+
 def test_paper_lrn_normalises_each_towers_maps_alone(paper: nn.Module) -> None:
     """cuda-convnet's two-GPU net ran rnorm1a on conv1a's 48 maps and rnorm1b on conv1b's (and conv2's
     128 and 128): lrn1 and lrn2 equal PyTorch's LRN run on each half of relu1's and relu2's outputs apart,

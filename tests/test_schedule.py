@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from alexnet.config import TrainConfig
-from alexnet.schedule import lr_factor, make_scheduler, steps_each_iteration
+from alexnet.schedule import lr_factor, make_scheduler, scale_learning_rate, steps_each_iteration
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small tensor ops: threads only contend
 
@@ -175,3 +175,29 @@ def test_plateau_small_learning_rate_still_divides_max_drops_times(lr: float) ->
 def test_lr_factor_rejects_plateau() -> None:
     with pytest.raises(ValueError):
         lr_factor(TrainConfig(schedule="plateau"), 10, 0)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step", "inverse-time", "plateau"])
+def test_a_rollbacks_tenth_of_the_rate_holds_for_the_rest_of_the_schedule(schedule: str) -> None:
+    """--on-nan rollback scales the rate by 0.1 mid-run: every later step runs at a tenth of what the
+    schedule would have given, whichever schedule (not only the next step, until it recomputes)."""
+    cfg = TrainConfig(schedule=schedule, epochs=8, lr=0.05, step_epochs=2, inverse_time_steps=3, plateau_patience=0)
+    runs = []
+    for scaled in (False, True):
+        opt = _optimizer(cfg.lr)
+        sched = make_scheduler(opt, cfg, steps_per_epoch=4)
+        lrs = []
+        for step in range(32):  # the plateau reaches its floor (3 drops) by then
+            if scaled and step == 5:
+                scale_learning_rate(opt, sched, 0.1)
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            if steps_each_iteration(sched):
+                sched.step()
+            elif step % 4 == 3:
+                sched.step(0.5)  # no improvement: the plateau divides after each epoch
+        runs.append(lrs)
+    plain, scaled = runs
+    assert scaled[:5] == plain[:5]
+    assert scaled[5:] == pytest.approx([lr * 0.1 for lr in plain[5:]], rel=1e-9, abs=1e-15)
+    assert len(set(plain[5:])) > 1  # the schedule did move the rate after the rollback

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from alexnet.augment import make_pixel_stats, train_batch
 from alexnet.bench import Measure, format_table, run_benchmark
@@ -288,3 +289,31 @@ def test_cuda_graphs_are_the_default_where_they_apply_and_say_in_one_line_where_
         TrainStep(model, optimizer, STATS, 224, 0.1, "fp32", True, cuda_graph=True)
     with pytest.raises(UserError, match="need a CUDA device"):
         run_benchmark("paper", 2, "cpu", cuda_graphs=True)
+
+
+def test_one_step_is_sgd_on_the_mean_loss_and_counts_the_right_answers():
+    """Plain SGD (no momentum, no decay) moves every weight by exactly -lr * d(mean cross-entropy)/dw,
+    computed here by autograd on the same augmented batch; the step returns the loss summed over the
+    batch and the number of images whose top class is the label (n - 1 of them here)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = build_model("torchvision", 5, dropout=0.0)
+    before = copy.deepcopy(model)
+    stats = make_pixel_stats(torch.full((3, 72, 72), 0.4), torch.eye(3) * 0.02)
+    images = torch.randint(0, 256, (6, 3, 72, 72), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    x = train_batch(images, stats, torch.Generator().manual_seed(1), 64, 0.1)  # what the step will train on
+    with torch.no_grad():
+        labels = before(x).argmax(1)
+    labels[0] = (labels[0] + 1) % 5  # one wrong answer: the count is 5, not 1 or 6
+    loss = F.cross_entropy(before(x), labels)  # the mean over the batch
+    grads = torch.autograd.grad(loss, list(before.parameters()))
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = TrainStep(model, optimizer, stats, 64, 0.1, "fp32", channels_last=False)
+    loss_sum, correct = step(images, labels, torch.Generator().manual_seed(1))
+
+    assert float(loss_sum) == pytest.approx(6 * loss.item(), rel=1e-5) and int(correct) == 5
+    for w, w0, g in zip(model.parameters(), before.parameters(), grads, strict=True):
+        torch.testing.assert_close(w.detach(), w0.detach() - 0.1 * g, rtol=1e-4, atol=1e-7)
+    assert max(g.abs().max() for g in grads) > 1e-3  # the step did move the weights

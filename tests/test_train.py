@@ -137,22 +137,27 @@ def test_mostly_bad_data_stops_with_a_clear_message(tiny_dataset, tmp_path):
 
 def test_images_per_second_counts_the_wait_for_the_device(tiny_dataset, tmp_path, monkeypatch):
     """On CUDA the steps of an interval are only queued until its sums are read back; the interval's
-    time must include that wait. Here the read-back is made to take 0.3 s, as a busy GPU would."""
+    time must include that wait. Here the training loop's clock moves only while the read-back waits,
+    1 s each time, as a busy GPU would make it: the images/s are the images over those seconds."""
     import time
+    import types
 
     import alexnet.distributed as distributed
+    import alexnet.train as train_module
 
-    read_back = distributed.sum_over_ranks
+    clock, read_back = [0.0], distributed.sum_over_ranks
 
     def slow_read_back(tensor, ranks):
-        time.sleep(0.3)
+        clock[0] += 1.0
         return read_back(tensor, ranks)
 
     monkeypatch.setattr(distributed, "sum_over_ranks", slow_read_back)
+    loop_time = types.SimpleNamespace(strftime=time.strftime, gmtime=time.gmtime, perf_counter=lambda: clock[0])
+    monkeypatch.setattr(train_module, "time", loop_time)
     run = train(tiny_config(tiny_dataset, tmp_path / "run", epochs=1), progress=False)
     (metrics,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     intervals = 5  # 18 images in batches of 4, one interval per step (log_every=1)
-    assert metrics["images_per_s"] <= 18 / (intervals * 0.3)
+    assert metrics["images_per_s"] == pytest.approx(18 / intervals) and metrics["epoch_seconds"] == intervals
 
 
 def test_every_epoch_draws_new_crops_and_a_new_order(tiny_dataset, tmp_path, monkeypatch):
@@ -204,6 +209,50 @@ def test_metrics_log_the_rate_each_epoch_trained_with(tiny_dataset, tmp_path, mo
     run = train(tiny_config(tiny_dataset, tmp_path / "run", epochs=4, **schedule), progress=False)
     lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert lrs == pytest.approx(logged, rel=1e-12)
+
+
+def test_best_is_the_first_of_equal_epochs_and_the_final_report_evaluates_it(tiny_dataset, tmp_path, monkeypatch):
+    """Validation errors 0.5, 0.4, 0.4: best.pt is epoch 2 (a tie does not replace it), the final
+    centre and 10-crop evaluations run on its weights, not the last epoch's, and a run directory given
+    as a checkpoint means its best.pt."""
+    import alexnet.train as train_module
+    from alexnet.checkpoint import checkpoint_file
+
+    evaluate, seen = fake_evaluation([0.5, 0.4, 0.4]), []
+
+    def evaluate_and_note_the_weights(model, *args, **kw):
+        seen.append(torch.cat([p.detach().flatten() for p in model.parameters()]).clone())
+        return evaluate(model, *args, **kw)
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate_and_note_the_weights)
+    run = train(tiny_config(tiny_dataset, tmp_path / "run", epochs=3), progress=False)
+    assert load_checkpoint(run / "best.pt")["run_state"]["epoch"] == 2
+    best, last = (torch.cat([w.flatten() for w in weights(run, name).values()]) for name in ("best.pt", "last.pt"))
+    assert len(seen) == 5 and not torch.equal(best, last)
+    assert torch.equal(seen[3], best) and torch.equal(seen[4], best)  # centre, then 10-crop
+    assert torch.equal(seen[1], best) and torch.equal(seen[2], last)  # the epochs' own evaluations
+    assert checkpoint_file(run) == run / "best.pt"
+    (run / "best.pt").unlink()
+    assert checkpoint_file(run) == run / "last.pt"
+
+
+def test_the_runs_pixel_statistics_follow_its_mean_scale_and_pca_options(tiny_dataset, tmp_path, monkeypatch):
+    """What the run trains with (kept in last.pt): the paper's mean image, 0-255 inputs and the training
+    set's colour axes, or torchvision's mean colour and std and the ImageNet constants, as asked."""
+    import alexnet.train as train_module
+    from alexnet.augment import IMAGENET_EIGVAL, IMAGENET_STD
+
+    monkeypatch.setattr(train_module, "evaluate", fake_evaluation([0.5]))
+    options = {"paper": dict(scale="raw"), "torchvision": dict(mean="channel", scale="imagenet", pca="imagenet")}
+    stats = {
+        name: load_checkpoint(train(tiny_config(tiny_dataset, tmp_path / name, epochs=1, **o), progress=False))["stats"]
+        for name, o in options.items()
+    }
+    assert stats["paper"]["mean"].shape == (3, 72, 72) and torch.allclose(stats["paper"]["std"], torch.tensor(1 / 255))
+    assert not torch.allclose(stats["paper"]["eigval"], torch.tensor(IMAGENET_EIGVAL))  # this data's axes
+    assert stats["torchvision"]["mean"].shape == (3, 1, 1)
+    assert torch.allclose(stats["torchvision"]["std"].flatten(), torch.tensor(IMAGENET_STD))
+    assert torch.allclose(stats["torchvision"]["eigval"], torch.tensor(IMAGENET_EIGVAL))
 
 
 def test_a_resumed_run_keeps_a_raised_epochs_and_its_data_moved(tiny_dataset, tmp_path, monkeypatch):

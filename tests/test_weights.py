@@ -302,6 +302,20 @@ def test_new_classes_replace_fc8_only(torchvision_file):
     model = build_model("torchvision", 1000)
     load_pretrained(model, read_pretrained(path, TrainConfig(preset="torchvision")), [str(i) for i in range(1000)])
     assert torch.equal(model.classifier[6].weight, net.classifier[6].weight)
+    # a source whose classes are known: as many classes but other ones, or the same ones reordered, is
+    # a new fc8 too (its rows would score the wrong classes); the same list in the same order is not
+    wnids = [f"n{i:08d}" for i in range(1000)]
+    pre = dataclasses.replace(read_pretrained(path, TrainConfig(preset="torchvision")), classes=wnids)
+    for classes in (wnids[::-1], wnids[:999] + ["n99999999"]):
+        model = build_model("torchvision", 1000)
+        fresh_fc8 = model.classifier[6].weight.detach().clone()
+        message = load_pretrained(model, pre, classes)
+        assert "fc8 new (1000 classes there, 1000 here)" in message
+        assert torch.equal(model.classifier[6].weight, fresh_fc8)
+        assert torch.equal(model.classifier[4].weight, net.classifier[4].weight)  # fc7 from the file
+    model = build_model("torchvision", 1000)
+    assert load_pretrained(model, pre, list(wnids)) == f"weights: all layers from {path}"
+    assert torch.equal(model.classifier[6].weight, net.classifier[6].weight)
 
 
 def test_freeze_features_keeps_them_while_training(torchvision_file, tiny_dataset, tmp_path):
