@@ -255,6 +255,27 @@ def test_the_runs_pixel_statistics_follow_its_mean_scale_and_pca_options(tiny_da
     assert torch.allclose(stats["torchvision"]["eigval"], torch.tensor(IMAGENET_EIGVAL))
 
 
+def test_metrics_hold_the_epochs_mean_loss_and_error_over_its_steps(tiny_dataset, tmp_path, monkeypatch):
+    """train_loss and train_top1_err: the sums each step returned, over the epoch's images."""
+    import alexnet.train as train_module
+
+    returned, real_call = [], step_module.TrainStep.__call__
+
+    def call(self, images, labels, *args, **kw):
+        loss_sum, correct = real_call(self, images, labels, *args, **kw)
+        returned.append((float(loss_sum), int(correct), len(labels)))
+        return loss_sum, correct
+
+    monkeypatch.setattr(step_module.TrainStep, "__call__", call)
+    monkeypatch.setattr(train_module, "evaluate", fake_evaluation([0.5]))
+    run = train(tiny_config(tiny_dataset, tmp_path / "run", epochs=1), progress=False)
+    (metrics,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    images = sum(n for _, _, n in returned)
+    assert images == 18 and len(returned) == 5
+    assert metrics["train_loss"] == pytest.approx(sum(loss for loss, _, _ in returned) / images, rel=1e-6)
+    assert metrics["train_top1_err"] == pytest.approx(1 - sum(c for _, c, _ in returned) / images, rel=1e-9)
+
+
 def test_a_resumed_run_keeps_a_raised_epochs_and_its_data_moved(tiny_dataset, tmp_path, monkeypatch):
     """config.json keeps what a resume changed, so that the resume command printed after a stop goes on
     with it; data given relative to one folder is found from another, and can be moved."""
