@@ -60,7 +60,7 @@ def write_atomic(path: Path, write: Any) -> None:
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     except OSError as e:
-        raise _failed_write(e, path) from e
+        raise failed_write(e, path) from e
     try:
         os.fchmod(fd, NEW_FILE_MODE)  # mkstemp makes 0600
         with os.fdopen(fd, "wb") as f:
@@ -71,13 +71,13 @@ def write_atomic(path: Path, write: Any) -> None:
         _fsync_dir(path.parent)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        cause = _os_error(e)
+        cause = os_error_of(e)
         if cause is not None:
-            raise _failed_write(cause, path) from e
+            raise failed_write(cause, path) from e
         raise
 
 
-def _os_error(e: BaseException | None) -> OSError | None:
+def os_error_of(e: BaseException | None) -> OSError | None:
     """The OSError behind `e`: torch.save reports a failed write (ENOSPC) as a RuntimeError of its own."""
     while e is not None:
         if isinstance(e, OSError) and e.errno is not None:
@@ -86,7 +86,7 @@ def _os_error(e: BaseException | None) -> OSError | None:
     return None
 
 
-def _failed_write(e: OSError, path: Path) -> OSError:
+def failed_write(e: OSError, path: Path) -> OSError:
     """The error of a failed write, naming the file meant (not its temporary) and what was kept."""
     kept = f"the previous {path.name} is unchanged" if path.exists() else f"{path.name} was not written"
     return OSError(e.errno, f"{e.strerror}; {kept}", str(path))

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment import center_batch, crop_offsets
-from .checkpoint import FORMAT, NEW_FILE_MODE, check_out
+from .checkpoint import FORMAT, NEW_FILE_MODE, check_out, failed_write, os_error_of
 from .data import ImageDataset, make_loader
 from .errors import UserError
 from .stopping import held
@@ -123,16 +123,14 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, input_s
             if mean_file is not None:
                 os.replace(mean_tmp, mean_file)
             os.replace(graph_tmp, out)
-    except OSError as e:
-        raise OSError(e.errno, f"{e.strerror}; {_kept(out)}", str(out)) from e
+    except Exception as e:
+        if (cause := os_error_of(e)) is None:  # torch.jit.save reports a full disk as a RuntimeError
+            raise
+        raise failed_write(cause, out) from e
     finally:
         graph_tmp.unlink(missing_ok=True)
         mean_tmp.unlink(missing_ok=True)
     return out
-
-
-def _kept(out: Path) -> str:
-    return f"the previous {out.name} is unchanged" if out.exists() else f"{out.name} was not written"
 
 
 def _write_graph(model: torch.nn.Module, ckpt: dict[str, Any], fmt: str, path: Path, size: int, meta: str) -> None:

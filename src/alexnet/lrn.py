@@ -188,6 +188,14 @@ def _run(kernels: str, backward: bool, args: tuple, towers: int, fall_back: bool
     raise AssertionError("unreachable: the eager formulas run or raise")
 
 
+def with_strides_of(like: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`t` in empty_like(like)'s strides (`like`'s own for a dense tensor), copied only where they differ.
+    The Triton kernels index x and grad with one set of strides; the operator below returns what its fake
+    kernels promise, which torch.compile plans its graph by (the Triton kernels give NCHW for a permuted
+    x, the formulas' backward the layout of grad)."""
+    return t if t.stride() == like.stride() else torch.empty_like(like, dtype=t.dtype).copy_(t)
+
+
 # One operator for both directions, whichever kernels run them: autograd sees one node that saves only
 # x, and torch.compile keeps it whole, so a compiled model still runs LRN in the Triton kernels.
 
@@ -196,7 +204,7 @@ def _run(kernels: str, backward: bool, args: tuple, towers: int, fall_back: bool
 def _lrn_op(
     x: torch.Tensor, size: int, scale: float, k: float, beta: float, towers: int, kernels: str, fall_back: bool
 ) -> torch.Tensor:
-    return _strided_like(x, _run(kernels, False, (x, size, scale, k, beta), towers, fall_back))
+    return with_strides_of(x, _run(kernels, False, (x, size, scale, k, beta), towers, fall_back))
 
 
 @torch.library.custom_op("alexnet::local_response_norm_backward", mutates_args=())
@@ -211,17 +219,7 @@ def _lrn_backward_op(
     kernels: str,
     fall_back: bool,
 ) -> torch.Tensor:
-    return _strided_like(x, _run(kernels, True, (x, grad, size, scale, k, beta), towers, fall_back))
-
-
-def _strided_like(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """`out` in the strides the fake kernels below promise, empty_like(x)'s: torch.compile plans its
-    graph by them. The kernels can return others: the Triton ones NCHW for a permuted x, the formulas'
-    backward the layout of grad."""
-    if out.stride() == x.stride():  # a dense x: what empty_like gives
-        return out
-    like = torch.empty_like(x, dtype=out.dtype)
-    return out if out.stride() == like.stride() else like.copy_(out)
+    return with_strides_of(x, _run(kernels, True, (x, grad, size, scale, k, beta), towers, fall_back))
 
 
 @_lrn_op.register_fake

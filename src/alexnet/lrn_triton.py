@@ -37,6 +37,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .lrn import with_strides_of
+
 # Tiles of pixels x channels; which is fastest depends on the GPU and the layer, so Triton times them
 # at the first call for each number of channels and memory layout, and keeps the best. Tiles that give
 # a thread more elements than `most` spill registers on an H100 (cuobjdump --dump-resource-usage).
@@ -311,11 +313,6 @@ def flat_layout(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     # then calls x contiguous whatever stride(3) is, and a pixel's step is stride(2)
     pixel_stride = x.stride(3) if w > 1 else x.stride(2)
     return x, (n * h * w, h * w, x.stride(0), pixel_stride, x.stride(1))
-
-
-def with_strides_of(like: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """`t` in `like`'s strides, copied only where they differ: the kernels index both with one set."""
-    return t if t.stride() == like.stride() else torch.empty_like(like, dtype=t.dtype).copy_(t)
 
 
 def rows_per_program(pixels: int) -> int:
