@@ -16,7 +16,7 @@ from alexnet.cli import main
 from alexnet.config import TrainConfig
 from alexnet.errors import UserError
 from alexnet.stopping import Interrupted
-from alexnet.train import train
+from alexnet.train import flat_loss_warning, train
 
 # Small and quick: the paper network at a reduced input, few images. Still the real training loop.
 TINY = dict(preset="torchvision", batch_size=4, image_size=72, crop=64, workers=0, log_every=1)
@@ -388,3 +388,19 @@ def test_learns_on_real_images(imagenette_ci, tmp_path):
     print(result)
     assert result["images"] > 900
     assert result["top1_err"] < 0.85 and result["top5_err"] < 0.42 and result["loss"] < math.log(10) - 0.05, result
+
+
+def test_flat_loss_warning_is_for_a_loss_within_3_percent_of_chance():
+    chance = math.log(10)
+    assert "stayed at chance (ln 10 = 2.3026)" in flat_loss_warning(chance * 1.029, 10, 3)
+    assert "epoch 3's" in flat_loss_warning(chance * 0.971, 10, 3)
+    for loss in (chance * 0.96, chance * 1.04, 0.5, float("nan")):
+        assert flat_loss_warning(loss, 10, 1) is None, loss
+
+
+def test_an_epoch_whose_loss_stays_at_chance_says_so_in_one_line(tiny_dataset, tmp_path, capsys):
+    """A learning rate too small to move the weights: the loss stays at ln 3, and the run says so each epoch."""
+    train(tiny_config(tiny_dataset, tmp_path / "run", epochs=2, lr=1e-12), progress=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "stayed at chance" in line]
+    assert len(lines) == 2 and lines[0].startswith("warning: epoch 1's training loss"), lines
+    assert "try --init kaiming, or a lower --lr" in lines[0]

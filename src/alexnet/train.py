@@ -94,6 +94,18 @@ def diverged_hint(run_dir: Path, on_nan: str) -> str:
     )
 
 
+def flat_loss_warning(train_loss: float, num_classes: int, epoch: int) -> str | None:
+    """One line for an epoch whose mean training loss stayed within 3% of ln(classes), the loss of a
+    uniform guess: the network is not learning (docs/learning.md: why, and what fixes it)."""
+    chance = math.log(num_classes)
+    if not abs(train_loss - chance) <= 0.03 * chance:
+        return None
+    return (
+        f"warning: epoch {epoch}'s training loss {train_loss:.4f} stayed at chance (ln {num_classes} = {chance:.4f}):"
+        " the network is not learning; try --init kaiming, or a lower --lr (see docs/learning.md)"
+    )
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -567,6 +579,8 @@ def _train(
                 f"{val.top1_err:.4f}, top-5 err {val.top5_err:.4f}, {record['images_per_s']:.0f} img/s, "
                 f"lr {record['lr']:.2g}"
             )
+            if flat := flat_loss_warning(record["train_loss"], num_classes, epoch + 1):
+                say(flat)
             improved = val.top1_err < state.best_top1_err
             best_epoch = epoch + 1 if improved else state.best_epoch
             state = RunState(
