@@ -30,13 +30,15 @@ from alexnet.step import TrainStep, decay_groups, make_optimizer
 # name -> changes to the base config (the paper preset's recipe as the paper gives it)
 VARIANTS = {
     "paper": {},
-    "paper, fc biases 0": {"fc_bias": 0.0},
-    "paper, conv biases 0": {"conv_bias": 0.0},
-    "paper, lr 0.001": {"lr": 0.001},
-    "paper, inputs /std": {"scale": "imagenet"},
+    "paper + fc biases 0": {"fc_bias": 0.0},
+    "paper + conv biases 0": {"conv_bias": 0.0},
+    "paper + lr 0.001": {"lr": 0.001},
+    "paper + inputs / std": {"scale": "imagenet"},
     "caffe init": {"init": "caffe"},
     "kaiming init": {"init": "kaiming"},
-    "paper, batch 512": {"batch_size": 512, "steps": 12},  # the GPU runs' batch; 4x a step's time here
+    "kaiming + inputs / std": {"init": "kaiming", "scale": "imagenet"},
+    "default init + inputs / std": {"init": "default", "scale": "imagenet"},
+    "paper + batch 512": {"batch_size": 512, "steps": 8},  # the GPU runs' batch; 4x a step's time here
 }
 
 
@@ -92,7 +94,7 @@ def run_variant(name: str, change: dict, base: TrainConfig, pool, stats_moments,
             modules[path].register_forward_hook(lambda m, i, o, layer=layer: acts.__setitem__(layer, o.detach()))
     logits_rms: list[float] = []
     modules[model.taps["fc8"]].register_forward_hook(
-        lambda m, i, o: logits_rms.append(float(o.float().pow(2).mean().sqrt()))
+        lambda m, i, o: logits_rms.append(float(o.detach().float().pow(2).mean().sqrt()))
     )
     layers = model.named_layers()
     rows, gen = [], torch.Generator().manual_seed(1)
@@ -173,14 +175,17 @@ def main() -> None:
     base = TrainConfig(data=args.data, preset=args.preset, init="paper")
     pool = load_pool(args.data, args.pool, base.image_size, 2)
     mean_image, cov = moments(pool[0])
-    rows = []
+    # variants already measured (a previous run into the same --out) are kept, not measured again
+    done = out / "collapse.jsonl"
+    rows = [json.loads(line) for line in done.read_text().splitlines()] if done.is_file() else []
     for name in args.variants.split(","):
+        if any(r["variant"] == name for r in rows):
+            continue
         rows += run_variant(name, dict(VARIANTS[name]), base, pool, (mean_image, cov), args.steps, args.every)
-        (out / "collapse.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        table = summary(rows)
-        (out / "collapse.md").write_text(table + "\n")
+        done.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (out / "collapse.md").write_text(summary(rows) + "\n")
         plot(rows, out / "collapse.png", pool[2])
-    print(table)
+    print(summary(rows))
 
 
 if __name__ == "__main__":

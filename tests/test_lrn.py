@@ -343,3 +343,23 @@ def test_compiling_lrn_on_a_machine_without_cuda_prints_nothing(tmp_path) -> Non
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}  # a cold cache: the C++ build runs
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_the_compiled_kernels_are_compiled_once_for_every_shape():
+    """Training on the CPU compiles LRN's forward and backward once each per process, whatever the shapes
+    that come (lrn1's, lrn2's, a smaller last batch), not once a shape (12-33 s each on 2 cores)."""
+    from torch._dynamo.utils import counters
+
+    import alexnet.lrn as lrn_module
+
+    torch._dynamo.reset()
+    lrn_module._compiled.cache_clear()
+    counters.clear()
+    for towers, graphs in [(2, 2), (1, 4)]:  # 1 tower has no tower axis: graphs of another rank
+        for shape in [(3, 8, 5, 5), (2, 8, 5, 5), (3, 16, 4, 4), (2, 4, 3, 7)]:
+            x = torch.rand(shape, requires_grad=True)
+            y = LocalResponseNorm(PAPER_LRN, kernels="compiled", towers=towers)(x)
+            y.backward(torch.ones_like(y))
+            want = torch.cat([naive_lrn(t, 5, 1e-4, 2.0, 0.75) for t in x.detach().chunk(towers, 1)], 1)
+            torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-6)
+        assert counters["stats"]["unique_graphs"] == graphs, (towers, dict(counters["stats"]))

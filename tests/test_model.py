@@ -12,9 +12,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from alexnet.config import TrainConfig
 from alexnet.errors import UserError
 from alexnet.lrn import PAPER_LRN, LocalResponseNorm, tensorflow_lrn
-from alexnet.model import CeilConv2d, GroupedConv2d, block_diagonal, build_model, layer_table
+from alexnet.model import PRESETS, CeilConv2d, GroupedConv2d, block_diagonal, build_model, layer_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small tensor ops: threads only contend
 
@@ -406,8 +407,9 @@ def _check_normal(t: torch.Tensor, std: float, name: str) -> None:
     assert abs(t.std().item() / std - 1) < max(6 / math.sqrt(2 * n), 1e-3), name
 
 
-def test_paper_init(paper: nn.Module) -> None:
-    layers = paper.named_layers()
+def test_paper_init() -> None:
+    torch.manual_seed(0)
+    layers = build_model("paper", init="paper").named_layers()
     assert set(layers) == {"conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"}
     for name, layer in layers.items():
         _check_normal(layer.weight.detach(), 0.01, name)
@@ -431,13 +433,23 @@ def test_caffe_init() -> None:
 
 
 def test_seed_init_fc8_bias_one() -> None:
-    layers = build_model("seed").named_layers()
+    layers = build_model("seed", init="paper").named_layers()
     for name in ("conv2", "conv4", "conv5", "fc6", "fc7", "fc8"):
         assert torch.equal(layers[name].bias, torch.ones_like(layers[name].bias)), name
     for name in ("conv1", "conv3"):
         assert torch.equal(layers[name].bias, torch.zeros_like(layers[name].bias)), name
     _check_normal(layers["conv1"].weight.detach(), 0.01, "conv1")
     _check_normal(layers["fc8"].weight.detach(), 0.01, "fc8")
+
+
+@pytest.mark.parametrize("preset, init", [("paper", "kaiming"), ("seed", "kaiming"), ("torchvision", "default")])
+def test_each_preset_defaults_to_an_initialisation_that_learns(preset: str, init: str) -> None:
+    """The paper's N(0, 0.01) with biases of 1 blows up and stays at chance (docs/learning.md): the paper and
+    seed presets default to He-normal; `alexnet info` says so."""
+    assert PRESETS[preset].default_init == init
+    assert TrainConfig(preset=preset).resolved().init == init
+    if init == "kaiming":
+        assert any("--init kaiming" in note and "--init paper" in note for note in PRESETS[preset].notes)
 
 
 def test_kaiming_init() -> None:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from alexnet.augment import make_pixel_stats, train_batch
-from alexnet.bench import Measure, format_table, run_benchmark
+from alexnet.bench import Measure, format_table, plain_twin, run_benchmark
 from alexnet.data import EpochBatches, rank_share
 from alexnet.errors import UserError
 from alexnet.model import build_model
@@ -112,10 +112,13 @@ def test_benchmark_measures_against_the_torchvision_baseline(tmp_path, tiny_data
     prepared = tmp_path / "prepared"
     prepare_dataset(tiny_dataset, prepared, workers=0, progress=False)
     results, settings = run_benchmark("paper", 2, "cpu", data=str(prepared), steps=1, warmup=1, rounds=2)
-    assert [m.name for m in results] == ["torchvision fp32 eager", "paper model-only", "paper end-to-end"]
+    names = ["torchvision fp32 eager", "plain eager twin", "paper model-only", "paper end-to-end"]
+    assert [m.name for m in results] == names
     assert all(m.images_per_s > 0 and len(m.rounds) == 2 for m in results)
     table = format_table(results, settings)
     assert "precision fp32" in table and "1.00x" in table.splitlines()[2]
+    twin, ours = results[1].images_per_s, results[2].images_per_s
+    assert table.splitlines()[4].split()[4] == f"{ours / twin:.2f}x"  # model-only against the twin
     with pytest.raises(UserError, match="not a prepared dataset"):
         run_benchmark("paper", 2, "cpu", data=str(tiny_dataset))
     with pytest.raises(UserError, match="18 training images, fewer than one batch of 32"):
@@ -126,6 +129,22 @@ def test_benchmark_measures_against_the_torchvision_baseline(tmp_path, tiny_data
     # without the baseline, no ratio: not even for the torchvision preset's own first row
     alone = format_table([Measure("torchvision model-only", 10.0, [10.0])], settings)
     assert alone.splitlines()[2].split()[3] == "-"
+
+
+@pytest.mark.parametrize("preset", ["paper", "seed"])
+def test_the_plain_twin_is_the_presets_network(preset):
+    """The benchmark's second baseline computes what the preset computes, from the same parameters."""
+    torch.manual_seed(0)
+    ours, twin = build_model(preset, 10, init="kaiming").eval(), plain_twin(preset, 10).eval()
+    mine, its = list(ours.parameters()), list(twin.parameters())
+    assert [p.shape for p in mine] == [p.shape for p in its]
+    with torch.no_grad():
+        for a, b in zip(its, mine, strict=True):
+            a.copy_(b)
+        x = torch.randn(2, 3, 224, 224) * 60  # the paper's raw 0-255 scale: LRN's terms matter
+        expected = ours(x)
+        assert expected.abs().max() > 0.1
+        torch.testing.assert_close(twin(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
 def test_benchmark_measures_other_lrn_kernels_where_asked(monkeypatch):

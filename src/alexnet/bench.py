@@ -3,6 +3,9 @@
 Measured, each in rounds that alternate between the candidates (so that a noisy machine slows all of
 them alike), the median round reported:
   torchvision fp32 eager  torchvision.models.alexnet, fp32, NCHW, SGD, on ready float tensors: the baseline
+  plain eager twin        the preset's own network written in plain eager PyTorch (nn.Conv2d(groups=2),
+                          nn.LocalResponseNorm, nn.MaxPool2d; `plain_twin`), the same way: the fair
+                          baseline for the paper and seed presets, whose network is not torchvision's
   model-only              this project's TrainStep (augmentation from uint8 256x256, forward, backward,
                           SGD) in the chosen precision and layout, on images already in memory; on one
                           GPU replayed from a CUDA graph, as `alexnet train` does (--no-cuda-graphs: not)
@@ -13,6 +16,7 @@ model.py's fuse_lrn): a candidate against the same baseline, before it may becom
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -20,15 +24,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .augment import make_pixel_stats
 from .errors import UserError
 from .lrn import KERNELS, LocalResponseNorm
-from .model import PRESETS, build_model
+from .model import PRESETS, build_model, feature_side
 from .prepared import PreparedLoader, is_prepared, open_prepared
 from .step import TrainStep, make_optimizer, resolve_channels_last, resolve_cuda_graphs, resolve_precision, tune_for
 
 BASELINE = "torchvision fp32 eager"  # the row the others are measured against
+TWIN = "plain eager twin"  # the preset's network in plain PyTorch: the second baseline
 
 
 @dataclass
@@ -52,11 +58,45 @@ def _timed(step: Callable[[], object], steps: int, batch: int, device: torch.dev
     return steps * batch / (time.perf_counter() - start)
 
 
-def torchvision_step(batch: int, device: torch.device, num_classes: int = 1000) -> Callable[[], object]:
-    """The baseline: torchvision's AlexNet in fp32 eager mode, the plain loop of its reference script."""
-    from torchvision.models import alexnet
+class TowerLRN(nn.Module):
+    """nn.LocalResponseNorm on each tower's channels alone, as the paper's two GPUs normalised theirs."""
 
-    model = alexnet(num_classes=num_classes).to(device).train()
+    def __init__(self, towers: int, *args: float) -> None:
+        super().__init__()
+        self.towers, self.lrn = towers, nn.LocalResponseNorm(*args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.lrn(t) for t in x.chunk(self.towers, dim=1)], dim=1)
+
+
+def plain_twin(preset: str, num_classes: int = 1000) -> nn.Sequential:
+    """`build_model(preset)`'s network at 224x224 in plain PyTorch modules: the same function, with the same
+    parameters in the same order (tests/test_step.py loads one's into the other and compares outputs)."""
+    p = PRESETS[preset]  # as build_model builds it by default: the paper's LRN within each tower
+    layers: list[nn.Module] = []
+    side, in_ch = p.input_size, 3
+    for i, c in enumerate(p.convs):
+        if i == 0 and p.ceil_conv1:  # cuda-convnet's output size: zero rows and columns past the far edges
+            extra = (math.ceil((side - c.kernel) / c.stride)) * c.stride + c.kernel - side
+            layers.append(nn.ZeroPad2d((0, extra, 0, extra)))
+        layers += [nn.Conv2d(in_ch, c.out, c.kernel, c.stride, c.pad, groups=c.groups), nn.ReLU(inplace=True)]
+        if c.lrn:  # PyTorch's alpha is divided by the window's size
+            args = (p.lrn.size, p.lrn.scale * p.lrn.size, p.lrn.beta, p.lrn.k)
+            layers.append(TowerLRN(p.lrn_towers, *args) if p.lrn_towers > 1 else nn.LocalResponseNorm(*args))
+        if c.pool:
+            layers.append(nn.MaxPool2d(3, 2))
+        in_ch = c.out
+    layers += [nn.AdaptiveAvgPool2d(6) if p.adaptive_pool else nn.Identity(), nn.Flatten()]
+    widths = [in_ch * feature_side(p, p.input_size) ** 2, p.hidden, p.hidden]
+    for j in range(2):
+        hidden = [nn.Linear(widths[j], widths[j + 1]), nn.ReLU(inplace=True)]
+        layers += [nn.Dropout(0.5), *hidden] if p.dropout_first else [*hidden, nn.Dropout(0.5)]
+    return nn.Sequential(*layers, nn.Linear(p.hidden, num_classes))
+
+
+def eager_step(model: nn.Module, batch: int, device: torch.device, num_classes: int = 1000) -> Callable[[], object]:
+    """The plain loop of torchvision's reference script: fp32, NCHW, eager, SGD, on ready float tensors."""
+    model = model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x = torch.randn(batch, 3, 224, 224, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)
@@ -68,6 +108,13 @@ def torchvision_step(batch: int, device: torch.device, num_classes: int = 1000) 
         optimizer.step()
 
     return step
+
+
+def torchvision_step(batch: int, device: torch.device, num_classes: int = 1000) -> Callable[[], object]:
+    """The baseline: torchvision's AlexNet in fp32 eager mode."""
+    from torchvision.models import alexnet
+
+    return eager_step(alexnet(num_classes=num_classes), batch, device, num_classes)
 
 
 def project_step(
@@ -141,6 +188,8 @@ def run_benchmark(
     candidates: dict[str, Callable[[], object]] = {}
     if baseline:
         candidates[BASELINE] = torchvision_step(batch, device)
+        if PRESETS[preset].lrn is not None:  # torchvision's own preset: its twin is the baseline
+            candidates[TWIN] = eager_step(plain_twin(preset), batch, device)
     candidates[f"{preset} model-only"] = lambda: ours(images, labels)
     if split is not None:
         pin = device.type == "cuda"
@@ -185,11 +234,14 @@ def run_benchmark(
 
 
 def format_table(results: list[Measure], settings: dict[str, str]) -> str:
+    """One row a candidate: images/s, and its ratio to the baseline and to the preset's plain twin."""
     base = results[0].images_per_s if results[0].name == BASELINE else None
+    twin = next((m.images_per_s for m in results if m.name == TWIN), None)
     lines = [", ".join(f"{k} {v}" for k, v in settings.items())]
-    lines.append(f"{'candidate':<28} {'images/s':>10} {'vs baseline':>12}  rounds")
+    lines.append(f"{'candidate':<28} {'images/s':>10} {'vs baseline':>12} {'vs twin':>8}  rounds")
     for m in results:
         ratio = f"{m.images_per_s / base:.2f}x" if base else "-"
+        to_twin = f"{m.images_per_s / twin:.2f}x" if twin and m.name not in (BASELINE, TWIN) else "-"
         rounds = " ".join(f"{r:.0f}" for r in m.rounds)
-        lines.append(f"{m.name:<28} {m.images_per_s:>10.1f} {ratio:>12}  {rounds}")
+        lines.append(f"{m.name:<28} {m.images_per_s:>10.1f} {ratio:>12} {to_twin:>8}  {rounds}")
     return "\n".join(lines)

@@ -148,7 +148,19 @@ def _fused_backward(
 def _compiled(fn):  # compiled on first use only: importing the package stays fast
     if not torch.cuda.is_available():  # inductor's C++ build looks for CUDA even for CPU kernels, and says so
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    return torch.compile(fn)
+    # dynamic: one kernel for every shape. Specialised, each new one (lrn1's and lrn2's, an epoch's smaller
+    # last batch) is compiled again, 12-33 s each on 2 CPU cores. No "duck" shapes: by default, sizes equal
+    # at the first call (a batch of 128 and conv2's 128 maps a tower) are assumed equal ever after.
+    from torch.fx.experimental import _config as shapes_config
+
+    compiled = torch.compile(fn, dynamic=True)
+
+    @functools.wraps(fn)
+    def run(*args):
+        with shapes_config.patch(use_duck_shape=False):
+            return compiled(*args)
+
+    return run
 
 
 # Where one cannot run, the next is used. "triton-band" is a candidate, measured against "triton" by

@@ -48,6 +48,14 @@ class Preset:
     notes: tuple[str, ...]  # how the preset departs from the paper, for `alexnet info`
 
 
+# The paper's initialisation, N(0, 0.01) weights and biases of 1, blows up in the first steps and leaves a
+# flat loss (docs/learning.md, benchmarks/collapse.py): the presets that have it default to one that learns.
+KAIMING_NOTE = (
+    "initialisation: He-normal convolutions, N(0, 0.01) fully connected layers, zero biases (--init kaiming), "
+    "not the paper's N(0, 0.01) with biases of 1, whose loss blows up in the first steps and then stays at "
+    "chance, the fully connected ReLUs dead (docs/learning.md); --init paper gives the paper's"
+)
+
 PAPER = Preset(
     name="paper",
     convs=(
@@ -65,8 +73,9 @@ PAPER = Preset(
     dropout_first=False,
     adaptive_pool=False,
     bias_one=("conv2", "conv4", "conv5", "fc6", "fc7"),
-    default_init="paper",
+    default_init="kaiming",
     notes=(
+        KAIMING_NOTE,
         "224x224 input: conv1 uses cuda-convnet's output size 1 + ceil((224 - 11) / 4) = 55, "
         "i.e. 3 zero pixels past the right and bottom edges; 227x227 input needs no padding",
         "LRN as printed in the paper: s = alpha = 1e-4 (cuda-convnet divides alpha by 5)",
@@ -92,9 +101,10 @@ SEED = Preset(
     dropout_first=False,
     adaptive_pool=False,
     bias_one=("conv2", "conv4", "conv5", "fc6", "fc7", "fc8"),
-    default_init="paper",
+    default_init="kaiming",
     notes=(
         "literal to the seed README's layer list, not to the paper:",
+        KAIMING_NOTE,
         "pooling after conv2 and conv3 (paper: after conv1, conv2, conv5), so fc6 sees 384x13x13",
         "conv5 has 384 outputs (paper: 256); fc6 and fc7 have 4098 units (paper: 4096)",
         "LRN in TensorFlow's convention: depth_radius 5 = an 11-channel window, alpha not divided, "
