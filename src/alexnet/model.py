@@ -53,7 +53,7 @@ class Preset:
 KAIMING_NOTE = (
     "initialisation: He-normal convolutions, N(0, 0.01) fully connected layers, zero biases (--init kaiming), "
     "not the paper's N(0, 0.01) with biases of 1, whose loss blows up in the first steps and then stays at "
-    "chance, the fully connected ReLUs dead (docs/learning.md); --init paper gives the paper's"
+    "chance, the fully connected ReLUs dead (docs/learning.md); --init paper gives the paper's own"
 )
 
 PAPER = Preset(
@@ -134,11 +134,14 @@ TORCHVISION = Preset(
     dropout_first=True,
     adaptive_pool=True,
     bias_one=(),
-    default_init="default",
+    default_init="kaiming",
     notes=(
         "torchvision.models.alexnet: Krizhevsky's 2014 'one weird trick' variant, not the 2012 paper",
         "64-192-384-256-256 channels, no LRN, no groups, adaptive average pooling to 6x6",
-        "dropout before fc6 and fc7 instead of after; PyTorch's default initialisation",
+        "dropout before fc6 and fc7 instead of after",
+        "initialisation: He-normal convolutions, N(0, 0.01) fully connected layers, zero biases (--init kaiming), "
+        "not PyTorch's default, torchvision's, whose logits start 15x smaller and whose loss stays at chance "
+        "for the first epochs (docs/learning.md); --init default gives torchvision's",
     ),
 )
 
