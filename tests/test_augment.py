@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 
-from alexnet.augment import (
+from alexnet.data.augment import (
     IMAGENET_EIGVAL,
     IMAGENET_EIGVEC,
     IMAGENET_STD,
@@ -20,7 +20,7 @@ from alexnet.augment import (
     ten_crop_batch,
     train_batch,
 )
-from alexnet.data import ImageDataset, image_moments, make_loader, open_split
+from alexnet.data.folders import ImageDataset, image_moments, make_loader, open_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small tensor ops: threads only contend
 
@@ -317,7 +317,7 @@ def test_make_pixel_stats_mean_and_scale() -> None:
 @pytest.mark.parametrize("per_pixel", [True, False])
 def test_gpu_gather_and_cpu_slicing_crop_alike(per_pixel):
     """train_batch crops by one gather on CUDA and by slicing on the CPU: both must give the same pixels."""
-    from alexnet.augment import _crops_by_gather, _crops_by_slicing
+    from alexnet.data.augment import _crops_by_gather, _crops_by_slicing
 
     g = torch.Generator().manual_seed(3)
     images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8, generator=g)

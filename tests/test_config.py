@@ -8,11 +8,11 @@ import dataclasses
 import pytest
 import torch
 
-from alexnet.config import TrainConfig
 from alexnet.errors import UserError
-from alexnet.lrn import LocalResponseNorm
-from alexnet.model import build_model
-from alexnet.step import decay_groups, make_optimizer
+from alexnet.model.lrn import LocalResponseNorm
+from alexnet.model.net import build_model
+from alexnet.train.config import TrainConfig
+from alexnet.train.step import decay_groups, make_optimizer
 
 
 def test_defaults_are_the_papers_recipe() -> None:

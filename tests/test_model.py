@@ -13,8 +13,8 @@ import torchvision
 from torch import nn
 
 from alexnet.errors import UserError
-from alexnet.lrn import PAPER_LRN, LocalResponseNorm, tensorflow_lrn
-from alexnet.model import CeilConv2d, GroupedConv2d, block_diagonal, build_model, layer_table
+from alexnet.model.lrn import PAPER_LRN, LocalResponseNorm, tensorflow_lrn
+from alexnet.model.net import CeilConv2d, GroupedConv2d, block_diagonal, build_model, layer_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small tensor ops: threads only contend
 
@@ -598,7 +598,7 @@ def test_lrn_joins_the_bias_and_relu_before_it_where_it_runs_in_triton(monkeypat
     """With fuse_lrn (off by default: slower on an H200), conv1 and conv2's bias, ReLU and LRN as one
     operation (bias_relu_lrn) where the bias and ReLU run as one and the LRN's kernels are Triton's;
     not where a hook watches the LRN. The same values as the modules one by one."""
-    import alexnet.model as model_module
+    import alexnet.model.net as model_module
 
     calls = []
 
@@ -646,7 +646,7 @@ def test_bias_and_relu_run_as_one_operation_unless_a_hook_watches(monkeypatch) -
     """bias_relu="triton" (CUDA's default): each convolution runs without its bias and hands it, with
     its output, to bias_relu.bias_relu; except where a hook watches the convolution or its ReLU (a
     feature tap), and under export. The same values as the modules one by one (the CPU's default)."""
-    import alexnet.model as model_module
+    import alexnet.model.net as model_module
 
     calls = []
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
-from .config import RESUMABLE_OVERRIDES, SCHEDULES, TrainConfig
 from .errors import UserError, one_line
-from .model import INITS, PRESETS, build_model, input_size_error, layer_table
+from .model.net import INITS, PRESETS, build_model, input_size_error, layer_table
+from .train import distributed
+from .train.config import RESUMABLE_OVERRIDES, SCHEDULES, TrainConfig
 
 DEMO_DATA = "alexnet-demo-data"
 # The demo: a few minutes on a laptop CPU, the paper's network and recipe otherwise.
@@ -114,8 +114,8 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .distributed import restarted_by_torchrun
-    from .train import train
+    from .train.distributed import restarted_by_torchrun
+    from .train.loop import train
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     if not args.resume and restarted_by_torchrun() and Path(given.get("run_dir", ""), "config.json").is_file():
@@ -134,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(stored, **given, run_dir=str(run_dir))
     else:
         if "data" not in given:
-            from .synthetic import make_demo_dataset
+            from .data.synthetic import make_demo_dataset
 
             TrainConfig(**{**DEMO_SETTINGS, **given}).resolved()  # a bad option: said before rendering any image
             print(f"no --data: training on a synthetic demo dataset of rendered shapes in {DEMO_DATA}/", flush=True)
@@ -147,16 +147,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _device(name: str) -> torch.device:
-    from .train import pick_device
+    from .train.loop import pick_device
 
     return pick_device(name)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data import ImageDataset, make_loader, open_split
-    from .evaluate import check_finite, evaluate, none_readable, write_report
-    from .prepared import is_prepared, made_from
-    from .train import load_for_inference
+    from .data.folders import ImageDataset, make_loader, open_split
+    from .data.prepared import is_prepared, made_from
+    from .inspect.evaluate import check_finite, evaluate, none_readable, write_report
+    from .train.loop import load_for_inference
 
     if is_prepared(args.data):  # it holds pixels, not the class folders of images evaluate reads
         source = made_from(args.data)
@@ -187,10 +187,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .data import load_image
-    from .evaluate import class_probabilities
-    from .features import list_image_files
-    from .train import load_for_inference
+    from .data.folders import load_image
+    from .inspect.evaluate import class_probabilities
+    from .inspect.features import list_image_files
+    from .train.loop import load_for_inference
 
     device = _device(args.device)
     model, stats, ckpt = load_for_inference(args.checkpoint, device)
@@ -223,7 +223,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .prepare import check_dataset, prepare_dataset
+    from .data.prepare import check_dataset, prepare_dataset
 
     if not args.check:
         if not args.src:
@@ -262,7 +262,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import check_out
-    from .weights import convert
+    from .interop.weights import convert
 
     check_out(Path(args.out))
     print(f"wrote {convert(args.source, args.file, args.out, args.mean, args.classes)}")
@@ -270,8 +270,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint, max_abs_difference
-    from .features import list_image_files
+    from .inspect.features import list_image_files
+    from .interop.export import export_checkpoint, max_abs_difference
 
     images = list_image_files(args.check) if args.check else []  # a missing one: refused before the work
     out = export_checkpoint(args.checkpoint, args.format, args.out, args.input_size)
@@ -287,8 +287,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_features(args: argparse.Namespace) -> int:
     from .checkpoint import check_out
-    from .features import check_layers, extract_samples, label_of, list_image_files, write_features
-    from .train import load_for_inference
+    from .inspect.features import check_layers, extract_samples, label_of, list_image_files, write_features
+    from .train.loop import load_for_inference
 
     out = Path(args.out)
     if out.suffix not in (".npz", ".npy"):
@@ -317,7 +317,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
-    from .figures import make_figures
+    from .inspect.figures import make_figures
 
     options = (args.neighbour_images, args.batch_size, args.workers, args.device, not args.no_progress)
     written = make_figures(args.run_dir, args.data, args.out, *options)
@@ -327,7 +327,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from .bench import format_table, run_benchmark
+    from .inspect.bench import format_table, run_benchmark
 
     results, settings = run_benchmark(
         args.preset,
@@ -422,8 +422,8 @@ def build_parser() -> Parser:
     p.add_argument("--input-size", type=at_least(1), help="the input size of the table (default: the preset's)")
     p.set_defaults(func=cmd_info)
 
-    from .export import FORMATS
-    from .weights import SOURCES
+    from .interop.export import FORMATS
+    from .interop.weights import SOURCES
 
     p = sub.add_parser("convert", help="torchvision or Caffe (bvlc_alexnet) weights -> an alexnet checkpoint")
     p.add_argument("--from", dest="source", required=True, choices=SOURCES, help="format of FILE")
@@ -469,9 +469,9 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import loader_worker_death
+    from .data.folders import loader_worker_death
     from .stopping import Interrupted, Terminated, sigterm_unwinds
-    from .train import Diverged
+    from .train.loop import Diverged
 
     for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print as escapes, not a traceback
         if hasattr(stream, "reconfigure"):

@@ -21,9 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import distributed
-from .augment import PixelStats, make_pixel_stats
-from .checkpoint import (
+from ..checkpoint import (
     TMP_SUFFIX,
     RunLock,
     append_jsonl,
@@ -36,8 +34,8 @@ from .checkpoint import (
     write_atomic,
     write_text_atomic,
 )
-from .config import TrainConfig
-from .data import (
+from ..data.augment import PixelStats, make_pixel_stats
+from ..data.folders import (
     Batch,
     EpochBatches,
     ImageDataset,
@@ -49,11 +47,15 @@ from .data import (
     open_split,
     rank_share,
 )
+from ..data.prepared import PreparedLoader, is_prepared, open_prepared, read_manifest
+from ..errors import UserError
+from ..inspect.evaluate import evaluate, write_report
+from ..interop.export import read_safetensors
+from ..interop.weights import freeze_layers, load_pretrained, read_pretrained
+from ..stopping import StopSignals
+from . import distributed
+from .config import TrainConfig
 from .distributed import Ranks
-from .errors import UserError
-from .evaluate import evaluate, write_report
-from .export import read_safetensors
-from .prepared import PreparedLoader, is_prepared, open_prepared, read_manifest
 from .schedule import make_scheduler, scale_learning_rate, steps_each_iteration
 from .step import (
     TrainStep,
@@ -64,9 +66,7 @@ from .step import (
     resolve_precision,
     tune_for,
 )
-from .stopping import StopSignals
 from .tblog import TensorBoardLog
-from .weights import freeze_layers, load_pretrained, read_pretrained
 
 
 class Diverged(Exception):

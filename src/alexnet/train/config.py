@@ -8,9 +8,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .lrn import LRN_CONVENTIONS
-from .model import INITS, PRESETS, AlexNet, build_model, input_size_error
+from ..errors import UserError
+from ..model.lrn import LRN_CONVENTIONS
+from ..model.net import INITS, PRESETS, AlexNet, build_model, input_size_error
 from .step import PRECISIONS
 
 SCHEDULES = ("plateau", "inverse-time", "step", "cosine")
@@ -129,14 +129,14 @@ class TrainConfig:
             if PRESETS[c.preset].lrn is None:
                 raise UserError(f"the {c.preset} preset has no LRN layers; lrn does not apply to it")
         if c.freeze:
-            from .weights import parse_freeze  # here, not at the top: weights.py imports this module
+            from ..interop.weights import parse_freeze  # here, not at the top: weights.py imports this module
 
             parse_freeze(c.freeze)
         if not 0 < c.crop <= c.image_size:
             raise UserError(f"crop ({c.crop}) must be positive and at most image_size ({c.image_size})")
         if why := input_size_error(PRESETS[c.preset], c.crop):
             raise UserError(f"crop {c.crop}: {why}")
-        if not 0 <= c.seed < 2**32:  # each epoch's and step's seeds are made from it (data.py, train.py)
+        if not 0 <= c.seed < 2**32:  # each epoch's and step's seeds are made from it (data/folders.py, train/loop.py)
             raise UserError(f"seed must be in [0, 2**32), not {c.seed}")
         # paths from where the run was started, so that it resumes from any folder
         c.data = c.data and os.path.abspath(c.data)

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .augment import center_batch, crop_offsets
-from .checkpoint import FORMAT, NEW_FILE_MODE, check_out, failed_write, os_error_of
-from .data import ImageDataset, make_loader
-from .errors import UserError
-from .stopping import held
+from ..checkpoint import FORMAT, NEW_FILE_MODE, check_out, failed_write, os_error_of
+from ..data.augment import center_batch, crop_offsets
+from ..data.folders import ImageDataset, make_loader
+from ..errors import UserError
+from ..stopping import held
 
 FORMATS = ("onnx", "torchscript", "export", "safetensors")
 SUFFIXES = {".onnx": "onnx", ".pt2": "export", ".torchscript": "torchscript", ".safetensors": "safetensors"}
@@ -92,7 +92,7 @@ def check_input_size(model: torch.nn.Module, size: int) -> None:
 
 def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, input_size: int | None = None) -> Path:
     """Write `checkpoint` (a file or run directory) as `fmt` to `out`; returns `out`."""
-    from .train import load_for_inference  # here: train.py imports this module
+    from ..train.loop import load_for_inference  # here: train/loop.py imports this module
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -215,7 +215,7 @@ def load_exported(path: str | Path, fmt: str | None = None) -> Callable[[torch.T
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
             return torch.jit.load(str(path), map_location="cpu")
-    from .train import load_for_inference
+    from ..train.loop import load_for_inference
 
     return load_for_inference(path, torch.device("cpu"))[0]
 
@@ -231,8 +231,8 @@ def max_abs_difference(
     """(largest |export logits - PyTorch logits|, number of images compared, "path<TAB>reason" of the
     files skipped as unreadable) over image files or folders, `batch_size` images at a time: memory
     stays bounded however many images are given."""
-    from .features import list_image_files
-    from .train import load_for_inference
+    from ..inspect.features import list_image_files
+    from ..train.loop import load_for_inference
 
     files = list_image_files([str(p) for p in images])
     model, stats, ckpt = load_for_inference(checkpoint, torch.device("cpu"))

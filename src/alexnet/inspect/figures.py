@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .augment import PixelStats, crop_offsets
-from .checkpoint import read_jsonl, write_atomic
-from .data import load_image, open_split
-from .errors import UserError
+from ..checkpoint import read_jsonl, write_atomic
+from ..data.augment import PixelStats, crop_offsets
+from ..data.folders import load_image, open_split
+from ..errors import UserError
 from .evaluate import class_probabilities
 from .features import extract, extract_samples, filter_mosaic
 
@@ -285,7 +285,7 @@ def confusion_figure(counts: np.ndarray, names: list[str], path: Path) -> Path:
 def _image_folder(folder: str | None, given: bool, log) -> tuple[str | None, str | None]:
     """(the image folder to draw from, None) or (None, why there is none). A prepared dataset holds
     pixels only; the folder it was made from has the images, if it is still there."""
-    from .prepared import is_prepared, made_from
+    from ..data.prepared import is_prepared, made_from
 
     if folder is None or (not given and not Path(folder).is_dir()):
         return None, f"no data folder ({folder or 'none in config.json'}; give --data)"
@@ -313,7 +313,7 @@ def make_figures(
     """Write the figures of a run into `out` (default RUN_DIR/figures); returns the files written.
     A figure whose input is missing (no metrics yet, no final evaluation yet, no data, a prepared
     dataset whose image folder is gone) is skipped with a message through `log`."""
-    from .train import load_for_inference, pick_device
+    from ..train.loop import load_for_inference, pick_device
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():

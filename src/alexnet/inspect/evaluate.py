@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .augment import PixelStats, center_batch, ten_crop_batch
-from .checkpoint import write_text_atomic
-from .distributed import Ranks, sum_over_ranks
-from .errors import UserError
+from ..checkpoint import write_text_atomic
+from ..data.augment import PixelStats, center_batch, ten_crop_batch
+from ..errors import UserError
+from ..train.distributed import Ranks, sum_over_ranks
 
 
 @dataclass

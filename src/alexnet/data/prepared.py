@@ -5,7 +5,7 @@ epoch is a pass over one file per split instead of a million JPEG decodes:
 
   manifest.json         written last: a dataset is complete iff it exists (format, fmt, size, counts, classes)
   classes.tsv           index, wnid, name
-  stats.pt              {"mean_image", "covariance", "images"} of the training split, as train.py stores it
+  stats.pt              {"mean_image", "covariance", "images"} of the training split, as train/loop.py stores it
   bad.txt               source files that could not be decoded and were left out (path<TAB>reason)
   <split>_labels.npy    (N,) int64
   <split>_files.txt     the source file of each image, in order
@@ -13,8 +13,8 @@ epoch is a pass over one file per split instead of a million JPEG decodes:
   fmt "jpeg": <split>_jpegs.bin    the images re-encoded as JPEG, back to back
               <split>_offsets.npy  (N + 1,) int64: image i is bytes offsets[i]:offsets[i + 1]
 
-PreparedLoader turns a split into the same Batch objects the folder pipeline (data.py) yields, in the
-same order (EpochSampler), so train.py and augment.train_batch cannot tell the two paths apart: a
+PreparedLoader turns a split into the same Batch objects the folder pipeline (data/folders.py) yields, in the
+same order (EpochSampler), so train/loop.py and augment.train_batch cannot tell the two paths apart: a
 stored JPEG that no longer decodes is left out of its batch and named in the batch's `bad`, as the
 folder pipeline does with an unreadable file.
 """
@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Batch, EpochSampler, _one_line, rank_share
-from .errors import UserError
+from ..errors import UserError
+from .folders import Batch, EpochSampler, _one_line, rank_share
 
 FORMAT = "alexnet-prepared-1"
 MANIFEST = "manifest.json"

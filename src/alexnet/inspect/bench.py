@@ -8,7 +8,7 @@ them alike), the median round reported:
                           GPU replayed from a CUDA graph, as `alexnet train` does (--no-cuda-graphs: not)
   end-to-end              the same step fed by PreparedLoader from a prepared dataset (--data)
 --lrn-kernels and --fuse-lrn measure the step with other LRN kernels than the defaults (lrn.py's KERNELS,
-model.py's fuse_lrn): a candidate against the same baseline, before it may become a default.
+model/net.py's fuse_lrn): a candidate against the same baseline, before it may become a default.
 """
 
 from __future__ import annotations
@@ -21,12 +21,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .augment import make_pixel_stats
-from .errors import UserError
-from .lrn import KERNELS, LocalResponseNorm
-from .model import PRESETS, build_model
-from .prepared import PreparedLoader, is_prepared, open_prepared
-from .step import TrainStep, make_optimizer, resolve_channels_last, resolve_cuda_graphs, resolve_precision, tune_for
+from ..data.augment import make_pixel_stats
+from ..data.prepared import PreparedLoader, is_prepared, open_prepared
+from ..errors import UserError
+from ..model.lrn import KERNELS, LocalResponseNorm
+from ..model.net import PRESETS, build_model
+from ..train.step import (
+    TrainStep,
+    make_optimizer,
+    resolve_channels_last,
+    resolve_cuda_graphs,
+    resolve_precision,
+    tune_for,
+)
 
 BASELINE = "torchvision fp32 eager"  # the row the others are measured against
 
@@ -112,7 +119,7 @@ def run_benchmark(
     fuse_lrn: bool = False,
 ) -> tuple[list[Measure], dict[str, str]]:
     """Measure the candidates; returns them (baseline first) and the settings used."""
-    from .train import pick_device
+    from ..train.loop import pick_device
 
     device = pick_device(device_name)
     if lrn_kernels or fuse_lrn:

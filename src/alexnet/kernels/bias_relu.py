@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lrn_triton import flat_layout, with_strides_of
+from .lrn import flat_layout, with_strides_of
 
 ROWS = 512  # pixels per program: a fixed number, so that the partial sums of db have a known shape
 

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .augment import PixelStats, center_batch
-from .checkpoint import write_atomic
-from .data import ImageDataset, list_images, make_loader
-from .errors import UserError
+from ..checkpoint import write_atomic
+from ..data.augment import PixelStats, center_batch
+from ..data.folders import ImageDataset, list_images, make_loader
+from ..errors import UserError
 
 
 def check_layers(model: torch.nn.Module, layers: list[str]) -> None:

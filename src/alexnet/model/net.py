@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from .bias_relu import bias_relu, bias_relu_lrn
-from .errors import UserError
 from .lrn import LRN_CONVENTIONS, PAPER_LRN, LocalResponseNorm, LRNSpec, tensorflow_lrn
 from .pool import MaxPool2d
 

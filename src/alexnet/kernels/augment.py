@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .augment import PixelStats
+from ..data.augment import PixelStats
 
 
 @triton.autotune(configs=[triton.Config({"BLOCK_R": r}, num_warps=4) for r in (2, 4, 8)], key=["crop"])

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import warn_slower
+from ..errors import warn_slower
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ _UNUSABLE: dict[str, str] = {}  # kernels that failed here -> why, said once
 
 def _kernel(kernels: str, backward: bool, towers: int) -> Callable[..., torch.Tensor]:
     if kernels.startswith("triton"):
-        from . import lrn_triton  # Triton ships with PyTorch's CUDA wheels on Linux, not everywhere
+        from ..kernels import lrn as lrn_triton  # Triton ships with PyTorch's CUDA wheels on Linux, not everywhere
 
         fn = lrn_triton.backward if backward else lrn_triton.forward
         return functools.partial(fn, band=kernels == "triton-band", towers=towers)
@@ -253,7 +253,7 @@ class LocalResponseNorm(nn.Module):
     default, lets the window run across all of them, as Caffe's bvlc_alexnet and PyTorch's LRN do.
 
     `kernels`: what computes it, one of KERNELS:
-      "triton"    hand-written Triton kernels, one pass over memory each way (CUDA only: lrn_triton.py);
+      "triton"    hand-written Triton kernels, one pass over memory each way (CUDA only: kernels/lrn.py);
       "triton-band"  the same, the window's sums as products with a band matrix on tensor cores, each
                   pixel's channels loaded once (a candidate: 16-byte loads, 3 exps and logs where the
                   tile kernels take 10; not yet measured on a GPU; a NaN in x spreads to the 16-32

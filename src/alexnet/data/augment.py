@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import warn_slower
+from ..errors import warn_slower
 
 # Commonly used ImageNet constants (RGB, [0, 1]): REFERENCE.md section 4. The eigenvalues are those of
 # the RGB covariance in [0, 1] units, as the paper's formula uses them (the covariance of ImageNet-like
@@ -116,7 +116,7 @@ def train_batch(
     first..first+B of a larger batch of `total` images (a DDP rank's share): the numbers are drawn
     for all `total` and this share's are used, so the shares together equal the whole batch.
 
-    On CUDA the pixels are done in one Triton kernel (augment_triton.py), and the batch comes in
+    On CUDA the pixels are done in one Triton kernel (kernels/augment.py), and the batch comes in
     channels_last and of type `cuda_dtype`: computed in float32, stored in autocast's 16-bit type when
     training in it (the first convolution would cast it anyway; half the bytes written and read). On
     the CPU it is float32. `out`: a (B' >= B, 3, crop, crop) float tensor to reuse on the CPU; the batch
@@ -142,7 +142,7 @@ def train_batch(
         return _crops_by_slicing(images, stats, top, left, flip, crop, shift, out)
     if not _TRITON_FAILED:
         try:
-            from .augment_triton import train_crops  # Triton ships with PyTorch's CUDA wheels on Linux
+            from ..kernels.augment import train_crops  # Triton ships with PyTorch's CUDA wheels on Linux
 
             return train_crops(images, stats, top, left, flip, crop, shift, cuda_dtype)
         except torch.OutOfMemoryError:

@@ -2,7 +2,7 @@
 
 The paper's pools (3x3 windows, stride 2, so that windows overlap) are PyTorch's, and this class is
 nn.MaxPool2d with the same arguments, printout and (empty) state. What changes is how the training
-step computes them on CUDA: in pool_triton.py's kernels, which store where each window's maximum was
+step computes them on CUDA: in kernels/pool.py's kernels, which store where each window's maximum was
 as an int8 beside the output rather than PyTorch's int64 index, so the forward and the backward each
 move a fraction of the bytes. The values and gradients are PyTorch's, ties and NaNs included. The
 step also keeps less memory: PyTorch's pool holds on to its input and the int64 indices until the
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .errors import warn_slower
+from ..errors import warn_slower
 
 KERNELS = ("triton", "eager")
 _UNUSABLE: list[str] = []  # why the Triton kernels cannot run here, once they have failed
@@ -26,7 +26,7 @@ class _MaxPoolFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, size: int, stride: int) -> torch.Tensor:
-        from . import pool_triton  # Triton ships with PyTorch's CUDA wheels on Linux, not everywhere
+        from ..kernels import pool as pool_triton  # Triton ships with PyTorch's CUDA wheels on Linux, not everywhere
 
         y, where = pool_triton.forward(x, size, stride, save=True)
         ctx.save_for_backward(where)
@@ -36,7 +36,7 @@ class _MaxPoolFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # a second derivative would need a kernel of its own: say so rather than be wrong
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        from . import pool_triton
+        from ..kernels import pool as pool_triton
 
         (where,) = ctx.saved_tensors
         return pool_triton.backward(grad, where, ctx.input_shape, ctx.input_stride, ctx.size, ctx.stride), None, None
@@ -44,7 +44,7 @@ class _MaxPoolFunction(torch.autograd.Function):
 
 class MaxPool2d(nn.MaxPool2d):
     """nn.MaxPool2d(kernel_size, stride) with a choice of `kernels`, one of KERNELS:
-      "triton"  pool_triton.py's kernels: CUDA, 4-D input, square windows, no padding, dilation or
+      "triton"  kernels/pool.py's kernels: CUDA, 4-D input, square windows, no padding, dilation or
                 ceil mode;
       "eager"   PyTorch's own.
     None (the default): "triton" where it applies, else "eager"; where the Triton kernels cannot be
@@ -77,7 +77,7 @@ class MaxPool2d(nn.MaxPool2d):
         try:
             if torch.is_grad_enabled() and x.requires_grad:
                 return _MaxPoolFunction.apply(x, self.kernel_size, self.stride)
-            from . import pool_triton
+            from ..kernels import pool as pool_triton
 
             return pool_triton.forward(x, self.kernel_size, self.stride, save=False)[0]
         except torch.OutOfMemoryError:

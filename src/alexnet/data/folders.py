@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import stopping
-from .errors import UserError, first_line
+from .. import stopping
+from ..errors import UserError, first_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 ILSVRC_VAL_LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt")

@@ -44,11 +44,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import write_atomic, write_text_atomic
-from .data import Split, _one_line, listing, load_image, open_split
-from .errors import UserError, one_line
+from ..checkpoint import write_atomic, write_text_atomic
+from ..errors import UserError, one_line
+from ..stopping import StopSignals
+from .folders import Split, _one_line, listing, load_image, open_split
 from .prepared import FORMAT, MANIFEST, PreparedSplit, decode_jpegs, open_prepared, read_manifest, split_files
-from .stopping import StopSignals
 
 SPLITS = ("train", "val")
 PROGRESS = ".progress"  # prepared.is_prepared knows this name too
@@ -356,7 +356,7 @@ def _moment_sums(x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def _moments(sums: dict[str, torch.Tensor], count: int, size: int) -> dict:
-    """stats.pt as train.py stores it: data.image_moments' mean image and covariance, in [0, 1] units."""
+    """stats.pt as train/loop.py stores it: data.image_moments' mean image and covariance, in [0, 1] units."""
     n_pixels = count * size * size
     mean_rgb = sums["rgb"].double() / 255 / n_pixels
     covariance = sums["outer"].double() / 255**2 / n_pixels - torch.outer(mean_rgb, mean_rgb)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 # V1LayerParameter.LayerType values (caffe.proto), the ones a classification net uses. Layers are
 # matched by name, so a type missing here only means it is not listed when writing a file.

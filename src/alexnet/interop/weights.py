@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .augment import IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN, IMAGENET_STD, PixelStats
-from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
-from .config import TrainConfig
-from .errors import UserError
+from ..checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from ..data.augment import IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN, IMAGENET_STD, PixelStats
+from ..errors import UserError
+from ..model.lrn import LRN_CONVENTIONS, LRNSpec
+from ..model.net import PRESETS, AlexNet, build_model
+from ..train.config import TrainConfig
 from .export import read_safetensors
-from .lrn import LRN_CONVENTIONS, LRNSpec
-from .model import PRESETS, AlexNet, build_model
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")  # the layers with weights
 SOURCES = ("caffe", "caffe-npy", "torchvision")

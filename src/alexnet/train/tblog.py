@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .features import filter_mosaic
+from ..errors import UserError
+from ..inspect.features import filter_mosaic
 
 EPOCH_SCALARS = ("train_loss", "train_top1_err", "val_loss", "val_top1_err", "val_top5_err", "lr", "images_per_s")
 

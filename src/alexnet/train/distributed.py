@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import UserError, one_line
+from ..errors import UserError, one_line
 
 
 @dataclass(frozen=True)

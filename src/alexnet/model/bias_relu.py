@@ -3,10 +3,10 @@ and lrn(relu(x + bias)), the same with the LRN after them (conv1 and conv2 of th
 
 The model (model.AlexNet) computes each convolution without its bias and hands the bias here, where
 the layers are not being watched by hooks (feature taps) and not compiled or exported; the modules,
-parameters and checkpoints stay those of nn.Conv2d and nn.ReLU. On CUDA: bias_relu_triton.py's
+parameters and checkpoints stay those of nn.Conv2d and nn.ReLU. On CUDA: kernels/bias_relu.py's
 kernels, where the forward writes the ReLU's output once and the backward writes the input's gradient
 and sums the bias's from the same tiles. Elsewhere, or where Triton cannot run (one warning):
-PyTorch's two operations. With LRN, lrn_triton.py's kernels take the bias: the forward reads x and
+PyTorch's two operations. With LRN, kernels/lrn.py's kernels take the bias: the forward reads x and
 writes LRN's output, the backward reads x and the gradient and writes x's, half the traffic of the
 bias+ReLU kernels followed by LRN's.
 """
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .errors import warn_slower
+from ..errors import warn_slower
 from .lrn import LocalResponseNorm
 
 _UNUSABLE: list[str] = []  # why the Triton kernels cannot run here, once they have failed
@@ -29,7 +29,9 @@ class _BiasReLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        from . import bias_relu_triton  # Triton ships with PyTorch's CUDA wheels on Linux, not everywhere
+        from ..kernels import (
+            bias_relu as bias_relu_triton,  # Triton ships with PyTorch's CUDA wheels on Linux, not everywhere
+        )
 
         y = bias_relu_triton.forward(x, bias)
         ctx.save_for_backward(y)
@@ -39,7 +41,7 @@ class _BiasReLUFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # a second derivative would need a kernel of its own: say so rather than be wrong
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from . import bias_relu_triton
+        from ..kernels import bias_relu as bias_relu_triton
 
         (y,) = ctx.saved_tensors
         dx, db = bias_relu_triton.backward(grad, y)
@@ -79,18 +81,18 @@ class _BiasReLULRNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor, lrn: LocalResponseNorm) -> torch.Tensor:
-        from . import lrn_triton
+        from ..kernels import lrn as lrn_triton
 
         s = lrn.spec
         ctx.save_for_backward(x, bias)
-        ctx.spec, ctx.band = s, lrn.kernels == "triton-band"  # the band kernels, a candidate (lrn_triton.py)
+        ctx.spec, ctx.band = s, lrn.kernels == "triton-band"  # the band kernels, a candidate (kernels/lrn.py)
         ctx.towers = lrn.towers
         return lrn_triton.forward(x, s.size, s.scale, s.k, s.beta, bias=bias, band=ctx.band, towers=lrn.towers)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        from . import lrn_triton
+        from ..kernels import lrn as lrn_triton
 
         x, bias = ctx.saved_tensors
         s = ctx.spec
