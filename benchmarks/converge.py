@@ -3,7 +3,7 @@
 On the same data, for the same epochs (so the same image budget), it trains
 
 - each preset's default recipe: `alexnet train --data DATA --preset P --epochs E`, nothing else set,
-  through the library function that command calls (alexnet.train.loop.train);
+  through the library function that command calls (alexnet.train.train);
 - the reference: torchvision's own `alexnet()` trained with the recipe of pytorch/examples' ImageNet
   script, written out below (ImageFolder + PIL, RandomResizedCrop 224 + flip + per-channel
   normalisation, SGD lr 0.01, momentum 0.9, weight decay 5e-4, lr / 10 every 30 epochs, batch 128).

@@ -48,16 +48,16 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from alexnet import augment, bias_relu, lrn, pool
+from alexnet.data import augment
 from alexnet.data.augment import make_pixel_stats, train_batch
 from alexnet.errors import first_line
+from alexnet.model import bias_relu, lrn, pool
 from alexnet.model.lrn import KERNELS as LRN_KERNELS
 from alexnet.model.lrn import PAPER_LRN, LocalResponseNorm
 from alexnet.model.net import AlexNet, CeilConv2d, Conv2d, GroupedConv2d, build_model
 from alexnet.model.pool import KERNELS as POOL_KERNELS
 from alexnet.model.pool import MaxPool2d
-from alexnet.train.loop import pick_device
-from alexnet.train.step import TrainStep, make_optimizer, resolve_precision, tune_for
+from alexnet.train.step import TrainStep, make_optimizer, pick_device, resolve_precision, tune_for
 
 
 def make_step(
@@ -94,7 +94,7 @@ def set_on(model: nn.Module, kind: type, **attributes) -> nn.Module:
 @contextlib.contextmanager
 def exact_lrn_logs():
     """LRN's Triton kernels with tl.log's polynomial instead of the special-function unit's lg2 meanwhile."""
-    from alexnet import lrn_triton
+    from alexnet.kernels import lrn as lrn_triton
 
     fast, lrn_triton.FAST_LOG = lrn_triton.FAST_LOG, False
     try:

@@ -198,7 +198,7 @@ def test_predict_shows_names_and_probabilities(tiny_run, tmp_path, capsys):
 
     from alexnet.data.folders import load_image
     from alexnet.inspect.evaluate import class_probabilities
-    from alexnet.train.loop import load_for_inference
+    from alexnet.interop.export import load_for_inference
 
     data, run = tiny_run
     (tmp_path / "broken.jpg").write_bytes(b"nope")

@@ -30,7 +30,7 @@ def test_gpu_augmentation_equals_cpu(images):
 def test_gpu_augmentation_runs_the_triton_kernel_and_falls_back_to_pytorch(images, monkeypatch):
     """The kernel by default (channels_last out); where it cannot run, PyTorch's operations, said once."""
     import alexnet.data.augment as augment_module
-    from alexnet import augment_triton
+    from alexnet.kernels import augment as augment_triton
 
     calls = []
     real = augment_triton.train_crops
@@ -141,7 +141,7 @@ def test_per_tower_lrn_on_cuda_equals_eager(kernels, dtype, layout):
 
 
 def test_lrn_on_cuda_uses_the_triton_kernels_by_default(monkeypatch):
-    from alexnet import lrn_triton
+    from alexnet.kernels import lrn as lrn_triton
 
     calls = []
     for name in ("forward", "backward"):
@@ -182,7 +182,7 @@ def test_triton_max_pool_equals_pytorchs_on_cuda(dtype, layout, shape):
 
 
 def test_max_pool_on_cuda_uses_the_triton_kernels_by_default(monkeypatch):
-    from alexnet import pool_triton
+    from alexnet.kernels import pool as pool_triton
 
     calls = []
     for name in ("forward", "backward"):
@@ -342,7 +342,8 @@ def test_bias_and_relu_run_in_the_triton_kernels_by_default(dtype, monkeypatch):
     by one, in each case."""
     from collections import Counter
 
-    from alexnet import bias_relu_triton, lrn_triton
+    from alexnet.kernels import bias_relu as bias_relu_triton
+    from alexnet.kernels import lrn as lrn_triton
 
     calls = []
 
@@ -400,7 +401,7 @@ def test_the_model_falls_back_to_pytorchs_bias_and_relu_where_triton_cannot_run(
     """The model's default on CUDA, on a GPU Triton cannot build for: one warning, then PyTorch's
     operations, with the modules' values (kernels named explicitly would raise instead)."""
     import alexnet.model.bias_relu as bias_relu_module
-    from alexnet import bias_relu_triton
+    from alexnet.kernels import bias_relu as bias_relu_triton
 
     def too_old(*args):
         raise RuntimeError("Triton only supports GPUs of compute capability 7.0 or newer")

@@ -173,7 +173,7 @@ def test_evaluate_command_with_no_readable_image_is_a_one_line_error_and_no_repo
 ) -> None:
     """Every validation file corrupt or empty: one line and exit 2, not errors of NaN "on 0 images", and
     no eval.json (NaN is not JSON)."""
-    import alexnet.train.loop
+    import alexnet.interop.export
     from alexnet.cli import main
 
     val = tmp_path / "data" / "val" / "n0"
@@ -182,7 +182,7 @@ def test_evaluate_command_with_no_readable_image_is_a_one_line_error_and_no_repo
     (val / "1.JPEG").write_text("not an image")
     ckpt = {"classes": ["n0", "n1"], "names": ["cat", "dog"], "config": {"image_size": S, "crop": CROP}}
     loaded = (predicting(torch.zeros(1, 2)), STATS, ckpt)
-    monkeypatch.setattr(alexnet.train.loop, "load_for_inference", lambda *_: loaded)
+    monkeypatch.setattr(alexnet.interop.export, "load_for_inference", lambda *_: loaded)
     report = tmp_path / "report"
     args = ["evaluate", "--checkpoint", "c.pt", "--data", str(tmp_path / "data"), "--ten-crop", "--out", str(report)]
     assert main([*args, "--device", "cpu", "--workers", "0", "--no-progress"]) == 2

@@ -15,10 +15,9 @@ from alexnet.cli import main
 from alexnet.data.augment import center_batch, make_pixel_stats
 from alexnet.data.folders import load_image
 from alexnet.errors import UserError
-from alexnet.interop.export import export_checkpoint, load_exported, max_abs_difference
+from alexnet.interop.export import export_checkpoint, load_exported, load_for_inference, max_abs_difference
 from alexnet.model.net import build_model
 from alexnet.train.config import TrainConfig
-from alexnet.train.loop import load_for_inference
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small tensor ops: threads only contend
 
@@ -223,9 +222,9 @@ def test_bad_export_requests(checkpoints, tmp_path):
 
 
 def test_bad_export_requests_are_refused_before_any_work(checkpoints, tmp_path, capsys, monkeypatch):
-    import alexnet.train.loop
+    import alexnet.interop.export
 
-    monkeypatch.setattr(alexnet.train.loop, "load_for_inference", None)  # no checkpoint is read, nothing exported
+    monkeypatch.setattr(alexnet.interop.export, "load_for_inference", None)  # no checkpoint is read, nothing exported
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     export = ["export", "--checkpoint", checkpoints["torchvision"], "--format"]

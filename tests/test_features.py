@@ -7,9 +7,10 @@ from alexnet.data.augment import PixelStats
 from alexnet.data.folders import display_names, imagenet_class_names, load_image
 from alexnet.errors import UserError
 from alexnet.inspect.features import extract, filter_mosaic
+from alexnet.interop.export import load_for_inference
 from alexnet.model.net import build_model
+from alexnet.train import train
 from alexnet.train.config import TrainConfig
-from alexnet.train.loop import load_for_inference, train
 
 torch.set_num_threads(1)
 

@@ -131,7 +131,7 @@ def test_benchmark_measures_against_the_torchvision_baseline(tmp_path, tiny_data
 def test_benchmark_measures_other_lrn_kernels_where_asked(monkeypatch):
     """--lrn-kernels: the measured step's LRN runs in the kernels named (CPU training's default would
     be 'compiled'); --fuse-lrn and Triton need CUDA, and a preset without LRN has none to change."""
-    from alexnet import lrn
+    from alexnet.model import lrn
 
     used = []  # "eager": the formulas' terms, once per forward; other kernels by name, as lrn._run gets them
     real_kernel, real_terms = lrn._kernel, lrn._lrn_terms

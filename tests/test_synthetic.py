@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet import synthetic
+from alexnet.data import synthetic
 from alexnet.data.synthetic import CLASSES, make_demo_dataset
 from alexnet.errors import UserError
 

@@ -442,7 +442,7 @@ def test_kernels_normalise_each_tower_alone(band_kernels, band: bool) -> None:
 
 
 def test_band_widths_reach_as_far_as_the_backward_needs() -> None:
-    from alexnet import lrn_triton
+    from alexnet.kernels import lrn as lrn_triton
 
     assert [lrn_triton.band_widths(size) for size in (1, 5, 9, 10, 17)] == [(16, 8)] * 3 + [(32, 16)] * 2
     with pytest.raises(ValueError, match="up to 17 channels, not 18"):
@@ -520,12 +520,12 @@ def test_augmentation_kernel_equals_the_cpu_path(monkeypatch, per_pixel: bool, c
     left = torch.tensor([0, 40 - crop, 3, 7, 40 - crop])  # both edges
     flip = torch.tensor([True, False, True, False, True])
     shift = torch.randn(5, 3, generator=g) * 0.05
-    got = kernels.train_crops(images, stats, top, left, flip, crop, shift)
+    got = kernels.train_crops(images, stats.mean, stats.std, top, left, flip, crop, shift)
     want = _crops_by_slicing(images, stats, top, left, flip, crop, shift)
     assert got.shape == (5, 3, crop, crop) and got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)  # the same arithmetic: rounding at most
     # stored in bf16 (training in bf16): the same values, rounded once (the interpreter truncates)
-    half = kernels.train_crops(images, stats, top, left, flip, crop, shift, torch.bfloat16)
+    half = kernels.train_crops(images, stats.mean, stats.std, top, left, flip, crop, shift, torch.bfloat16)
     assert half.dtype == torch.bfloat16 and half.is_contiguous(memory_format=torch.channels_last)
     assert ((half.float() - want).abs() <= want.abs() * 2**-7 + 1e-6).all()
     assert (half.float() != got).any()  # rounded, not float32 values in a float32 tensor
@@ -603,7 +603,7 @@ def test_the_operator_returns_the_strides_its_fake_kernels_promise(kernels, kind
 
 @pytest.fixture
 def pool_kernels(request, monkeypatch):
-    """pool_triton interpreted, tiles of 16 pixels x 32 channels unless parametrized."""
+    """kernels/pool.py interpreted, tiles of 16 pixels x 32 channels unless parametrized."""
     block_p, block_c = getattr(request, "param", (16, 32))
     return interpreted(monkeypatch, "pool", BLOCK_P=block_p, BLOCK_C=block_c)
 
@@ -736,7 +736,7 @@ def test_compiled_and_exported_models_pool_with_pytorchs_operation(pool_kernels,
 
 @pytest.fixture
 def bias_relu_kernels(request, monkeypatch):
-    """bias_relu_triton interpreted, tiles of 8 pixels x 32 channels unless parametrized."""
+    """kernels/bias_relu.py interpreted, tiles of 8 pixels x 32 channels unless parametrized."""
     block_p, block_c = getattr(request, "param", (8, 32))
     module = interpreted(monkeypatch, "bias_relu", BLOCK_P=block_p, BLOCK_C=block_c)
     monkeypatch.setattr(module, "ROWS", 64)  # 3 x 9 x 11 pixels: four programs, the last one partly filled
@@ -849,7 +849,8 @@ def _bias_relu_lrn_inputs(channels_last: bool, dtype=torch.float32):
 
 def _apart(x, bias, g):
     """bias_relu's kernels, then LRN's: values, x's gradient and bias's."""
-    from alexnet import bias_relu_triton, lrn_triton
+    from alexnet.kernels import bias_relu as bias_relu_triton
+    from alexnet.kernels import lrn as lrn_triton
 
     s = PAPER_LRN
     a = bias_relu_triton.forward(x, bias)

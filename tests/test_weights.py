@@ -20,10 +20,11 @@ from alexnet.data.augment import center_batch
 from alexnet.data.folders import load_image
 from alexnet.errors import UserError
 from alexnet.interop.caffe import V1_LAYER_TYPES, messages
-from alexnet.interop.weights import convert, load_pretrained, parse_freeze, read_pretrained
+from alexnet.interop.export import load_for_inference
+from alexnet.interop.weights import convert, load_pretrained, read_pretrained
 from alexnet.model.net import build_model
-from alexnet.train.config import TrainConfig
-from alexnet.train.loop import load_for_inference, train
+from alexnet.train import train
+from alexnet.train.config import TrainConfig, parse_freeze
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small tensor ops: threads only contend
 

@@ -147,7 +147,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _device(name: str) -> torch.device:
-    from .train.loop import pick_device
+    from .train.step import pick_device
 
     return pick_device(name)
 
@@ -156,7 +156,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data.folders import ImageDataset, make_loader, open_split
     from .data.prepared import is_prepared, made_from
     from .inspect.evaluate import check_finite, evaluate, none_readable, write_report
-    from .train.loop import load_for_inference
+    from .interop.export import load_for_inference
 
     if is_prepared(args.data):  # it holds pixels, not the class folders of images evaluate reads
         source = made_from(args.data)
@@ -190,7 +190,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .data.folders import load_image
     from .inspect.evaluate import class_probabilities
     from .inspect.features import list_image_files
-    from .train.loop import load_for_inference
+    from .interop.export import load_for_inference
 
     device = _device(args.device)
     model, stats, ckpt = load_for_inference(args.checkpoint, device)
@@ -288,7 +288,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_features(args: argparse.Namespace) -> int:
     from .checkpoint import check_out
     from .inspect.features import check_layers, extract_samples, label_of, list_image_files, write_features
-    from .train.loop import load_for_inference
+    from .interop.export import load_for_inference
 
     out = Path(args.out)
     if out.suffix not in (".npz", ".npy"):

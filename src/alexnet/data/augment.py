@@ -144,7 +144,7 @@ def train_batch(
         try:
             from ..kernels.augment import train_crops  # Triton ships with PyTorch's CUDA wheels on Linux
 
-            return train_crops(images, stats, top, left, flip, crop, shift, cuda_dtype)
+            return train_crops(images, stats.mean, stats.std, top, left, flip, crop, shift, cuda_dtype)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # a GPU older than Triton supports (a P100), no Triton: PyTorch's operations

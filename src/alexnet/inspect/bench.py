@@ -119,7 +119,7 @@ def run_benchmark(
     fuse_lrn: bool = False,
 ) -> tuple[list[Measure], dict[str, str]]:
     """Measure the candidates; returns them (baseline first) and the settings used."""
-    from ..train.loop import pick_device
+    from ..train.step import pick_device
 
     device = pick_device(device_name)
     if lrn_kernels or fuse_lrn:

@@ -313,7 +313,8 @@ def make_figures(
     """Write the figures of a run into `out` (default RUN_DIR/figures); returns the files written.
     A figure whose input is missing (no metrics yet, no final evaluation yet, no data, a prepared
     dataset whose image folder is gone) is skipped with a message through `log`."""
-    from ..train.loop import load_for_inference, pick_device
+    from ..interop.export import load_for_inference
+    from ..train.step import pick_device
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():

@@ -1,4 +1,5 @@
-"""Weights out: a checkpoint as ONNX, torch.export (.pt2), TorchScript or safetensors.
+"""Weights out: a checkpoint as ONNX, torch.export (.pt2), TorchScript or safetensors; and back in
+(load_for_inference: a checkpoint, run directory or .safetensors file as a model ready to run).
 
 ONNX, .pt2 and TorchScript hold the bare network: input (N, 3, S, S) pixels normalised as the
 checkpoint says, (x / 255 - mean) / std of a centred S x S crop; output (N, classes) logits. The
@@ -28,11 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import FORMAT, NEW_FILE_MODE, check_out, failed_write, os_error_of
-from ..data.augment import center_batch, crop_offsets
-from ..data.folders import ImageDataset, make_loader
+from ..checkpoint import FORMAT, NEW_FILE_MODE, check_out, checkpoint_file, failed_write, load_checkpoint, os_error_of
+from ..data.augment import PixelStats, center_batch, crop_offsets
+from ..data.folders import ImageDataset, display_names, make_loader
 from ..errors import UserError
 from ..stopping import held
+from ..train.config import TrainConfig
 
 FORMATS = ("onnx", "torchscript", "export", "safetensors")
 SUFFIXES = {".onnx": "onnx", ".pt2": "export", ".torchscript": "torchscript", ".safetensors": "safetensors"}
@@ -92,8 +94,6 @@ def check_input_size(model: torch.nn.Module, size: int) -> None:
 
 def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, input_size: int | None = None) -> Path:
     """Write `checkpoint` (a file or run directory) as `fmt` to `out`; returns `out`."""
-    from ..train.loop import load_for_inference  # here: train/loop.py imports this module
-
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "safetensors" and input_size is not None:
@@ -194,6 +194,24 @@ def read_safetensors(path: str | Path) -> dict[str, Any]:
     }
 
 
+def load_for_inference(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, PixelStats, dict]:
+    """Model (eval mode), pixel statistics and the checkpoint dict, from a checkpoint file, run directory
+    or .safetensors export."""
+    ckpt = read_safetensors(checkpoint) if str(checkpoint).endswith(".safetensors") else load_checkpoint(checkpoint)
+    # NaN weights (saved by hand, or by a run from before the NaN stop) give NaN outputs, and a NaN in eval.json
+    bad = next((k for k, v in ckpt["model"].items() if v.is_floating_point() and not v.isfinite().all()), None)
+    if bad is not None:
+        raise UserError(
+            f"{checkpoint_file(checkpoint)} holds NaN or infinite weights (in {bad}): it cannot be evaluated or used"
+        )
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    model = cfg.build_model(len(ckpt["classes"]))
+    model.load_state_dict(ckpt["model"])
+    stats = PixelStats(**ckpt["stats"])
+    ckpt["names"] = display_names(ckpt["classes"], ckpt.get("names"))  # ILSVRC-2012 names for bare wnids
+    return model.to(device).eval(), stats, ckpt
+
+
 def load_exported(path: str | Path, fmt: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function normalised images -> logits that runs an exported file (`fmt` default: from the suffix)."""
     path = Path(path)
@@ -215,8 +233,6 @@ def load_exported(path: str | Path, fmt: str | None = None) -> Callable[[torch.T
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
             return torch.jit.load(str(path), map_location="cpu")
-    from ..train.loop import load_for_inference
-
     return load_for_inference(path, torch.device("cpu"))[0]
 
 
@@ -232,7 +248,6 @@ def max_abs_difference(
     files skipped as unreadable) over image files or folders, `batch_size` images at a time: memory
     stays bounded however many images are given."""
     from ..inspect.features import list_image_files
-    from ..train.loop import load_for_inference
 
     files = list_image_files([str(p) for p in images])
     model, stats, ckpt = load_for_inference(checkpoint, torch.device("cpu"))

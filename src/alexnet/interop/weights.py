@@ -26,10 +26,9 @@ from ..data.augment import IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN, IMAG
 from ..errors import UserError
 from ..model.lrn import LRN_CONVENTIONS, LRNSpec
 from ..model.net import PRESETS, AlexNet, build_model
-from ..train.config import TrainConfig
+from ..train.config import LAYERS, TrainConfig, parse_freeze
 from .export import read_safetensors
 
-LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")  # the layers with weights
 SOURCES = ("caffe", "caffe-npy", "torchvision")
 CAFFE_MEAN_BGR = (104.0, 117.0, 123.0)  # bvlc_alexnet's mean image averaged per channel, 0-255
 
@@ -139,26 +138,6 @@ def load_pretrained(model: AlexNet, pre: Pretrained, classes: list[str]) -> str:
         return f"weights: all layers from {pre.path}"
     there = "no fc8" if old is None else f"{old.shape[0]} classes"
     return f"weights: conv1..fc7 from {pre.path}; fc8 new ({there} there, {len(classes)} here)"
-
-
-def parse_freeze(spec: str) -> list[str]:
-    """'features' (conv1..conv5), a range 'conv1..conv3', names 'conv1,fc6', or a comma-separated mix."""
-    names: list[str] = []
-    for part in (p.strip() for p in spec.split(",")):
-        first, dots, last = part.partition("..")
-        if part == "features":
-            names += LAYERS[:5]
-        elif dots and first in LAYERS and last in LAYERS and LAYERS.index(first) <= LAYERS.index(last):
-            names += LAYERS[LAYERS.index(first) : LAYERS.index(last) + 1]
-        elif part in LAYERS:
-            names.append(part)
-        else:
-            raise UserError(
-                f"freeze: {part!r} is not a layer; use conv1..fc8, a range like conv1..conv3, or 'features'"
-            )
-    if len(set(names)) == len(LAYERS):
-        raise UserError(f"freeze: {spec!r} freezes every layer; nothing would be trained")
-    return sorted(set(names), key=LAYERS.index)
 
 
 def freeze_layers(model: AlexNet, spec: str) -> list[str]:

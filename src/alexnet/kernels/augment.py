@@ -21,8 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..data.augment import PixelStats
-
 
 @triton.autotune(configs=[triton.Config({"BLOCK_R": r}, num_warps=4) for r in (2, 4, 8)], key=["crop"])
 @triton.jit
@@ -51,7 +49,8 @@ def _train_crops_kernel(
 
 def train_crops(
     images: torch.Tensor,
-    stats: PixelStats,
+    mean: torch.Tensor,
+    std: torch.Tensor,
     top: torch.Tensor,
     left: torch.Tensor,
     flip: torch.Tensor,
@@ -60,12 +59,12 @@ def train_crops(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """augment._crops_by_slicing's batch for (B, 3, S, S) uint8 images on one device, in channels_last,
-    computed in float32 and stored as `dtype`."""
+    computed in float32 and stored as `dtype`; `mean` and `std` are a PixelStats' (data/augment.py)."""
     b, _, s, _ = images.shape
     if images.stride(3) != 1:
         images = images.contiguous()
-    std = stats.std.view(3)
-    mean = (stats.mean / stats.std).expand(3, s, s)  # a mean colour is read with strides 0
+    mean = (mean / std).expand(3, s, s)  # a mean colour is read with strides 0
+    std = std.view(3)
     shift = (shift / std).float().contiguous()
     scale = (1.0 / (255.0 * std)).float().contiguous()
     out = torch.empty((b, 3, crop, crop), dtype=dtype, device=images.device, memory_format=torch.channels_last)

@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .lrn import flat_layout, with_strides_of
+from .layout import with_strides_of
+from .lrn import flat_layout
 
 ROWS = 512  # pixels per program: a fixed number, so that the partial sums of db have a known shape
 

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ..model.lrn import with_strides_of
+from .layout import with_strides_of
 
 # Tiles of pixels x channels; which is fastest depends on the GPU and the layer, so Triton times them
 # at the first call for each number of channels and memory layout, and keeps the best. Tiles that give

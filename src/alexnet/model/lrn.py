@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import warn_slower
+from ..kernels.layout import with_strides_of
 
 
 @dataclass(frozen=True)
@@ -186,14 +187,6 @@ def _run(kernels: str, backward: bool, args: tuple, towers: int, fall_back: bool
                 raise
             _UNUSABLE[kind] = warn_slower(f"LRN's {kind} kernels", e, stacklevel=4)
     raise AssertionError("unreachable: the eager formulas run or raise")
-
-
-def with_strides_of(like: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """`t` in empty_like(like)'s strides (`like`'s own for a dense tensor), copied only where they differ.
-    The Triton kernels index x and grad with one set of strides; the operator below returns what its fake
-    kernels promise, which torch.compile plans its graph by (the Triton kernels give NCHW for a permuted
-    x, the formulas' backward the layout of grad)."""
-    return t if t.stride() == like.stride() else torch.empty_like(like, dtype=t.dtype).copy_(t)
 
 
 # One operator for both directions, whichever kernels run them: autograd sees one node that saves only

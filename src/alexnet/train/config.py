@@ -33,6 +33,7 @@ RESUMABLE_OVERRIDES = (
     "on_nan",
 )
 NAN_POLICIES = ("stop", "rollback")
+LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")  # the layers with weights
 
 
 @dataclass
@@ -129,8 +130,6 @@ class TrainConfig:
             if PRESETS[c.preset].lrn is None:
                 raise UserError(f"the {c.preset} preset has no LRN layers; lrn does not apply to it")
         if c.freeze:
-            from ..interop.weights import parse_freeze  # here, not at the top: weights.py imports this module
-
             parse_freeze(c.freeze)
         if not 0 < c.crop <= c.image_size:
             raise UserError(f"crop ({c.crop}) must be positive and at most image_size ({c.image_size})")
@@ -170,6 +169,26 @@ class TrainConfig:
             return TrainConfig.from_dict(json.loads(path.read_text()))
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read run config {path}: {e}") from e
+
+
+def parse_freeze(spec: str) -> list[str]:
+    """'features' (conv1..conv5), a range 'conv1..conv3', names 'conv1,fc6', or a comma-separated mix."""
+    names: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        first, dots, last = part.partition("..")
+        if part == "features":
+            names += LAYERS[:5]
+        elif dots and first in LAYERS and last in LAYERS and LAYERS.index(first) <= LAYERS.index(last):
+            names += LAYERS[LAYERS.index(first) : LAYERS.index(last) + 1]
+        elif part in LAYERS:
+            names.append(part)
+        else:
+            raise UserError(
+                f"freeze: {part!r} is not a layer; use conv1..fc8, a range like conv1..conv3, or 'features'"
+            )
+    if len(set(names)) == len(LAYERS):
+        raise UserError(f"freeze: {spec!r} freezes every layer; nothing would be trained")
+    return sorted(set(names), key=LAYERS.index)
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -25,7 +25,6 @@ from ..checkpoint import (
     TMP_SUFFIX,
     RunLock,
     append_jsonl,
-    checkpoint_file,
     link_atomic,
     load_checkpoint,
     read_jsonl,
@@ -34,12 +33,11 @@ from ..checkpoint import (
     write_atomic,
     write_text_atomic,
 )
-from ..data.augment import PixelStats, make_pixel_stats
+from ..data.augment import make_pixel_stats
 from ..data.folders import (
     Batch,
     EpochBatches,
     ImageDataset,
-    display_names,
     image_moments,
     listing,
     loader_worker_death,
@@ -50,7 +48,6 @@ from ..data.folders import (
 from ..data.prepared import PreparedLoader, is_prepared, open_prepared, read_manifest
 from ..errors import UserError
 from ..inspect.evaluate import evaluate, write_report
-from ..interop.export import read_safetensors
 from ..interop.weights import freeze_layers, load_pretrained, read_pretrained
 from ..stopping import StopSignals
 from . import distributed
@@ -61,6 +58,7 @@ from .step import (
     TrainStep,
     decay_groups,
     make_optimizer,
+    pick_device,
     resolve_channels_last,
     resolve_cuda_graphs,
     resolve_precision,
@@ -104,22 +102,6 @@ def flat_loss_warning(train_loss: float, num_classes: int, epoch: int) -> str | 
         f"warning: epoch {epoch}'s training loss {train_loss:.4f} stayed at chance (ln {num_classes} = {chance:.4f}):"
         " the network is not learning; try --init kaiming, or a lower --lr (see docs/learning.md)"
     )
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but CUDA is not available here")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from e
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA devices")
-    if device.type not in ("cpu", "cuda"):  # mps, xpu, meta...: the project's steps are written for these two
-        raise UserError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -620,21 +602,3 @@ def _train(
     for name, r in results.items():
         say(f"{name}: top-1 error {r.top1_err:.4f}, top-5 error {r.top5_err:.4f} on {r.count} val images")
     return run_dir
-
-
-def load_for_inference(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, PixelStats, dict]:
-    """Model (eval mode), pixel statistics and the checkpoint dict, from a checkpoint file, run directory
-    or .safetensors export."""
-    ckpt = read_safetensors(checkpoint) if str(checkpoint).endswith(".safetensors") else load_checkpoint(checkpoint)
-    # NaN weights (saved by hand, or by a run from before the NaN stop) give NaN outputs, and a NaN in eval.json
-    bad = next((k for k, v in ckpt["model"].items() if v.is_floating_point() and not v.isfinite().all()), None)
-    if bad is not None:
-        raise UserError(
-            f"{checkpoint_file(checkpoint)} holds NaN or infinite weights (in {bad}): it cannot be evaluated or used"
-        )
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    model = cfg.build_model(len(ckpt["classes"]))
-    model.load_state_dict(ckpt["model"])
-    stats = PixelStats(**ckpt["stats"])
-    ckpt["names"] = display_names(ckpt["classes"], ckpt.get("names"))  # ILSVRC-2012 names for bare wnids
-    return model.to(device).eval(), stats, ckpt
