@@ -38,6 +38,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -202,13 +203,7 @@ def _prepare_split(
     """Decode one split into its files, resuming from .progress/<name>.pt; return the final progress state."""
     files, n = split_files(name, fmt), len(split.samples)
     state_path, sizes_path = out / PROGRESS / f"{name}.pt", out / PROGRESS / f"{name}_sizes.i64"
-    if state_path.is_file():
-        state = torch.load(state_path, weights_only=True)
-    else:
-        shapes = {"image": (3, size, size), "rgb": (3,), "outer": (3, 3)}
-        sums = {k: torch.zeros(shape, dtype=torch.long) for k, shape in shapes.items()} if with_stats else None
-        state = {"done": 0, "written": 0, "bytes": 0, "bad_index": [], "bad": [], "sums": sums}
-
+    state = _progress_state(state_path, size, with_stats)
     paths = [p for p, _ in split.samples]
     tasks = ((paths[i : i + chunk_size], size, fmt, quality, with_stats) for i in range(state["done"], n, chunk_size))
     bar = tqdm(total=n, initial=state["done"], desc=f"prepare {name}", unit="img", disable=not progress)
@@ -218,35 +213,15 @@ def _prepare_split(
             raise UserError(f"{out / files['images']} is shorter than its recorded progress; delete {out}, start again")
         data.truncate(state["bytes"])  # drop whatever a killed run wrote after its last recorded chunk
         sizes.truncate(8 * state["written"] if fmt == "jpeg" else 0)
-
-        def record() -> None:  # make the data durable, then say how far it goes
-            for f in (data, sizes):
-                f.flush()
-                os.fsync(f.fileno())
-            write_atomic(state_path, lambda f: torch.save(state, f))
-
         recorded = -float("inf")
         stopped_at = f"with {{}} of {n} {name} images done"  # a signal: written and recorded, or none in hand
         stop.where = stopped_at.format(state["done"])
         try:
             with stop.deferred(stopped_at.format(n)), closing(_in_order(_decode_chunk, tasks, workers)) as results:
                 for images, failed, sums in results:
-                    if fmt == "raw":
-                        data.write(memoryview(images))
-                        nbytes = images.nbytes
-                    else:
-                        data.write(b"".join(images))
-                        nbytes = sum(map(len, images))
-                        sizes.write(np.array([len(b) for b in images], np.int64).tobytes())
-                    state["bad_index"] += [state["done"] + i for i, _ in failed]
-                    state["bad"] += [reason for _, reason in failed]
-                    state["done"] += len(images) + len(failed)
-                    state["written"] += len(images)
-                    state["bytes"] += nbytes
-                    if sums is not None:
-                        state["sums"] = {k: state["sums"][k] + sums[k] for k in sums}
+                    _append_chunk(state, fmt, data, sizes, images, failed, sums)
                     if time.monotonic() - recorded >= RECORD_EVERY_S or stop.signum:
-                        record()
+                        _record(state, state_path, data, sizes)
                         recorded = time.monotonic()
                     bar.update(len(images) + len(failed))
                     if stop.signum:
@@ -259,25 +234,66 @@ def _prepare_split(
         except OSError as e:  # a full disk: what was recorded stays, and the next run carries on from it
             raise UserError(f"{one_line(e)}, writing {out}; make room and run the same prepare again to resume") from e
         except BrokenProcessPool:  # a worker died: of this stop's SIGTERM to the group, or of something else
-            record()
+            _record(state, state_path, data, sizes)
             if stop.signum:
                 raise stop.interrupted(stopped_at.format(state["done"])) from None
             raise UserError(
                 f"a worker process of prepare died (killed, or out of memory?) with {state['done']} of {n} {name} "
                 "images done; run the same prepare again to resume"
             ) from None
-        record()
+        _record(state, state_path, data, sizes)
         stop.where = f"with every {name} image prepared, before its lists of files were written"
+    _write_lists(out, files, split, state, sizes_path if fmt == "jpeg" else None)
+    return state
 
+
+def _progress_state(state_path: Path, size: int, with_stats: bool) -> dict:
+    """A split's progress so far (.progress/<name>.pt), or that of one not started."""
+    if state_path.is_file():
+        return torch.load(state_path, weights_only=True)
+    shapes = {"image": (3, size, size), "rgb": (3,), "outer": (3, 3)}
+    sums = {k: torch.zeros(shape, dtype=torch.long) for k, shape in shapes.items()} if with_stats else None
+    return {"done": 0, "written": 0, "bytes": 0, "bad_index": [], "bad": [], "sums": sums}
+
+
+def _append_chunk(
+    state: dict, fmt: str, data: BinaryIO, sizes: BinaryIO, images: np.ndarray | list[bytes], failed: list, sums
+) -> None:
+    """A decoded chunk's images written (raw: one uint8 array; jpeg: bytes, and their sizes), and counted."""
+    if fmt == "raw":
+        data.write(memoryview(images))
+        nbytes = images.nbytes
+    else:
+        data.write(b"".join(images))
+        nbytes = sum(map(len, images))
+        sizes.write(np.array([len(b) for b in images], np.int64).tobytes())
+    state["bad_index"] += [state["done"] + i for i, _ in failed]
+    state["bad"] += [reason for _, reason in failed]
+    state["done"] += len(images) + len(failed)
+    state["written"] += len(images)
+    state["bytes"] += nbytes
+    if sums is not None:
+        state["sums"] = {k: state["sums"][k] + sums[k] for k in sums}
+
+
+def _record(state: dict, state_path: Path, data: BinaryIO, sizes: BinaryIO) -> None:
+    """Make the data durable, then say how far it goes."""
+    for f in (data, sizes):
+        f.flush()
+        os.fsync(f.fileno())
+    write_atomic(state_path, lambda f: torch.save(state, f))
+
+
+def _write_lists(out: Path, files: dict[str, str], split: Split, state: dict, sizes_path: Path | None) -> None:
+    """A finished split's labels and file list, without the unreadable files; jpeg: its offsets."""
     bad = set(state["bad_index"])
     kept = [sample for i, sample in enumerate(split.samples) if i not in bad]
     labels = np.array([label for _, label in kept], dtype=np.int64)
     write_atomic(out / files["labels"], lambda f: np.save(f, labels))
     write_text_atomic(out / files["files"], "".join(f"{path}\n" for path, _ in kept))
-    if fmt == "jpeg":
+    if sizes_path is not None:
         offsets = np.concatenate([[0], np.cumsum(np.fromfile(sizes_path, np.int64))]).astype(np.int64)
         write_atomic(out / files["offsets"], lambda f: np.save(f, offsets))
-    return state
 
 
 def _in_order(fn: Callable, tasks: Iterable, workers: int) -> Iterator:
