@@ -1,5 +1,5 @@
 """Crops, reflections, mean subtraction and PCA lighting, checked on images whose pixels encode
-their own coordinates (REFERENCE.md section 4)."""
+their own coordinates (docs/reference.md §4)."""
 
 from __future__ import annotations
 
@@ -281,7 +281,7 @@ def test_make_pixel_stats_dataset_pca(seed: int) -> None:
 
 def test_dataset_pca_of_real_photographs_is_on_the_scale_of_the_imagenet_constants() -> None:
     """`--pca dataset` and `--pca imagenet` are the same lighting: the eigenvalues of the RGB covariance
-    of photographs (in [0, 1] units) are close to the widely used constants (REFERENCE.md section 4)."""
+    of photographs (in [0, 1] units) are close to the widely used constants (docs/reference.md §4)."""
     split = open_split(SHARED_DATA / "imagenet-sample-1000", "val")
     mean_image, cov, count, _ = image_moments(make_loader(ImageDataset(split.samples[::10]), 50, 0))
     assert count == 100

@@ -1,4 +1,4 @@
-"""The paper's recipe as the default run (REFERENCE.md sections 1 and 4): the values TrainConfig holds,
+"""The paper's recipe as the default run (docs/reference.md §1 and §4): the values TrainConfig holds,
 what resolved() fills in per preset, and the optimiser built from them."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from alexnet.train.step import decay_groups, make_optimizer
 
 
 def test_defaults_are_the_papers_recipe() -> None:
-    # REFERENCE.md section 1: SGD, momentum 0.9, weight decay 5e-4, batch 128, 90 epochs, lr 0.01 divided
+    # docs/reference.md §1: SGD, momentum 0.9, weight decay 5e-4, batch 128, 90 epochs, lr 0.01 divided
     # by 10 when the validation error stops improving (3 times in the paper); section 4: 256x256 images,
     # 224 crops, the mean image subtracted, PCA lighting with alpha ~ N(0, 0.1) along the training set's
     # colour axes, dropout 0.5
@@ -56,7 +56,7 @@ def test_optimizer_is_sgd_with_the_given_momentum_and_weight_decay() -> None:
     group = opt.param_groups[0]
     assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.01, 0.9, 5e-4)
     assert (group["dampening"], group["nesterov"]) == (0, False)
-    # two steps against the paper's update (REFERENCE.md section 4):
+    # two steps against the paper's update (docs/reference.md §4):
     # v <- 0.9 v - 0.0005 lr w - lr grad; w <- w + v
     grads = [torch.tensor([0.3, 0.0, -0.1], dtype=torch.float64), torch.tensor([0.0, 0.2, 0.4], dtype=torch.float64)]
     want, v = w.detach().clone(), torch.zeros(3, dtype=torch.float64)

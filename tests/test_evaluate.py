@@ -1,4 +1,4 @@
-"""The test protocol (REFERENCE.md section 4): 10-crop softmax averaging, top-1 and top-5 error, the
+"""The test protocol (docs/reference.md §4): 10-crop softmax averaging, top-1 and top-5 error, the
 confusion matrix and the reports written from it, with a stub model whose logits are fixed per
 (image, view), so every number is known exactly."""
 

@@ -1,5 +1,5 @@
 """Local response normalization against naive references written here, one per convention
-(REFERENCE.md section 3), and its float32 computation under autocast."""
+(docs/reference.md §3), and its float32 computation under autocast."""
 
 from __future__ import annotations
 

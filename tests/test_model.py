@@ -1,4 +1,4 @@
-"""The presets against REFERENCE.md: parameter counts, layer shapes, conv1's output size rule,
+"""The presets against docs/reference.md: parameter counts, layer shapes, conv1's output size rule,
 torchvision equivalence, the paper's initialisation, argument checks and the two-tower grouping."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def paper() -> nn.Module:
 
 
 def test_paper_parameter_count_groups2(paper: nn.Module) -> None:
-    assert n_params(paper) == 60_965_224  # REFERENCE.md section 2
+    assert n_params(paper) == 60_965_224  # docs/reference.md §2
     assert n_params(build_model("paper", groups=2)) == 60_965_224
 
 
@@ -419,7 +419,7 @@ def test_paper_init(paper: nn.Module) -> None:
 
 def test_caffe_init() -> None:
     # bvlc_alexnet's: fc6 and fc7 weights N(0, 0.005), all others N(0, 0.01) (fc8 and conv1 included);
-    # biases 0.1 where the paper's are 1 (REFERENCE.md section 5: 1 "gave flat loss"), 0 elsewhere
+    # biases 0.1 where the paper's are 1 (docs/reference.md §5: 1 "gave flat loss"), 0 elsewhere
     torch.manual_seed(1)
     layers = build_model("paper", init="caffe").named_layers()
     for name, layer in layers.items():

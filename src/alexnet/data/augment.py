@@ -15,7 +15,7 @@ import torch
 
 from ..errors import warn_slower
 
-# Commonly used ImageNet constants (RGB, [0, 1]): REFERENCE.md section 4. The eigenvalues are those of
+# Commonly used ImageNet constants (RGB, [0, 1]): docs/reference.md §4. The eigenvalues are those of
 # the RGB covariance in [0, 1] units, as the paper's formula uses them (the covariance of ImageNet-like
 # images has eigenvalues close to these); the shift they give is then scaled to the inputs' units.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

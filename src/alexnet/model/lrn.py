@@ -2,7 +2,7 @@
 
     b_i = a_i / (k + s * sum_{j in window(i)} a_j^2) ** beta
 
-Libraries disagree on the window and on s (REFERENCE.md section 3): the paper prints s = alpha,
+Libraries disagree on the window and on s (docs/reference.md §3): the paper prints s = alpha,
 cuda-convnet and Caffe use s = alpha / size, TensorFlow names the half-window `depth_radius`.
 Here each convention is a set of explicit arguments.
 """
@@ -35,7 +35,7 @@ class LRNSpec:
         return self.alpha / self.size if self.alpha_over_size else self.alpha
 
 
-# The conventions of REFERENCE.md section 3, by name.
+# The conventions of docs/reference.md §3, by name.
 PAPER_LRN = LRNSpec(size=5, alpha=1e-4, beta=0.75, k=2.0, alpha_over_size=False)
 CUDA_CONVNET_LRN = LRNSpec(size=5, alpha=1e-4, beta=0.75, k=2.0, alpha_over_size=True)
 CAFFE_LRN = LRNSpec(size=5, alpha=1e-4, beta=0.75, k=1.0, alpha_over_size=True)
