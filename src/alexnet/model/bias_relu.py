@@ -29,9 +29,8 @@ class _BiasReLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        from ..kernels import (
-            bias_relu as bias_relu_triton,  # Triton ships with PyTorch's CUDA wheels on Linux, not everywhere
-        )
+        # Triton ships with PyTorch's CUDA wheels on Linux, not everywhere
+        from ..kernels import bias_relu as bias_relu_triton
 
         y = bias_relu_triton.forward(x, bias)
         ctx.save_for_backward(y)
