@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alexnet.augment import make_pixel_stats
-from alexnet.config import TrainConfig
-from alexnet.data import ImageDataset, make_loader, open_split
-from alexnet.step import TrainStep, decay_groups, make_optimizer
+from alexnet.data.augment import make_pixel_stats
+from alexnet.data.folders import ImageDataset, make_loader, open_split
+from alexnet.train.config import TrainConfig
+from alexnet.train.step import TrainStep, decay_groups, make_optimizer
 
 # name -> changes to the base config (the paper preset's recipe as the paper gives it)
 VARIANTS = {
@@ -55,7 +55,8 @@ def load_pool(data: str, count: int, size: int, workers: int) -> tuple[torch.Ten
 
 
 def moments(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean image and RGB covariance ([0, 1] units) of uint8 images, as alexnet.data.image_moments computes them."""
+    """Mean image and RGB covariance ([0, 1] units) of uint8 images, as alexnet.data.folders.image_moments
+    computes them."""
     total, outer, psum = torch.zeros(images.shape[1:], dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64), 0
     for chunk in images.split(64):
         x = chunk.double() / 255

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alexnet.config import TrainConfig
-from alexnet.train import train
+from alexnet.train.config import TrainConfig
+from alexnet.train.loop import train
 
 PRESETS = ("paper", "torchvision", "seed")
 FIELDS = (

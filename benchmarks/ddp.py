@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from alexnet.model import build_model
+from alexnet.model.net import build_model
 
 
 def timed(fn, steps: int, device: torch.device) -> float:

@@ -68,7 +68,7 @@ for fmt in $FORMATS; do run $PY -m alexnet prepare "$WORK/src" "$WORK/$fmt" --fo
 # the loader alone: batches on the device, per second, by format and threads (second pass: page cache warm)
 if [ "$EXTRAS" = 1 ]; then run $PY - "$WORK" "$SMALL" $FORMATS <<'EOF'
 import sys, time, torch
-from alexnet.prepared import PreparedLoader, open_prepared
+from alexnet.data.prepared import PreparedLoader, open_prepared
 work, batch = sys.argv[1], int(sys.argv[2])
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 for fmt in sys.argv[3:]:
@@ -96,7 +96,7 @@ for preset in $PRESETS; do
 done
 # eager steps: the host's time to launch each, which CUDA graphs save, competes with the loader's
 run timeout 120 $PY -m alexnet benchmark --preset paper --batch-size "$LARGE" --no-cuda-graphs --data "$WORK/raw" --steps $STEPS --rounds $ROUNDS
-# kernels that are not yet defaults (lrn.py's "triton-band"; model.py's fuse_lrn), each against the baseline
+# kernels that are not yet defaults (lrn.py's "triton-band"; model/net.py's fuse_lrn), each against the baseline
 if [ "$CANDIDATES" = 1 ]; then
   for extra in "" "--fuse-lrn"; do
     run timeout 150 $PY -m alexnet benchmark --preset paper --batch-size "$LARGE" --lrn-kernels triton-band $extra --data "$WORK/raw" --steps $STEPS --rounds $ROUNDS

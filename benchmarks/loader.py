@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/loader.py             # the full run; see benchmarks/README.md
 
 For each dataset it measures, and prints as one markdown table:
-  prepare   images/s of alexnet.prepare.prepare_dataset (raw, jpeg) and the size on disk
+  prepare   images/s of alexnet.data.prepare.prepare_dataset (raw, jpeg) and the size on disk
   read      images/s of the loader alone (prepared raw, prepared jpeg, folder, imagefolder)
   load      images/s of the loader followed by augment.train_batch (prepared raw, prepared jpeg, folder),
             or, for imagefolder, of its per-image transforms with the same augmentation
@@ -36,11 +36,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alexnet.augment import make_pixel_stats, train_batch
-from alexnet.data import EpochSampler, ImageDataset, make_loader, open_split
-from alexnet.model import build_model
-from alexnet.prepare import prepare_dataset
-from alexnet.prepared import PreparedLoader, open_prepared, read_manifest
+from alexnet.data.augment import make_pixel_stats, train_batch
+from alexnet.data.folders import EpochSampler, ImageDataset, make_loader, open_split
+from alexnet.data.prepare import prepare_dataset
+from alexnet.data.prepared import PreparedLoader, open_prepared, read_manifest
+from alexnet.model.net import build_model
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {"imagenet-sample-1000": "val", "imagenette-dev": "train"}  # the split each one is measured on

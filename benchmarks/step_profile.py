@@ -3,7 +3,7 @@
     python benchmarks/step_profile.py [--batch-size 512] [--precision auto] [--steps 10] [--rounds 3] [--only band,...]
 
 In one process, in rounds that alternate between them (the median round kept), the training images/s
-of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images already on the device for:
+of alexnet.train.step.TrainStep (augmentation, forward, backward, SGD) on images already on the device for:
   paper                  the paper preset as `alexnet train` runs it (LRN's Triton kernels on CUDA,
                          torch.compile's on the CPU), but eager: every line below but one is, so that
                          the host's time per step shows
@@ -26,7 +26,7 @@ of alexnet.step.TrainStep (augmentation, forward, backward, SGD) on images alrea
   paper, LRN across towers  LRN's window across both towers' maps (Caffe's; the paper's GPUs each
                          normalised their own): one launch of LRN's kernels each way, not one per tower
   torchvision            the torchvision preset
-  augmentation only      alexnet.augment.train_batch alone
+  augmentation only      alexnet.data.augment.train_batch alone
 with the time the host takes to enqueue each step (where it nears the step's time, the host limits
 and CUDA graphs would help); then LRN and max pooling alone, forward and backward on the paper
 network's activations, by kernels, against the least memory traffic each needs; each convolution
@@ -48,16 +48,16 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from alexnet import augment, bias_relu, lrn, pool
-from alexnet.augment import make_pixel_stats, train_batch
+from alexnet.data import augment
+from alexnet.data.augment import make_pixel_stats, train_batch
 from alexnet.errors import first_line
-from alexnet.lrn import KERNELS as LRN_KERNELS
-from alexnet.lrn import PAPER_LRN, LocalResponseNorm
-from alexnet.model import AlexNet, CeilConv2d, Conv2d, GroupedConv2d, build_model
-from alexnet.pool import KERNELS as POOL_KERNELS
-from alexnet.pool import MaxPool2d
-from alexnet.step import TrainStep, make_optimizer, resolve_precision, tune_for
-from alexnet.train import pick_device
+from alexnet.model import bias_relu, lrn, pool
+from alexnet.model.lrn import KERNELS as LRN_KERNELS
+from alexnet.model.lrn import PAPER_LRN, LocalResponseNorm
+from alexnet.model.net import AlexNet, CeilConv2d, Conv2d, GroupedConv2d, build_model
+from alexnet.model.pool import KERNELS as POOL_KERNELS
+from alexnet.model.pool import MaxPool2d
+from alexnet.train.step import TrainStep, make_optimizer, pick_device, resolve_precision, tune_for
 
 
 def make_step(
@@ -94,7 +94,7 @@ def set_on(model: nn.Module, kind: type, **attributes) -> nn.Module:
 @contextlib.contextmanager
 def exact_lrn_logs():
     """LRN's Triton kernels with tl.log's polynomial instead of the special-function unit's lg2 meanwhile."""
-    from alexnet import lrn_triton
+    from alexnet.kernels import lrn as lrn_triton
 
     fast, lrn_triton.FAST_LOG = lrn_triton.FAST_LOG, False
     try:

@@ -79,7 +79,7 @@ def slow_loading(seconds: float) -> str:
     file $MARK (where set) as each starts: run before a command, so that a signal or a kill lands mid-run."""
     return (
         "import os, pathlib, time\n"
-        "import alexnet.data as d\n"
+        "import alexnet.data.folders as d\n"
         "load = d.load_image\n"
         "def slow_load(*a, **k):\n"
         "    if os.environ.get('MARK'):\n"

@@ -1,5 +1,5 @@
 """Crops, reflections, mean subtraction and PCA lighting, checked on images whose pixels encode
-their own coordinates (REFERENCE.md section 4)."""
+their own coordinates (docs/reference.md §4)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 
-from alexnet.augment import (
+from alexnet.data.augment import (
     IMAGENET_EIGVAL,
     IMAGENET_EIGVEC,
     IMAGENET_STD,
@@ -20,7 +20,7 @@ from alexnet.augment import (
     ten_crop_batch,
     train_batch,
 )
-from alexnet.data import ImageDataset, image_moments, make_loader, open_split
+from alexnet.data.folders import ImageDataset, image_moments, make_loader, open_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small tensor ops: threads only contend
 
@@ -281,7 +281,7 @@ def test_make_pixel_stats_dataset_pca(seed: int) -> None:
 
 def test_dataset_pca_of_real_photographs_is_on_the_scale_of_the_imagenet_constants() -> None:
     """`--pca dataset` and `--pca imagenet` are the same lighting: the eigenvalues of the RGB covariance
-    of photographs (in [0, 1] units) are close to the widely used constants (REFERENCE.md section 4)."""
+    of photographs (in [0, 1] units) are close to the widely used constants (docs/reference.md §4)."""
     split = open_split(SHARED_DATA / "imagenet-sample-1000", "val")
     mean_image, cov, count, _ = image_moments(make_loader(ImageDataset(split.samples[::10]), 50, 0))
     assert count == 100
@@ -317,7 +317,7 @@ def test_make_pixel_stats_mean_and_scale() -> None:
 @pytest.mark.parametrize("per_pixel", [True, False])
 def test_gpu_gather_and_cpu_slicing_crop_alike(per_pixel):
     """train_batch crops by one gather on CUDA and by slicing on the CPU: both must give the same pixels."""
-    from alexnet.augment import _crops_by_gather, _crops_by_slicing
+    from alexnet.data.augment import _crops_by_gather, _crops_by_slicing
 
     g = torch.Generator().manual_seed(3)
     images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8, generator=g)

@@ -196,9 +196,9 @@ def test_evaluate_writes_a_report(tiny_run, tmp_path, capsys):
 def test_predict_shows_names_and_probabilities(tiny_run, tmp_path, capsys):
     import torch
 
-    from alexnet.data import load_image
-    from alexnet.evaluate import class_probabilities
-    from alexnet.train import load_for_inference
+    from alexnet.data.folders import load_image
+    from alexnet.inspect.evaluate import class_probabilities
+    from alexnet.interop.export import load_for_inference
 
     data, run = tiny_run
     (tmp_path / "broken.jpg").write_bytes(b"nope")
@@ -367,7 +367,7 @@ def test_evaluate_labels_folders_by_the_checkpoints_classes(tiny_run, tmp_path, 
     import torch
 
     from alexnet.checkpoint import load_checkpoint, save_checkpoint
-    from alexnet.prepare import prepare_dataset
+    from alexnet.data.prepare import prepare_dataset
 
     data, run = tiny_run
     assert main(["evaluate", "--checkpoint", str(run), "--data", str(data), "--no-progress"]) == 0
@@ -434,7 +434,7 @@ def test_every_option_of_every_command_says_what_it_does():
     import dataclasses
 
     from alexnet.cli import build_parser
-    from alexnet.config import TrainConfig
+    from alexnet.train.config import TrainConfig
 
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     silent = [

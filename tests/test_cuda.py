@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from alexnet.augment import make_pixel_stats, ten_crop_batch, train_batch
-from alexnet.lrn import PAPER_LRN, LocalResponseNorm
-from alexnet.model import build_model
-from alexnet.step import TrainStep, make_optimizer
+from alexnet.data.augment import make_pixel_stats, ten_crop_batch, train_batch
+from alexnet.model.lrn import PAPER_LRN, LocalResponseNorm
+from alexnet.model.net import build_model
+from alexnet.train.step import TrainStep, make_optimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -29,8 +29,8 @@ def test_gpu_augmentation_equals_cpu(images):
 
 def test_gpu_augmentation_runs_the_triton_kernel_and_falls_back_to_pytorch(images, monkeypatch):
     """The kernel by default (channels_last out); where it cannot run, PyTorch's operations, said once."""
-    import alexnet.augment as augment_module
-    from alexnet import augment_triton
+    import alexnet.data.augment as augment_module
+    from alexnet.kernels import augment as augment_triton
 
     calls = []
     real = augment_triton.train_crops
@@ -141,7 +141,7 @@ def test_per_tower_lrn_on_cuda_equals_eager(kernels, dtype, layout):
 
 
 def test_lrn_on_cuda_uses_the_triton_kernels_by_default(monkeypatch):
-    from alexnet import lrn_triton
+    from alexnet.kernels import lrn as lrn_triton
 
     calls = []
     for name in ("forward", "backward"):
@@ -163,7 +163,7 @@ POOLS = {"pool1": (8, 96, 55, 55), "pool2": (8, 256, 27, 27), "pool5": (8, 256, 
 def test_triton_max_pool_equals_pytorchs_on_cuda(dtype, layout, shape):
     """The paper's three pools: the same maxima, the gradient to the same inputs (ties included: bf16
     values from 0 to 1 tie often), summed in float32 as PyTorch's CUDA kernels do."""
-    from alexnet.pool import MaxPool2d
+    from alexnet.model.pool import MaxPool2d
 
     gen = torch.Generator().manual_seed(2)
     x = torch.rand(shape, generator=gen).to("cuda", dtype).contiguous(memory_format=layout)
@@ -182,7 +182,7 @@ def test_triton_max_pool_equals_pytorchs_on_cuda(dtype, layout, shape):
 
 
 def test_max_pool_on_cuda_uses_the_triton_kernels_by_default(monkeypatch):
-    from alexnet import pool_triton
+    from alexnet.kernels import pool as pool_triton
 
     calls = []
     for name in ("forward", "backward"):
@@ -199,7 +199,7 @@ def test_dense_grouped_convs_equal_cudnns_grouped_ones(dtype, monkeypatch):
     """conv2 of the paper preset as CUDA runs it by default (one dense convolution, block-diagonal
     weight), and as a convolution per tower, against cuDNN's grouped convolution: values and
     gradients, in channels_last."""
-    from alexnet.model import GroupedConv2d
+    from alexnet.model.net import GroupedConv2d
 
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the same arithmetic for all
     conv = build_model("paper").named_layers()["conv2"].cuda()
@@ -261,8 +261,8 @@ def test_train_with_cuda_graphs_equals_eager_training(imagenette_ci, tmp_path, c
     and validation between them: the same training losses and validation errors as without graphs."""
     import json
 
-    from alexnet.config import TrainConfig
-    from alexnet.train import train
+    from alexnet.train.config import TrainConfig
+    from alexnet.train.loop import train
 
     metrics = {}
     for graphs in (False, None):
@@ -310,7 +310,7 @@ def test_conv1_takes_its_input_as_blocks_of_pixels_on_cuda_under_autocast(monkey
 def test_band_kernels_with_a_bias_equal_pytorchs_operations_on_cuda(dtype):
     """fuse_lrn's operation with LRN in the band kernels (a candidate): relu(x + b) then the eager LRN's
     values and gradients (x's and b's), for conv1's and conv2's numbers of channels."""
-    from alexnet.bias_relu import bias_relu_lrn
+    from alexnet.model.bias_relu import bias_relu_lrn
 
     gen = torch.Generator().manual_seed(2)
     for channels in (96, 256):
@@ -342,7 +342,8 @@ def test_bias_and_relu_run_in_the_triton_kernels_by_default(dtype, monkeypatch):
     by one, in each case."""
     from collections import Counter
 
-    from alexnet import bias_relu_triton, lrn_triton
+    from alexnet.kernels import bias_relu as bias_relu_triton
+    from alexnet.kernels import lrn as lrn_triton
 
     calls = []
 
@@ -399,8 +400,8 @@ def test_bias_and_relu_run_in_the_triton_kernels_by_default(dtype, monkeypatch):
 def test_the_model_falls_back_to_pytorchs_bias_and_relu_where_triton_cannot_run(monkeypatch):
     """The model's default on CUDA, on a GPU Triton cannot build for: one warning, then PyTorch's
     operations, with the modules' values (kernels named explicitly would raise instead)."""
-    import alexnet.bias_relu as bias_relu_module
-    from alexnet import bias_relu_triton
+    import alexnet.model.bias_relu as bias_relu_module
+    from alexnet.kernels import bias_relu as bias_relu_triton
 
     def too_old(*args):
         raise RuntimeError("Triton only supports GPUs of compute capability 7.0 or newer")

@@ -7,7 +7,7 @@ import torch
 from conftest import SHARED_DATA, write_image
 from PIL import Image
 
-from alexnet.data import (
+from alexnet.data.folders import (
     EpochSampler,
     ImageDataset,
     collate,

@@ -1,4 +1,4 @@
-"""The test protocol (REFERENCE.md section 4): 10-crop softmax averaging, top-1 and top-5 error, the
+"""The test protocol (docs/reference.md §4): 10-crop softmax averaging, top-1 and top-5 error, the
 confusion matrix and the reports written from it, with a stub model whose logits are fixed per
 (image, view), so every number is known exactly."""
 
@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet.augment import IMAGENET_EIGVAL, IMAGENET_EIGVEC, PixelStats
-from alexnet.data import Batch
+from alexnet.data.augment import IMAGENET_EIGVAL, IMAGENET_EIGVEC, PixelStats
+from alexnet.data.folders import Batch
 from alexnet.errors import UserError
-from alexnet.evaluate import class_probabilities, evaluate, write_report
+from alexnet.inspect.evaluate import class_probabilities, evaluate, write_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small tensor ops: threads only contend
 
@@ -173,7 +173,7 @@ def test_evaluate_command_with_no_readable_image_is_a_one_line_error_and_no_repo
 ) -> None:
     """Every validation file corrupt or empty: one line and exit 2, not errors of NaN "on 0 images", and
     no eval.json (NaN is not JSON)."""
-    import alexnet.train
+    import alexnet.interop.export
     from alexnet.cli import main
 
     val = tmp_path / "data" / "val" / "n0"
@@ -181,7 +181,8 @@ def test_evaluate_command_with_no_readable_image_is_a_one_line_error_and_no_repo
     (val / "0.JPEG").write_bytes(b"")
     (val / "1.JPEG").write_text("not an image")
     ckpt = {"classes": ["n0", "n1"], "names": ["cat", "dog"], "config": {"image_size": S, "crop": CROP}}
-    monkeypatch.setattr(alexnet.train, "load_for_inference", lambda *_: (predicting(torch.zeros(1, 2)), STATS, ckpt))
+    loaded = (predicting(torch.zeros(1, 2)), STATS, ckpt)
+    monkeypatch.setattr(alexnet.interop.export, "load_for_inference", lambda *_: loaded)
     report = tmp_path / "report"
     args = ["evaluate", "--checkpoint", "c.pt", "--data", str(tmp_path / "data"), "--ten-crop", "--out", str(report)]
     assert main([*args, "--device", "cpu", "--workers", "0", "--no-progress"]) == 2
@@ -211,9 +212,9 @@ def nan_run(tmp_path) -> tuple[Path, Path]:
     NaN in conv1's weights, and an image folder of its classes."""
     from conftest import write_image
 
-    from alexnet.augment import make_pixel_stats
     from alexnet.checkpoint import save_checkpoint
-    from alexnet.config import TrainConfig
+    from alexnet.data.augment import make_pixel_stats
+    from alexnet.train.config import TrainConfig
 
     torch.manual_seed(0)
     cfg = TrainConfig(preset="torchvision", image_size=72, crop=64).resolved()

@@ -10,15 +10,14 @@ import pytest
 import torch
 from conftest import scoped_folder
 
-from alexnet.augment import center_batch, make_pixel_stats
 from alexnet.checkpoint import load_checkpoint, save_checkpoint
 from alexnet.cli import main
-from alexnet.config import TrainConfig
-from alexnet.data import load_image
+from alexnet.data.augment import center_batch, make_pixel_stats
+from alexnet.data.folders import load_image
 from alexnet.errors import UserError
-from alexnet.export import export_checkpoint, load_exported, max_abs_difference
-from alexnet.model import build_model
-from alexnet.train import load_for_inference
+from alexnet.interop.export import export_checkpoint, load_exported, load_for_inference, max_abs_difference
+from alexnet.model.net import build_model
+from alexnet.train.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small tensor ops: threads only contend
 
@@ -191,7 +190,7 @@ def off_by_one(checkpoint: str, path) -> str:
 
 
 def test_cli_export_checks_against_pytorch(checkpoints, images, tmp_path, capsys, monkeypatch):
-    import alexnet.export
+    import alexnet.interop.export
 
     out = tmp_path / "tv.pt2"
     args = ["export", "--checkpoint", checkpoints["torchvision"], "--format", "export", "--out", str(out)]
@@ -200,8 +199,8 @@ def test_cli_export_checks_against_pytorch(checkpoints, images, tmp_path, capsys
     assert "largest absolute difference from PyTorch's logits on 2 images" in printed
     assert float(printed.rsplit(": ", 1)[1]) < 1e-4
     # an export that is off (one weight changed) is reported off: the check cannot pass whatever it gets
-    off, export = off_by_one(checkpoints["torchvision"], tmp_path / "off.pt"), alexnet.export.export_checkpoint
-    monkeypatch.setattr(alexnet.export, "export_checkpoint", lambda _, *rest: export(off, *rest))
+    off, export = off_by_one(checkpoints["torchvision"], tmp_path / "off.pt"), alexnet.interop.export.export_checkpoint
+    monkeypatch.setattr(alexnet.interop.export, "export_checkpoint", lambda _, *rest: export(off, *rest))
     assert main([*args, "--check", *images[:2]]) == 0
     assert abs(float(capsys.readouterr().out.rsplit(": ", 1)[1]) - 1) < 1e-3
 
@@ -223,9 +222,9 @@ def test_bad_export_requests(checkpoints, tmp_path):
 
 
 def test_bad_export_requests_are_refused_before_any_work(checkpoints, tmp_path, capsys, monkeypatch):
-    import alexnet.train
+    import alexnet.interop.export
 
-    monkeypatch.setattr(alexnet.train, "load_for_inference", None)  # no checkpoint is read, nothing exported
+    monkeypatch.setattr(alexnet.interop.export, "load_for_inference", None)  # no checkpoint is read, nothing exported
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     export = ["export", "--checkpoint", checkpoints["torchvision"], "--format"]
@@ -247,19 +246,19 @@ def test_bad_export_requests_are_refused_before_any_work(checkpoints, tmp_path, 
 def test_check_skips_unreadable_files_and_compares_in_batches(checkpoints, images, tmp_path, capsys, monkeypatch):
     """As predict and features do: an unreadable file is skipped and named, not the end of the check;
     and the images go through in batches, not all in one (some 24 MB an image at 227)."""
-    import alexnet.export
+    import alexnet.interop.export
 
     out = export_checkpoint(checkpoints["torchvision"], "export", tmp_path / "tv.pt2")
     broken = tmp_path / "photos" / "broken.jpg"
     broken.parent.mkdir()
     broken.write_bytes(b"not a jpeg")
-    sizes, load = [], alexnet.export.load_exported
+    sizes, load = [], alexnet.interop.export.load_exported
 
     def counting(*args):
         run = load(*args)
         return lambda x: (sizes.append(len(x)), run(x))[1]
 
-    monkeypatch.setattr(alexnet.export, "load_exported", counting)
+    monkeypatch.setattr(alexnet.interop.export, "load_exported", counting)
     diff, count, bad = max_abs_difference(out, checkpoints["torchvision"], [broken.parent, *images], batch_size=3)
     assert count == 4 and diff < 1e-4 and sizes == [2, 2]  # batches of 3 files, the broken one left out
     assert len(bad) == 1 and bad[0].startswith(f"{broken}\t")

@@ -2,14 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet.augment import PixelStats
 from alexnet.cli import main
-from alexnet.config import TrainConfig
-from alexnet.data import display_names, imagenet_class_names, load_image
+from alexnet.data.augment import PixelStats
+from alexnet.data.folders import display_names, imagenet_class_names, load_image
 from alexnet.errors import UserError
-from alexnet.features import extract, filter_mosaic
-from alexnet.model import build_model
-from alexnet.train import load_for_inference, train
+from alexnet.inspect.features import extract, filter_mosaic
+from alexnet.interop.export import load_for_inference
+from alexnet.model.net import build_model
+from alexnet.train import train
+from alexnet.train.config import TrainConfig
 
 torch.set_num_threads(1)
 
@@ -51,7 +52,7 @@ def test_paper_preset_shapes_at_224():
     for name in ("conv1", "conv5", "fc6", "fc7"):  # taken after the ReLU
         assert feats[name].min() >= 0, name
     # fc8 is the model's output; pool5 is what fc6 sees
-    from alexnet.augment import center_batch
+    from alexnet.data.augment import center_batch
 
     with torch.no_grad():
         logits = model.eval()(center_batch(images, plain_stats(256), 224))
@@ -128,7 +129,7 @@ def test_imagenet_names_for_bare_wnids():
 def test_hidden_files_and_folders_are_not_images(tmp_path):
     from conftest import write_image
 
-    from alexnet.features import list_image_files
+    from alexnet.inspect.features import list_image_files
 
     photos = tmp_path / "photos"
     for name in ("b.jpg", "a.jfif", ".hidden.jpg", "._b.jpg", ".ipynb_checkpoints/b-checkpoint.jpg", "x/c.png"):

@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 
 from alexnet.cli import main
-from alexnet.config import TrainConfig
-from alexnet.figures import DPI, SIZES, conv1_figure, nearest_neighbours, spread, subset
-from alexnet.model import build_model
-from alexnet.train import train
+from alexnet.inspect.figures import DPI, SIZES, conv1_figure, nearest_neighbours, spread, subset
+from alexnet.model.net import build_model
+from alexnet.train.config import TrainConfig
+from alexnet.train.loop import train
 
 torch.set_num_threads(1)
 
@@ -139,7 +139,7 @@ def test_figures_of_a_run_trained_from_a_prepared_dataset(tiny_run, tmp_path, ca
     that need no images are drawn either way."""
     import shutil
 
-    from alexnet.prepare import prepare_dataset
+    from alexnet.data.prepare import prepare_dataset
 
     data, run = tiny_run
     source, prepared = tmp_path / "source", tmp_path / "prepared"

@@ -12,8 +12,8 @@ import math
 
 import pytest
 
-from alexnet.config import TrainConfig
 from alexnet.train import train
+from alexnet.train.config import TrainConfig
 
 # (epochs, batch size) per preset: ~70 steps; the seed's network costs 4.6x the paper's per image
 BUDGET = {"paper": (5, 32), "torchvision": (5, 32), "seed": (3, 16)}

@@ -1,5 +1,5 @@
 """Local response normalization against naive references written here, one per convention
-(REFERENCE.md section 3), and its float32 computation under autocast."""
+(docs/reference.md §3), and its float32 computation under autocast."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from alexnet.lrn import (
+from alexnet.model.lrn import (
     CAFFE_LRN,
     CUDA_CONVNET_LRN,
     PAPER_LRN,
@@ -209,7 +209,7 @@ def test_channels_last_input_gives_channels_last_output_and_gradient() -> None:
 def test_default_falls_back_to_the_same_formulas_where_the_compiler_fails(monkeypatch) -> None:
     """No C compiler, or a GPU older than Triton supports: LRN still trains, unfused, and says so once.
     Named explicitly, the compiled kernels fail instead."""
-    import alexnet.lrn as lrn_module
+    import alexnet.model.lrn as lrn_module
 
     def broken(fn):
         def compiled(*args):
@@ -242,7 +242,7 @@ def test_unknown_kernels_are_refused() -> None:
 
 def test_default_fuses_training_and_leaves_cpu_inference_eager(monkeypatch) -> None:
     """Compiling pays off over many training steps, not for one prediction on the CPU."""
-    import alexnet.lrn as lrn_module
+    import alexnet.model.lrn as lrn_module
 
     compiled = []
     monkeypatch.setattr(lrn_module, "_compiled", lambda fn: compiled.append(fn.__name__) or fn)
@@ -336,7 +336,7 @@ def test_towers_must_divide_the_channels() -> None:
 def test_compiling_lrn_on_a_machine_without_cuda_prints_nothing(tmp_path) -> None:
     """Training on the CPU compiles LRN; inductor's C++ build would log 'No CUDA runtime is found' on stderr."""
     code = (
-        "import torch\nfrom alexnet.lrn import PAPER_LRN, LocalResponseNorm\n"
+        "import torch\nfrom alexnet.model.lrn import PAPER_LRN, LocalResponseNorm\n"
         "x = torch.randn(2, 8, 5, 5, requires_grad=True)\n"
         "LocalResponseNorm(PAPER_LRN, 'compiled')(x).sum().backward()\n"
     )
@@ -350,7 +350,7 @@ def test_the_compiled_kernels_are_compiled_once_for_every_shape():
     that come (lrn1's, lrn2's, a smaller last batch), not once a shape (12-33 s each on 2 cores)."""
     from torch._dynamo.utils import counters
 
-    import alexnet.lrn as lrn_module
+    import alexnet.model.lrn as lrn_module
 
     torch._dynamo.reset()
     lrn_module._compiled.cache_clear()

@@ -1,4 +1,4 @@
-"""The presets against REFERENCE.md: parameter counts, layer shapes, conv1's output size rule,
+"""The presets against docs/reference.md: parameter counts, layer shapes, conv1's output size rule,
 torchvision equivalence, the paper's initialisation, argument checks and the two-tower grouping."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from alexnet.config import TrainConfig
 from alexnet.errors import UserError
-from alexnet.lrn import PAPER_LRN, LocalResponseNorm, tensorflow_lrn
-from alexnet.model import PRESETS, CeilConv2d, GroupedConv2d, block_diagonal, build_model, layer_table
+from alexnet.model.lrn import PAPER_LRN, LocalResponseNorm, tensorflow_lrn
+from alexnet.model.net import PRESETS, CeilConv2d, GroupedConv2d, block_diagonal, build_model, layer_table
+from alexnet.train.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small tensor ops: threads only contend
 
@@ -42,7 +42,7 @@ def paper() -> nn.Module:
 
 
 def test_paper_parameter_count_groups2(paper: nn.Module) -> None:
-    assert n_params(paper) == 60_965_224  # REFERENCE.md section 2
+    assert n_params(paper) == 60_965_224  # docs/reference.md §2
     assert n_params(build_model("paper", groups=2)) == 60_965_224
 
 
@@ -421,7 +421,7 @@ def test_paper_init() -> None:
 
 def test_caffe_init() -> None:
     # bvlc_alexnet's: fc6 and fc7 weights N(0, 0.005), all others N(0, 0.01) (fc8 and conv1 included);
-    # biases 0.1 where the paper's are 1 (REFERENCE.md section 5: 1 "gave flat loss"), 0 elsewhere
+    # biases 0.1 where the paper's are 1 (docs/reference.md §5: 1 "gave flat loss"), 0 elsewhere
     torch.manual_seed(1)
     layers = build_model("paper", init="caffe").named_layers()
     for name, layer in layers.items():
@@ -609,7 +609,7 @@ def test_lrn_joins_the_bias_and_relu_before_it_where_it_runs_in_triton(monkeypat
     """With fuse_lrn (off by default: slower on an H200), conv1 and conv2's bias, ReLU and LRN as one
     operation (bias_relu_lrn) where the bias and ReLU run as one and the LRN's kernels are Triton's;
     not where a hook watches the LRN. The same values as the modules one by one."""
-    import alexnet.model as model_module
+    import alexnet.model.net as model_module
 
     calls = []
 
@@ -657,7 +657,7 @@ def test_bias_and_relu_run_as_one_operation_unless_a_hook_watches(monkeypatch) -
     """bias_relu="triton" (CUDA's default): each convolution runs without its bias and hands it, with
     its output, to bias_relu.bias_relu; except where a hook watches the convolution or its ReLU (a
     feature tap), and under export. The same values as the modules one by one (the CPU's default)."""
-    import alexnet.model as model_module
+    import alexnet.model.net as model_module
 
     calls = []
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from conftest import assert_same_files, child_processes, running, write_image
 
-from alexnet.augment import make_pixel_stats, train_batch
-from alexnet.data import EpochSampler, ImageDataset, image_moments, load_image, make_loader, open_split
+from alexnet.data.augment import make_pixel_stats, train_batch
+from alexnet.data.folders import EpochSampler, ImageDataset, image_moments, load_image, make_loader, open_split
+from alexnet.data.prepare import check_dataset, prepare_dataset
+from alexnet.data.prepared import PreparedLoader, open_prepared, read_manifest
 from alexnet.errors import UserError
-from alexnet.prepare import check_dataset, prepare_dataset
-from alexnet.prepared import PreparedLoader, open_prepared, read_manifest
 from alexnet.stopping import Interrupted
 
 WNIDS = ("n01440764", "n02102040", "n02979186")  # tench, English springer, cassette player
@@ -122,7 +122,7 @@ def test_killed_prepare_resumes_to_identical_bytes(source, prepared, fmt, tmp_pa
     # a real SIGKILL part-way: decoding slowed down so that the kill lands inside the training split
     script = (
         "import sys, time\n"
-        "import alexnet.prepare as p\n"
+        "import alexnet.data.prepare as p\n"
         "load = p.load_image\n"
         "p.load_image = lambda *a: (time.sleep(0.1), load(*a))[1]\n"
         f"p.prepare_dataset(sys.argv[1], sys.argv[2], fmt={fmt!r}, workers=0, progress=False, chunk_size=2)\n"
@@ -147,7 +147,7 @@ def test_killed_prepare_resumes_to_identical_bytes(source, prepared, fmt, tmp_pa
 # `alexnet prepare` with 2 workers, decoding slowed down (0.4 s a chunk of 2), so that signals land mid-split
 SLOW_PREPARE = """
 import functools, sys, time
-import alexnet.prepare as p
+import alexnet.data.prepare as p
 from alexnet.cli import main
 load = p.load_image
 p.load_image = lambda *a: (time.sleep(0.2), load(*a))[1]
@@ -213,7 +213,7 @@ def test_a_signal_stops_prepare_in_one_line_and_it_resumes_to_identical_bytes(so
 
 
 def test_a_signal_before_the_decoding_stops_at_once_in_one_line(source, tmp_path, monkeypatch):
-    import alexnet.prepare as prepare_module
+    import alexnet.data.prepare as prepare_module
 
     def listing_then_signal(*args):
         found = real(*args)

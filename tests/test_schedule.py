@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from alexnet.config import TrainConfig
-from alexnet.schedule import lr_factor, make_scheduler, scale_learning_rate, steps_each_iteration
+from alexnet.train.config import TrainConfig
+from alexnet.train.schedule import lr_factor, make_scheduler, scale_learning_rate, steps_each_iteration
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small tensor ops: threads only contend
 

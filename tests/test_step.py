@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alexnet.augment import make_pixel_stats, train_batch
-from alexnet.bench import Measure, format_table, plain_twin, run_benchmark
-from alexnet.data import EpochBatches, rank_share
+from alexnet.data.augment import make_pixel_stats, train_batch
+from alexnet.data.folders import EpochBatches, rank_share
 from alexnet.errors import UserError
-from alexnet.model import build_model
-from alexnet.step import TrainStep, make_optimizer, resolve_precision
+from alexnet.inspect.bench import Measure, format_table, plain_twin, run_benchmark
+from alexnet.model.net import build_model
+from alexnet.train.step import TrainStep, make_optimizer, resolve_precision
 
 STATS = make_pixel_stats(torch.full((3, 240, 240), 0.4), torch.eye(3) * 0.02)
 
@@ -57,7 +57,7 @@ def test_bf16_and_channels_last_stay_close_to_fp32(batch):
 @pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp32", torch.float32)])
 def test_the_step_asks_for_the_batch_in_the_type_conv1_computes_in(batch, precision, dtype, monkeypatch):
     """On CUDA the augmentation stores the batch in autocast's 16-bit type (here the CPU: the step asks)."""
-    import alexnet.step as step_module
+    import alexnet.train.step as step_module
 
     asked = []
 
@@ -107,7 +107,7 @@ def test_epoch_batches_shares_are_disjoint_and_complete():
 
 
 def test_benchmark_measures_against_the_torchvision_baseline(tmp_path, tiny_dataset):
-    from alexnet.prepare import prepare_dataset
+    from alexnet.data.prepare import prepare_dataset
 
     prepared = tmp_path / "prepared"
     prepare_dataset(tiny_dataset, prepared, workers=0, progress=False)
@@ -150,7 +150,7 @@ def test_the_plain_twin_is_the_presets_network(preset):
 def test_benchmark_measures_other_lrn_kernels_where_asked(monkeypatch):
     """--lrn-kernels: the measured step's LRN runs in the kernels named (CPU training's default would
     be 'compiled'); --fuse-lrn and Triton need CUDA, and a preset without LRN has none to change."""
-    from alexnet import lrn
+    from alexnet.model import lrn
 
     used = []  # "eager": the formulas' terms, once per forward; other kernels by name, as lrn._run gets them
     real_kernel, real_terms = lrn._kernel, lrn._lrn_terms
@@ -238,7 +238,7 @@ def test_cuda_graph_steps_warm_up_capture_once_and_replay(batch, monkeypatch):
     eager, and after forget_graph() the same again."""
     import contextlib
 
-    import alexnet.step as step_module
+    import alexnet.train.step as step_module
 
     events = []
 
@@ -285,7 +285,7 @@ def test_cuda_graph_steps_warm_up_capture_once_and_replay(batch, monkeypatch):
 
 
 def test_cuda_graphs_are_the_default_where_they_apply_and_say_in_one_line_where_not():
-    from alexnet.step import resolve_cuda_graphs
+    from alexnet.train.step import resolve_cuda_graphs
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert resolve_cuda_graphs(None, cuda, "bf16", False, False) is True

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet import synthetic
+from alexnet.data import synthetic
+from alexnet.data.synthetic import CLASSES, make_demo_dataset
 from alexnet.errors import UserError
-from alexnet.synthetic import CLASSES, make_demo_dataset
 
 SMALL = {"train_per_class": 4, "val_per_class": 2, "size": 48}
 

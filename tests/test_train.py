@@ -7,12 +7,12 @@ import zlib
 import pytest
 import torch
 
-import alexnet.step as step_module
+import alexnet.train.step as step_module
 from alexnet.checkpoint import load_checkpoint, save_checkpoint
-from alexnet.config import TrainConfig
 from alexnet.errors import UserError
 from alexnet.stopping import Interrupted
-from alexnet.train import flat_loss_warning, train
+from alexnet.train.config import TrainConfig
+from alexnet.train.loop import flat_loss_warning, train
 
 # Small and quick: the paper network at a reduced input, few images. Still the real training loop.
 TINY = dict(preset="torchvision", batch_size=4, image_size=72, crop=64, workers=0, log_every=1)
@@ -138,8 +138,8 @@ def test_images_per_second_counts_the_wait_for_the_device(tiny_dataset, tmp_path
     import time
     import types
 
-    import alexnet.distributed as distributed
-    import alexnet.train as train_module
+    import alexnet.train.distributed as distributed
+    import alexnet.train.loop as train_module
 
     clock, read_back = [0.0], distributed.sum_over_ranks
 
@@ -175,7 +175,7 @@ def test_every_epoch_draws_new_crops_and_a_new_order(tiny_dataset, tmp_path, mon
 
 def fake_evaluation(errors: list[float]):
     """`evaluate` returning these validation errors epoch by epoch (and the last one after)."""
-    from alexnet.evaluate import EvalResult
+    from alexnet.inspect.evaluate import EvalResult
 
     calls = []
 
@@ -199,7 +199,7 @@ def fake_evaluation(errors: list[float]):
     ids=["plateau", "cosine", "step"],
 )
 def test_metrics_log_the_rate_each_epoch_trained_with(tiny_dataset, tmp_path, monkeypatch, schedule, logged):
-    import alexnet.train as train_module
+    import alexnet.train.loop as train_module
 
     monkeypatch.setattr(train_module, "evaluate", fake_evaluation([0.5, 0.5, 0.4, 0.4]))
     run = train(tiny_config(tiny_dataset, tmp_path / "run", epochs=4, **schedule), progress=False)
@@ -211,7 +211,7 @@ def test_best_is_the_first_of_equal_epochs_and_the_final_report_evaluates_it(tin
     """Validation errors 0.5, 0.4, 0.4: best.pt is epoch 2 (a tie does not replace it), the final
     centre and 10-crop evaluations run on its weights, not the last epoch's, and a run directory given
     as a checkpoint means its best.pt."""
-    import alexnet.train as train_module
+    import alexnet.train.loop as train_module
     from alexnet.checkpoint import checkpoint_file
 
     evaluate, seen = fake_evaluation([0.5, 0.4, 0.4]), []
@@ -235,8 +235,8 @@ def test_best_is_the_first_of_equal_epochs_and_the_final_report_evaluates_it(tin
 def test_the_runs_pixel_statistics_follow_its_mean_scale_and_pca_options(tiny_dataset, tmp_path, monkeypatch):
     """What the run trains with (kept in last.pt): the paper's mean image, 0-255 inputs and the training
     set's colour axes, or torchvision's mean colour and std and the ImageNet constants, as asked."""
-    import alexnet.train as train_module
-    from alexnet.augment import IMAGENET_EIGVAL, IMAGENET_STD
+    import alexnet.train.loop as train_module
+    from alexnet.data.augment import IMAGENET_EIGVAL, IMAGENET_STD
 
     monkeypatch.setattr(train_module, "evaluate", fake_evaluation([0.5]))
     options = {"paper": dict(scale="raw"), "torchvision": dict(mean="channel", scale="imagenet", pca="imagenet")}
@@ -253,7 +253,7 @@ def test_the_runs_pixel_statistics_follow_its_mean_scale_and_pca_options(tiny_da
 
 def test_metrics_hold_the_epochs_mean_loss_and_error_over_its_steps(tiny_dataset, tmp_path, monkeypatch):
     """train_loss and train_top1_err: the sums each step returned, over the epoch's images."""
-    import alexnet.train as train_module
+    import alexnet.train.loop as train_module
 
     returned, real_call = [], step_module.TrainStep.__call__
 

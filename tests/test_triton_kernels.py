@@ -1,4 +1,4 @@
-"""The hand-written Triton kernels (alexnet/*_triton.py), checked without a GPU.
+"""The hand-written Triton kernels (alexnet/kernels/*.py), checked without a GPU.
 
 Their results are computed in Triton's interpreter (TRITON_INTERPRET=1: the kernels' code executed on
 the CPU by numpy, tile by tile) and compared with a float64 reference or the CPU's path, and the tiles
@@ -19,8 +19,9 @@ import pytest
 import torch
 
 import alexnet
-import alexnet.lrn as lrn_module
-from alexnet.lrn import CAFFE_LRN, PAPER_LRN, LocalResponseNorm, LRNSpec, tensorflow_lrn
+import alexnet.kernels
+import alexnet.model.lrn as lrn_module
+from alexnet.model.lrn import CAFFE_LRN, PAPER_LRN, LocalResponseNorm, LRNSpec, tensorflow_lrn
 
 triton = pytest.importorskip("triton")
 PACKAGE = Path(alexnet.__file__).parent
@@ -29,20 +30,20 @@ SPECS = [PAPER_LRN, CAFFE_LRN, LRNSpec(4, 0.5, 0.75, 1.0, True), LRNSpec(3, 2.0,
 
 
 def fresh_copy(monkeypatch: pytest.MonkeyPatch, name: str, interpret: bool):
-    """alexnet.<name> loaded afresh, with Triton's interpreter on or off: Triton looks when a kernel is
+    """alexnet.kernels.<name> loaded afresh, with Triton's interpreter on or off: Triton looks when a kernel is
     defined (and, interpreted, when it runs), so the setting lasts until the test ends."""
     if interpret:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     else:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    spec = importlib.util.spec_from_file_location(f"alexnet.{name}", PACKAGE / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"alexnet.kernels.{name}", PACKAGE / "kernels" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def without_triton(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    """alexnet.<name> (a *_triton module) replaced by one whose kernels fail as they do on a GPU older
+    """alexnet.kernels.<name> replaced by one whose kernels fail as they do on a GPU older
     than Triton supports, until the test ends."""
 
     class TooOld:
@@ -51,26 +52,26 @@ def without_triton(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
 
         backward = forward
 
-    monkeypatch.setitem(sys.modules, f"alexnet.{name}", TooOld)
-    monkeypatch.setattr(alexnet, name, TooOld, raising=False)
+    monkeypatch.setitem(sys.modules, f"alexnet.kernels.{name}", TooOld)
+    monkeypatch.setattr(alexnet.kernels, name, TooOld, raising=False)
 
 
 def interpreted(monkeypatch: pytest.MonkeyPatch, name: str, **tile: int):
-    """alexnet.<name> (a *_triton module) in Triton's interpreter, both kernels with the one `tile`
-    (the interpreter cannot time tiles to pick one); also what `import alexnet.<name>` gives while the
+    """alexnet.kernels.<name> in Triton's interpreter, both kernels with the one `tile`
+    (the interpreter cannot time tiles to pick one); also what `import alexnet.kernels.<name>` gives while the
     test runs."""
     module = fresh_copy(monkeypatch, name, interpret=True)
     for kernel in (module._forward_kernel, module._backward_kernel):
         kernel.configs = [triton.Config(tile, num_warps=4)]
-    monkeypatch.setitem(sys.modules, f"alexnet.{name}", module)
-    monkeypatch.setattr(alexnet, name, module, raising=False)
+    monkeypatch.setitem(sys.modules, f"alexnet.kernels.{name}", module)
+    monkeypatch.setattr(alexnet.kernels, name, module, raising=False)
     return module
 
 
 @pytest.fixture
 def kernels(request, monkeypatch):
     """LRN's kernels interpreted, tiles of 4 pixels unless parametrized."""
-    return interpreted(monkeypatch, "lrn_triton", BLOCK_P=getattr(request, "param", 4))
+    return interpreted(monkeypatch, "lrn", BLOCK_P=getattr(request, "param", 4))
 
 
 def formula(a: torch.Tensor, spec: LRNSpec) -> torch.Tensor:
@@ -221,7 +222,7 @@ def test_logarithms_run_in_the_special_function_units(monkeypatch) -> None:
     of the tile backward's instructions on sm_90 (5 logs per element)."""
     if not HAS_PTXAS:
         pytest.skip("this Triton has no CUDA compiler")
-    lrn_triton = fresh_copy(monkeypatch, "lrn_triton", interpret=False)
+    lrn_triton = fresh_copy(monkeypatch, "lrn", interpret=False)
     assert lrn_triton.FAST_LOG  # outside the interpreter
     config = triton.Config({"BLOCK_P": 4}, num_warps=4)
     counts = {}
@@ -243,7 +244,7 @@ def test_every_tile_the_autotuner_may_pick_builds_for_an_h100_without_spilling(
 ) -> None:
     if not HAS_PTXAS:
         pytest.skip("this Triton has no CUDA compiler")
-    lrn_triton = fresh_copy(monkeypatch, "lrn_triton", interpret=False)
+    lrn_triton = fresh_copy(monkeypatch, "lrn", interpret=False)
 
     kernel = getattr(lrn_triton, f"_{direction}_kernel")
     tiles = kernel.early_config_prune(kernel.configs, {}, SIZE=5, BLOCK_C=width)
@@ -259,7 +260,7 @@ def test_a_tile_that_gives_a_thread_too_much_is_pruned_and_would_spill(monkeypat
     """The pruning rule is what keeps the kernels in registers: a tile it leaves out does spill."""
     if not HAS_PTXAS:
         pytest.skip("this Triton has no CUDA compiler")
-    lrn_triton = fresh_copy(monkeypatch, "lrn_triton", interpret=False)
+    lrn_triton = fresh_copy(monkeypatch, "lrn", interpret=False)
 
     kernel = lrn_triton._backward_kernel
     too_big = triton.Config({"BLOCK_P": 16}, num_warps=4)  # 16 x 128 / 128 threads = 16 elements each
@@ -293,7 +294,7 @@ def bf16_dots_in_the_interpreter(monkeypatch):
 @pytest.fixture
 def band_kernels(monkeypatch, bf16_dots_in_the_interpreter):
     """LRN's band kernels interpreted, 16 rows (pixel x W channels) a program."""
-    module = interpreted(monkeypatch, "lrn_triton", BLOCK_P=4)
+    module = interpreted(monkeypatch, "lrn", BLOCK_P=4)
     for kernel in (module._band_forward_kernel, module._band_backward_kernel):
         kernel.configs = [triton.Config({"BLOCK_R": 16}, num_warps=4)]
     return module
@@ -384,7 +385,7 @@ def test_band_kernels_with_a_bias_equal_bias_relu_then_band_lrn(band_kernels, bi
 
 def test_bias_relu_lrn_runs_the_band_kernels_where_lrn_names_them(band_kernels, monkeypatch) -> None:
     """AlexNet.fuse_lrn's operation, given an LRN module with kernels="triton-band"."""
-    from alexnet.bias_relu import bias_relu_lrn
+    from alexnet.model.bias_relu import bias_relu_lrn
 
     calls = []
 
@@ -441,7 +442,7 @@ def test_kernels_normalise_each_tower_alone(band_kernels, band: bool) -> None:
 
 
 def test_band_widths_reach_as_far_as_the_backward_needs() -> None:
-    from alexnet import lrn_triton
+    from alexnet.kernels import lrn as lrn_triton
 
     assert [lrn_triton.band_widths(size) for size in (1, 5, 9, 10, 17)] == [(16, 8)] * 3 + [(32, 16)] * 2
     with pytest.raises(ValueError, match="up to 17 channels, not 18"):
@@ -456,7 +457,7 @@ def test_every_band_tile_builds_for_an_h100_with_wide_loads_and_tensor_cores(dir
     of 32 + 2 x 16) and float32's 3 pieces, no spills."""
     if not HAS_PTXAS:
         pytest.skip("this Triton has no CUDA compiler")
-    lrn_triton = fresh_copy(monkeypatch, "lrn_triton", interpret=False)
+    lrn_triton = fresh_copy(monkeypatch, "lrn", interpret=False)
     kernel = getattr(lrn_triton, f"_band_{direction}_kernel")
     pointers = {name: "*fp32" if name == "db_ptr" else "*bf16" for name in kernel.fn.arg_names if name.endswith("_ptr")}
     aligned = ("stride_n", "stride_p", "channels")
@@ -483,7 +484,7 @@ def test_every_band_tile_builds_for_an_h100_with_wide_loads_and_tensor_cores(dir
 
 def test_default_falls_back_to_compiled_kernels_where_triton_cannot_run(monkeypatch) -> None:
     """A GPU older than Triton supports: the default moves on to torch.compile's kernels, says so once."""
-    without_triton(monkeypatch, "lrn_triton")
+    without_triton(monkeypatch, "lrn")
     monkeypatch.setattr(lrn_module, "_UNUSABLE", {})
     used = []
     monkeypatch.setattr(lrn_module, "_compiled", lambda fn: used.append(fn.__name__) or fn)
@@ -507,9 +508,9 @@ def test_default_falls_back_to_compiled_kernels_where_triton_cannot_run(monkeypa
 @pytest.mark.parametrize("per_pixel", [True, False], ids=["mean_image", "mean_colour"])
 @pytest.mark.parametrize("crop", [32, 29], ids=["crop32", "crop29"])  # 29: columns masked in a tile of 32
 def test_augmentation_kernel_equals_the_cpu_path(monkeypatch, per_pixel: bool, crop: int) -> None:
-    from alexnet.augment import PixelStats, _crops_by_slicing
+    from alexnet.data.augment import PixelStats, _crops_by_slicing
 
-    kernels = fresh_copy(monkeypatch, "augment_triton", interpret=True)
+    kernels = fresh_copy(monkeypatch, "augment", interpret=True)
     kernels._train_crops_kernel.configs = [triton.Config({"BLOCK_R": 8}, num_warps=4)]
     g = torch.Generator().manual_seed(3)
     images = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8, generator=g)
@@ -519,12 +520,12 @@ def test_augmentation_kernel_equals_the_cpu_path(monkeypatch, per_pixel: bool, c
     left = torch.tensor([0, 40 - crop, 3, 7, 40 - crop])  # both edges
     flip = torch.tensor([True, False, True, False, True])
     shift = torch.randn(5, 3, generator=g) * 0.05
-    got = kernels.train_crops(images, stats, top, left, flip, crop, shift)
+    got = kernels.train_crops(images, stats.mean, stats.std, top, left, flip, crop, shift)
     want = _crops_by_slicing(images, stats, top, left, flip, crop, shift)
     assert got.shape == (5, 3, crop, crop) and got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)  # the same arithmetic: rounding at most
     # stored in bf16 (training in bf16): the same values, rounded once (the interpreter truncates)
-    half = kernels.train_crops(images, stats, top, left, flip, crop, shift, torch.bfloat16)
+    half = kernels.train_crops(images, stats.mean, stats.std, top, left, flip, crop, shift, torch.bfloat16)
     assert half.dtype == torch.bfloat16 and half.is_contiguous(memory_format=torch.channels_last)
     assert ((half.float() - want).abs() <= want.abs() * 2**-7 + 1e-6).all()
     assert (half.float() != got).any()  # rounded, not float32 values in a float32 tensor
@@ -537,7 +538,7 @@ POINTERS |= {"shift_ptr": "*fp32", "mean_ptr": "*fp32", "scale_ptr": "*fp32"}
 def test_augmentation_kernel_builds_for_an_h100_without_spilling(monkeypatch) -> None:
     if not HAS_PTXAS:
         pytest.skip("this Triton has no CUDA compiler")
-    kernel = fresh_copy(monkeypatch, "augment_triton", interpret=False)._train_crops_kernel
+    kernel = fresh_copy(monkeypatch, "augment", interpret=False)._train_crops_kernel
     for config in kernel.configs:
         for out in ("*fp32", "*bf16"):
             constants = {"BLOCK_W": 256, **config.kwargs}
@@ -597,14 +598,14 @@ def test_the_operator_returns_the_strides_its_fake_kernels_promise(kernels, kind
     torch.library.opcheck(lrn_module._lrn_backward_op, (permuted, g, *rest))  # the checks torch.compile relies on
 
 
-# --- Max pooling's kernels (alexnet/pool_triton.py) ----------------------------------------------
+# --- Max pooling's kernels (alexnet/kernels/pool.py) ----------------------------------------------
 
 
 @pytest.fixture
 def pool_kernels(request, monkeypatch):
-    """pool_triton interpreted, tiles of 16 pixels x 32 channels unless parametrized."""
+    """kernels/pool.py interpreted, tiles of 16 pixels x 32 channels unless parametrized."""
     block_p, block_c = getattr(request, "param", (16, 32))
-    return interpreted(monkeypatch, "pool_triton", BLOCK_P=block_p, BLOCK_C=block_c)
+    return interpreted(monkeypatch, "pool", BLOCK_P=block_p, BLOCK_C=block_c)
 
 
 def _pool_inputs(shape, size: int, stride: int, channels_last: bool, dtype=torch.float32):
@@ -662,7 +663,7 @@ def test_pool_kernels_in_bfloat16(pool_kernels) -> None:
 
 
 def test_max_pool_module_trains_through_the_kernels_saving_a_byte_per_output(pool_kernels) -> None:
-    from alexnet.pool import MaxPool2d
+    from alexnet.model.pool import MaxPool2d
 
     x, g = _pool_inputs((2, 40, 11, 9), 3, 2, channels_last=True)
     x.requires_grad_()
@@ -684,7 +685,7 @@ POOL_POINTERS = {"x_ptr": "*bf16", "y_ptr": "*bf16", "g_ptr": "*bf16", "dx_ptr":
 def test_every_pool_tile_builds_for_an_h100_without_spilling(direction: str, monkeypatch) -> None:
     if not HAS_PTXAS:
         pytest.skip("this Triton has no CUDA compiler")
-    kernel = getattr(fresh_copy(monkeypatch, "pool_triton", interpret=False), f"_{direction}_kernel")
+    kernel = getattr(fresh_copy(monkeypatch, "pool", interpret=False), f"_{direction}_kernel")
     assert len(kernel.configs) >= 6
     for config in kernel.configs:
         constants = {"SIZE": 3, "STRIDE": 2, **config.kwargs} | ({"SAVE": True} if direction == "forward" else {})
@@ -694,9 +695,9 @@ def test_every_pool_tile_builds_for_an_h100_without_spilling(direction: str, mon
 
 
 def test_max_pool_falls_back_to_pytorch_where_triton_cannot_run(monkeypatch) -> None:
-    import alexnet.pool as pool_module
+    import alexnet.model.pool as pool_module
 
-    without_triton(monkeypatch, "pool_triton")
+    without_triton(monkeypatch, "pool")
     monkeypatch.setattr(pool_module, "_UNUSABLE", [])
     x, g = _pool_inputs((2, 8, 11, 9), 3, 2, channels_last=True)
     x.requires_grad_()
@@ -710,7 +711,7 @@ def test_max_pool_falls_back_to_pytorch_where_triton_cannot_run(monkeypatch) -> 
     assert len(caught) == 1
     want_y, want_grad = _pytorch_pool(x, g, 3, 2)
     assert torch.equal(y.detach().nan_to_num(-1), want_y.nan_to_num(-1)) and torch.equal(x.grad, want_grad)
-    without_triton(monkeypatch, "pool_triton")
+    without_triton(monkeypatch, "pool")
     with pytest.raises(RuntimeError, match="compute capability"):  # named explicitly: no fallback
         pool_module.MaxPool2d(3, 2, kernels="triton")(x)
 
@@ -718,7 +719,7 @@ def test_max_pool_falls_back_to_pytorch_where_triton_cannot_run(monkeypatch) -> 
 def test_compiled_and_exported_models_pool_with_pytorchs_operation(pool_kernels, monkeypatch) -> None:
     """torch.compile fuses PyTorch's max pooling itself (keeping a byte per output too), and an exported
     graph must hold PyTorch's operations: neither calls the kernels, even named explicitly."""
-    from alexnet.pool import MaxPool2d
+    from alexnet.model.pool import MaxPool2d
 
     monkeypatch.setattr(pool_kernels, "forward", lambda *a, **k: pytest.fail("the Triton kernels ran"))
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), MaxPool2d(3, 2, kernels="triton"))
@@ -730,14 +731,14 @@ def test_compiled_and_exported_models_pool_with_pytorchs_operation(pool_kernels,
     torch.testing.assert_close(torch.compile(model)(x), want)
 
 
-# --- A convolution's bias and ReLU (bias_relu_triton.py) ------------------------------------------
+# --- A convolution's bias and ReLU (kernels/bias_relu.py) ------------------------------------------
 
 
 @pytest.fixture
 def bias_relu_kernels(request, monkeypatch):
-    """bias_relu_triton interpreted, tiles of 8 pixels x 32 channels unless parametrized."""
+    """kernels/bias_relu.py interpreted, tiles of 8 pixels x 32 channels unless parametrized."""
     block_p, block_c = getattr(request, "param", (8, 32))
-    module = interpreted(monkeypatch, "bias_relu_triton", BLOCK_P=block_p, BLOCK_C=block_c)
+    module = interpreted(monkeypatch, "bias_relu", BLOCK_P=block_p, BLOCK_C=block_c)
     monkeypatch.setattr(module, "ROWS", 64)  # 3 x 9 x 11 pixels: four programs, the last one partly filled
     return module
 
@@ -790,7 +791,7 @@ def test_bias_relu_kernels_in_bfloat16(bias_relu_kernels) -> None:
 
 
 def test_bias_relu_trains_through_the_kernels_saving_only_its_output(bias_relu_kernels) -> None:
-    from alexnet.bias_relu import bias_relu
+    from alexnet.model.bias_relu import bias_relu
 
     x, bias, g = _bias_relu_inputs(channels_last=True)
     x.requires_grad_()
@@ -810,7 +811,7 @@ def test_bias_relu_trains_through_the_kernels_saving_only_its_output(bias_relu_k
 def test_every_bias_relu_tile_builds_for_an_h100_without_spilling(direction: str, monkeypatch) -> None:
     if not HAS_PTXAS:
         pytest.skip("this Triton has no CUDA compiler")
-    module = fresh_copy(monkeypatch, "bias_relu_triton", interpret=False)
+    module = fresh_copy(monkeypatch, "bias_relu", interpret=False)
     kernel = getattr(module, f"_{direction}_kernel")
     assert len(kernel.configs) >= 5
     pointers = {name: "*fp32" if name == "db_ptr" else "*bf16" for name in kernel.fn.arg_names if name.endswith("_ptr")}
@@ -820,9 +821,9 @@ def test_every_bias_relu_tile_builds_for_an_h100_without_spilling(direction: str
 
 
 def test_bias_relu_falls_back_to_pytorch_where_triton_cannot_run(monkeypatch) -> None:
-    import alexnet.bias_relu as bias_relu_module
+    import alexnet.model.bias_relu as bias_relu_module
 
-    without_triton(monkeypatch, "bias_relu_triton")
+    without_triton(monkeypatch, "bias_relu")
     monkeypatch.setattr(bias_relu_module, "_UNUSABLE", [])
     x, bias, g = _bias_relu_inputs(channels_last=True)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))  # what the default looks at
@@ -837,7 +838,7 @@ def test_bias_relu_falls_back_to_pytorch_where_triton_cannot_run(monkeypatch) ->
         bias_relu_module.bias_relu(x, bias, kernels="triton")
 
 
-# --- A convolution's bias, ReLU and LRN as one operation (lrn_triton.py with a bias) -----------------
+# --- A convolution's bias, ReLU and LRN as one operation (kernels/lrn.py with a bias) -----------------
 
 
 def _bias_relu_lrn_inputs(channels_last: bool, dtype=torch.float32):
@@ -848,7 +849,8 @@ def _bias_relu_lrn_inputs(channels_last: bool, dtype=torch.float32):
 
 def _apart(x, bias, g):
     """bias_relu's kernels, then LRN's: values, x's gradient and bias's."""
-    from alexnet import bias_relu_triton, lrn_triton
+    from alexnet.kernels import bias_relu as bias_relu_triton
+    from alexnet.kernels import lrn as lrn_triton
 
     s = PAPER_LRN
     a = bias_relu_triton.forward(x, bias)
@@ -887,7 +889,7 @@ def test_bias_relu_lrn_kernels_equal_bias_relu_then_lrn(kernels, bias_relu_kerne
 
 @pytest.mark.parametrize("kernels", [8], indirect=True)
 def test_bias_relu_lrn_trains_through_the_kernels_saving_its_input_and_bias(kernels, bias_relu_kernels) -> None:
-    from alexnet.bias_relu import bias_relu_lrn
+    from alexnet.model.bias_relu import bias_relu_lrn
 
     x, bias, g = _bias_relu_lrn_inputs(channels_last=True)
     x.requires_grad_()
@@ -905,9 +907,9 @@ def test_bias_relu_lrn_trains_through_the_kernels_saving_its_input_and_bias(kern
 
 
 def test_bias_relu_lrn_falls_back_to_the_operations_apart_where_triton_cannot_run(monkeypatch) -> None:
-    import alexnet.bias_relu as bias_relu_module
+    import alexnet.model.bias_relu as bias_relu_module
 
-    without_triton(monkeypatch, "lrn_triton")
+    without_triton(monkeypatch, "lrn")
     monkeypatch.setattr(bias_relu_module, "_UNUSABLE_WITH_LRN", [])
     x, bias, g = _bias_relu_lrn_inputs(channels_last=True)
     lrn = LocalResponseNorm(PAPER_LRN, kernels="eager")
@@ -927,8 +929,8 @@ def test_the_paper_network_through_every_triton_kernel_equals_pytorch(kernels, p
     """The paper model as CUDA runs it (LRN, pools, biases and ReLUs in the Triton kernels, here
     interpreted; the grouped convolutions dense, conv1 over blocks of pixels) against PyTorch's
     operations: logits and every parameter's gradient."""
-    from alexnet.model import CeilConv2d, GroupedConv2d, build_model
-    from alexnet.pool import MaxPool2d
+    from alexnet.model.net import CeilConv2d, GroupedConv2d, build_model
+    from alexnet.model.pool import MaxPool2d
 
     torch.manual_seed(0)
     model = build_model("paper", 10, init="caffe").to(memory_format=torch.channels_last)

@@ -14,16 +14,17 @@ import torch.nn.functional as F
 import torchvision
 from conftest import scoped_folder
 
-from alexnet.augment import center_batch
-from alexnet.caffe import V1_LAYER_TYPES, messages
 from alexnet.checkpoint import load_checkpoint
 from alexnet.cli import main
-from alexnet.config import TrainConfig
-from alexnet.data import load_image
+from alexnet.data.augment import center_batch
+from alexnet.data.folders import load_image
 from alexnet.errors import UserError
-from alexnet.model import build_model
-from alexnet.train import load_for_inference, train
-from alexnet.weights import convert, load_pretrained, parse_freeze, read_pretrained
+from alexnet.interop.caffe import V1_LAYER_TYPES, messages
+from alexnet.interop.export import load_for_inference
+from alexnet.interop.weights import convert, load_pretrained, read_pretrained
+from alexnet.model.net import build_model
+from alexnet.train import train
+from alexnet.train.config import TrainConfig, parse_freeze
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small tensor ops: threads only contend
 
@@ -147,7 +148,7 @@ def test_caffemodel_v1_form_through_the_cli(caffemodels, caffe_weights, tmp_path
 
 
 def caffe_reference_logits(bgr: torch.Tensor, weights) -> torch.Tensor:
-    """bvlc_alexnet's forward pass written out in Caffe's terms, independent of alexnet.model:
+    """bvlc_alexnet's forward pass written out in Caffe's terms, independent of alexnet.model.net:
     BGR input minus the mean, grouped convolutions as two convolutions on channel halves, Caffe's
     LRN (k = 1, alpha / 5), ceil-mode pooling."""
     w = {name: (torch.from_numpy(a), torch.from_numpy(b)) for name, (a, b) in weights.items()}

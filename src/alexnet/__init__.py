@@ -7,15 +7,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .errors import UserError
-    from .lrn import LocalResponseNorm, LRNSpec
-    from .model import PRESETS, AlexNet, build_model
+    from .model.lrn import LocalResponseNorm, LRNSpec
+    from .model.net import PRESETS, AlexNet, build_model
 
 __all__ = ["AlexNet", "LRNSpec", "LocalResponseNorm", "PRESETS", "UserError", "build_model"]
 
 # Imported on first use, not with the package: the command line (__main__.py) sets its Ctrl-C and
 # SIGTERM handlers first, then spends ~2 s importing PyTorch.
-_MODULE_OF = {"AlexNet": "model", "PRESETS": "model", "build_model": "model", "LRNSpec": "lrn"}
-_MODULE_OF |= {"LocalResponseNorm": "lrn", "UserError": "errors"}
+_MODULE_OF = {"AlexNet": "model.net", "PRESETS": "model.net", "build_model": "model.net", "LRNSpec": "model.lrn"}
+_MODULE_OF |= {"LocalResponseNorm": "model.lrn", "UserError": "errors"}
 
 
 def __getattr__(name: str) -> Any:

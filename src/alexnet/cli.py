@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
-from .config import RESUMABLE_OVERRIDES, SCHEDULES, TrainConfig
 from .errors import UserError, one_line
-from .model import INITS, PRESETS, build_model, input_size_error, layer_table
+from .model.net import INITS, PRESETS, build_model, input_size_error, layer_table
+from .train import distributed
+from .train.config import RESUMABLE_OVERRIDES, SCHEDULES, TrainConfig
 
 DEMO_DATA = "alexnet-demo-data"
 # The demo: a few minutes on a laptop CPU, the paper's network and recipe otherwise.
@@ -114,8 +114,8 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .distributed import restarted_by_torchrun
-    from .train import train
+    from .train.distributed import restarted_by_torchrun
+    from .train.loop import train
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     if not args.resume and restarted_by_torchrun() and Path(given.get("run_dir", ""), "config.json").is_file():
@@ -134,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(stored, **given, run_dir=str(run_dir))
     else:
         if "data" not in given:
-            from .synthetic import make_demo_dataset
+            from .data.synthetic import make_demo_dataset
 
             TrainConfig(**{**DEMO_SETTINGS, **given}).resolved()  # a bad option: said before rendering any image
             print(f"no --data: training on a synthetic demo dataset of rendered shapes in {DEMO_DATA}/", flush=True)
@@ -147,16 +147,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _device(name: str) -> torch.device:
-    from .train import pick_device
+    from .train.step import pick_device
 
     return pick_device(name)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data import ImageDataset, make_loader, open_split
-    from .evaluate import check_finite, evaluate, none_readable, write_report
-    from .prepared import is_prepared, made_from
-    from .train import load_for_inference
+    from .data.folders import ImageDataset, make_loader, open_split
+    from .data.prepared import is_prepared, made_from
+    from .inspect.evaluate import check_finite, evaluate, none_readable, write_report
+    from .interop.export import load_for_inference
 
     if is_prepared(args.data):  # it holds pixels, not the class folders of images evaluate reads
         source = made_from(args.data)
@@ -187,10 +187,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .data import load_image
-    from .evaluate import class_probabilities
-    from .features import list_image_files
-    from .train import load_for_inference
+    from .data.folders import load_image
+    from .inspect.evaluate import class_probabilities
+    from .inspect.features import list_image_files
+    from .interop.export import load_for_inference
 
     device = _device(args.device)
     model, stats, ckpt = load_for_inference(args.checkpoint, device)
@@ -223,7 +223,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .prepare import check_dataset, prepare_dataset
+    from .data.prepare import check_dataset, prepare_dataset
 
     if not args.check:
         if not args.src:
@@ -262,7 +262,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import check_out
-    from .weights import convert
+    from .interop.weights import convert
 
     check_out(Path(args.out))
     print(f"wrote {convert(args.source, args.file, args.out, args.mean, args.classes)}")
@@ -270,8 +270,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint, max_abs_difference
-    from .features import list_image_files
+    from .inspect.features import list_image_files
+    from .interop.export import export_checkpoint, max_abs_difference
 
     images = list_image_files(args.check) if args.check else []  # a missing one: refused before the work
     out = export_checkpoint(args.checkpoint, args.format, args.out, args.input_size)
@@ -287,8 +287,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_features(args: argparse.Namespace) -> int:
     from .checkpoint import check_out
-    from .features import check_layers, extract_samples, label_of, list_image_files, write_features
-    from .train import load_for_inference
+    from .inspect.features import check_layers, extract_samples, label_of, list_image_files, write_features
+    from .interop.export import load_for_inference
 
     out = Path(args.out)
     if out.suffix not in (".npz", ".npy"):
@@ -317,7 +317,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
-    from .figures import make_figures
+    from .inspect.figures import make_figures
 
     options = (args.neighbour_images, args.batch_size, args.workers, args.device, not args.no_progress)
     written = make_figures(args.run_dir, args.data, args.out, *options)
@@ -327,7 +327,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from .bench import format_table, run_benchmark
+    from .inspect.bench import format_table, run_benchmark
 
     results, settings = run_benchmark(
         args.preset,
@@ -350,36 +350,85 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> Parser:
+    """The `alexnet` command and its verbs, one small function each (docs/cli.md is their --help)."""
     parser = Parser(prog="alexnet", description="AlexNet (Krizhevsky et al. 2012) in PyTorch")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add_verb in (
+        _add_train,
+        _add_evaluate,
+        _add_predict,
+        _add_prepare,
+        _add_benchmark,
+        _add_info,
+        _add_convert,
+        _add_export,
+        _add_features,
+        _add_figures,
+    ):
+        add_verb(sub)
+    return parser
 
+
+# --- options that several verbs share ---------------------------------------------------------------
+
+
+def _add_checkpoint(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (its best.pt)")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help=HELP["device"])
+
+
+def _add_loading(p: argparse.ArgumentParser, batch_size: int) -> None:
+    p.add_argument(
+        "--batch-size", type=at_least(1), default=batch_size, help=f"images per batch (default: {batch_size})"
+    )
+    p.add_argument("--workers", type=at_least(0), default=2, help="data-loading processes (default: 2)")
+
+
+def _add_no_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_inference(p: argparse.ArgumentParser) -> None:  # evaluate and predict
+    _add_checkpoint(p)
+    p.add_argument("--ten-crop", action="store_true", help="average the 10 crops of the paper's test protocol")
+    _add_device(p)
+
+
+# --- the verbs, in the order `alexnet --help` lists them ----------------------------------------------
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (no --data: a synthetic demo dataset)")
     _add_config_options(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR where it stopped")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_no_progress(p)
     p.set_defaults(func=cmd_train)
 
-    for name, func, text in (
-        ("evaluate", cmd_evaluate, "top-1/top-5 error of a checkpoint"),
-        ("predict", cmd_predict, "top-5 classes of image files"),
-    ):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (its best.pt)")
-        p.add_argument("--ten-crop", action="store_true", help="average the 10 crops of the paper's test protocol")
-        p.add_argument("--device", default="auto", help=HELP["device"])
-        p.set_defaults(func=func)
-        if name == "evaluate":
-            p.add_argument("--data", required=True, help="dataset folder holding the split")
-            p.add_argument("--split", default="val", help="the split's folder under --data (default: val)")
-            p.add_argument("--batch-size", type=at_least(1), default=64, help="images per batch (default: 64)")
-            p.add_argument("--workers", type=at_least(0), default=2, help="data-loading processes (default: 2)")
-            p.add_argument("--out", help="write eval.json, per_class.csv and confusion.csv here")
-            p.add_argument("--no-progress", action="store_true", help="no progress bars")
-        else:
-            p.add_argument("images", nargs="+", help="image files or folders")
-            p.add_argument("--top", type=at_least(1), default=5, help="classes shown per image (default: 5)")
-            p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="top-1/top-5 error of a checkpoint")
+    _add_inference(p)
+    p.add_argument("--data", required=True, help="dataset folder holding the split")
+    p.add_argument("--split", default="val", help="the split's folder under --data (default: val)")
+    _add_loading(p, batch_size=64)
+    p.add_argument("--out", help="write eval.json, per_class.csv and confusion.csv here")
+    _add_no_progress(p)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="top-5 classes of image files")
+    _add_inference(p)
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--top", type=at_least(1), default=5, help="classes shown per image (default: 5)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_predict)
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="decode a dataset once into fixed 256x256 images for fast training")
     p.add_argument("src", nargs="?", help="ImageNet-layout folder (train/ and/or val/)")
     p.add_argument("out", help="folder for the prepared dataset; an interrupted prepare resumes")
@@ -395,13 +444,15 @@ def build_parser() -> Parser:
     p.add_argument("--quality", type=int, default=90, help="JPEG quality (--format jpeg; default: 90)")
     p.add_argument("--splits", nargs="+", choices=["train", "val"], help="the splits to prepare (default: all found)")
     p.add_argument("--check", action="store_true", help="only verify the finished dataset in OUT")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_no_progress(p)
     p.set_defaults(func=cmd_prepare)
 
+
+def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("benchmark", help="training images/s against torchvision's fp32 eager AlexNet, same run")
     p.add_argument("--preset", default="paper", help=HELP["preset"])
     p.add_argument("--batch-size", type=at_least(1), default=128, help="images per step (default: 128)")
-    p.add_argument("--device", default="auto", help=HELP["device"])
+    _add_device(p)
     p.add_argument("--precision", default="auto", help=HELP["precision"])
     p.add_argument("--channels-last", default="on", help=HELP["channels_last"])
     p.add_argument("--compile", action="store_true", help=HELP["compile"])
@@ -415,6 +466,8 @@ def build_parser() -> Parser:
     p.add_argument("--fuse-lrn", action="store_true", help="conv1's and conv2's bias, ReLU and LRN in LRN's kernels")
     p.set_defaults(func=cmd_benchmark)
 
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="layer table, parameter counts and deviations from the paper")
     p.add_argument("--preset", default="paper", help=HELP["preset"])
     p.add_argument("--groups", type=int, help=HELP["groups"])
@@ -422,8 +475,9 @@ def build_parser() -> Parser:
     p.add_argument("--input-size", type=at_least(1), help="the input size of the table (default: the preset's)")
     p.set_defaults(func=cmd_info)
 
-    from .export import FORMATS
-    from .weights import SOURCES
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    from .interop.weights import SOURCES
 
     p = sub.add_parser("convert", help="torchvision or Caffe (bvlc_alexnet) weights -> an alexnet checkpoint")
     p.add_argument("--from", dest="source", required=True, choices=SOURCES, help="format of FILE")
@@ -433,25 +487,32 @@ def build_parser() -> Parser:
     p.add_argument("--classes", help="class list: synset_words.txt, one wnid per line, or classes.tsv")
     p.set_defaults(func=cmd_convert)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from .interop.export import FORMATS
+
     p = sub.add_parser("export", help="a checkpoint as ONNX, torch.export, TorchScript or safetensors")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (its best.pt)")
+    _add_checkpoint(p)
     p.add_argument("--format", required=True, choices=FORMATS, help="export: torch.export's .pt2")
     p.add_argument("--out", required=True, help="file to write")
     p.add_argument("--input-size", type=at_least(1), help="input height = width (default: the checkpoint's crop)")
     p.add_argument("--check", nargs="+", metavar="IMAGE", help="compare the export with PyTorch on these images")
     p.set_defaults(func=cmd_export)
 
+
+def _add_features(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("features", help="activations of named layers (conv1..conv5, pool5, fc6..fc8) for images")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory (its best.pt)")
+    _add_checkpoint(p)
     p.add_argument("--layer", action="append", required=True, help="a layer name; repeat for several")
     p.add_argument("images", nargs="+", help="image files or folders (a class folder of the model gives the label)")
     p.add_argument("--out", required=True, help=".npz (layers, files, labels, classes) or .npy (one layer)")
-    p.add_argument("--batch-size", type=at_least(1), default=32, help="images per batch (default: 32)")
-    p.add_argument("--workers", type=at_least(0), default=2, help="data-loading processes (default: 2)")
-    p.add_argument("--device", default="auto", help=HELP["device"])
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_loading(p, batch_size=32)
+    _add_device(p)
+    _add_no_progress(p)
     p.set_defaults(func=cmd_features)
 
+
+def _add_figures(sub: argparse._SubParsersAction) -> None:
     text = "PNG figures of a run: conv1 filters, predictions, neighbours, curves, confusion"
     p = sub.add_parser("figures", help=text)
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
@@ -460,18 +521,16 @@ def build_parser() -> Parser:
     p.add_argument(
         "--neighbour-images", type=at_least(0), default=2000, help="training images searched for neighbours (0: all)"
     )
-    p.add_argument("--batch-size", type=at_least(1), default=32, help="images per batch (default: 32)")
-    p.add_argument("--workers", type=at_least(0), default=2, help="data-loading processes (default: 2)")
-    p.add_argument("--device", default="auto", help=HELP["device"])
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_loading(p, batch_size=32)
+    _add_device(p)
+    _add_no_progress(p)
     p.set_defaults(func=cmd_figures)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import loader_worker_death
+    from .data.folders import loader_worker_death
     from .stopping import Interrupted, Terminated, sigterm_unwinds
-    from .train import Diverged
+    from .train.loop import Diverged
 
     for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print as escapes, not a traceback
         if hasattr(stream, "reconfigure"):

@@ -15,9 +15,9 @@ import torch
 from conftest import make_tiny_dataset, scoped_folder
 
 from alexnet.checkpoint import load_checkpoint
-from alexnet.config import TrainConfig
-from alexnet.model import build_model
-from alexnet.train import train
+from alexnet.model.net import build_model
+from alexnet.train.config import TrainConfig
+from alexnet.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
 # 18 training images in batches of 4: 5 steps an epoch, a checkpoint after every step.

@@ -10,7 +10,7 @@ from .conftest import CHECKPOINTED, alexnet_process, assert_same_weights, checkp
 
 SLOW_STEPS = """
 import time
-import alexnet.step as s
+import alexnet.train.step as s
 real = s.train_batch
 s.train_batch = lambda *a, **k: (time.sleep(0.5), real(*a, **k))[1]
 """

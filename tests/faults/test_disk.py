@@ -15,11 +15,11 @@ from conftest import assert_same_files
 
 from alexnet.checkpoint import load_checkpoint
 from alexnet.cli import main
+from alexnet.data.prepare import prepare_dataset
 from alexnet.errors import UserError
-from alexnet.evaluate import EvalResult, write_report
-from alexnet.features import write_features
-from alexnet.figures import curves_figure
-from alexnet.prepare import prepare_dataset
+from alexnet.inspect.evaluate import EvalResult, write_report
+from alexnet.inspect.features import write_features
+from alexnet.inspect.figures import curves_figure
 
 from .conftest import TINY, alexnet_process, cli_args, tmpfs
 

@@ -19,9 +19,9 @@ import torch
 from conftest import scoped_folder
 
 from alexnet.checkpoint import load_checkpoint
-from alexnet.config import TrainConfig
-from alexnet.model import build_model
-from alexnet.train import train
+from alexnet.model.net import build_model
+from alexnet.train.config import TrainConfig
+from alexnet.train.loop import train
 
 from .conftest import CHECKPOINTED, ROOT, TINY, assert_same_weights, checkpoint_weights, cli_args, wait_for
 
@@ -31,11 +31,11 @@ DDP = {**CHECKPOINTED, "dropout": 0.0}
 DRIVER = """
 import os, sys, time
 if os.environ.get("SLOW_STEPS"):
-    import alexnet.step as s
+    import alexnet.train.step as s
     real = s.train_batch
     s.train_batch = lambda *a, **k: (time.sleep(float(os.environ["SLOW_STEPS"])), real(*a, **k))[1]
 if os.environ.get("FULL_DISK_AT_REPORT"):  # the final report's first write fails as on a full disk
-    import errno, alexnet.evaluate as e
+    import errno, alexnet.inspect.evaluate as e
     def full(path, text):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
     e.write_text_atomic = full

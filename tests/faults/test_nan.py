@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-import alexnet.evaluate as evaluate_module
-import alexnet.step as step_module
-import alexnet.train as train_module
+import alexnet.inspect.evaluate as evaluate_module
+import alexnet.train.loop as train_module
+import alexnet.train.step as step_module
 from alexnet.checkpoint import load_checkpoint, read_jsonl
-from alexnet.config import TrainConfig
-from alexnet.train import Diverged, train
+from alexnet.train.config import TrainConfig
+from alexnet.train.loop import Diverged, train
 
 from .conftest import TINY, cli_args
 
@@ -102,7 +102,7 @@ def test_each_rollback_lowers_the_rate_again_and_the_count_is_kept(fault_data, t
 def test_weights_made_nan_by_a_step_with_a_finite_loss_never_reach_a_checkpoint(fault_data, tmp_path, monkeypatch):
     """The gradient of epoch 1's last step is made NaN: that step's loss is finite, its update is not.
     Its checkpoint would hold NaN weights as 'the last good checkpoint'; the run stops before it."""
-    import alexnet.config as config_module  # TrainConfig.build_model, which training calls, builds with it
+    import alexnet.train.config as config_module  # TrainConfig.build_model, which training calls, builds with it
 
     real_build, backward_passes = config_module.build_model, []
 

@@ -17,7 +17,7 @@ from conftest import child_processes
 
 from alexnet.checkpoint import load_checkpoint
 from alexnet.cli import main
-from alexnet.data import ImageDataset, make_loader, open_split
+from alexnet.data.folders import ImageDataset, make_loader, open_split
 from alexnet.stopping import Terminated, held, sigterm_unwinds
 
 from .conftest import CHECKPOINTED, TINY, alexnet_process, assert_same_weights, checkpoint_weights, cli_args, wait_for
@@ -26,7 +26,7 @@ from .conftest import CHECKPOINTED, TINY, alexnet_process, assert_same_weights, 
 # write in a file and take a second over it (so that a second signal lands inside it).
 SLOW = """
 import os, time, pathlib, torch
-import alexnet.step as s, alexnet.checkpoint as c
+import alexnet.train.step as s, alexnet.checkpoint as c
 real_batch, real_save = s.train_batch, torch.save
 def slow_batch(*a, **k):
     if os.environ.get("STEP_MARK"):
@@ -80,7 +80,7 @@ def test_second_signal_exits_at_once_and_damages_nothing(fault_data, reference_r
 # PHASE announces itself in MARK and waits WAIT seconds, so that a signal lands inside it.
 SLOW_PHASE = """
 import os, time, pathlib
-import alexnet.train as t
+import alexnet.train.loop as t
 real_open_split, real_moments, real_evaluate = t.open_split, t.image_moments, t.evaluate
 def announce_and_wait(phase):
     if os.environ["PHASE"] == phase:
