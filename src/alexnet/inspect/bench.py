@@ -149,6 +149,60 @@ def project_step(
     return lambda images, labels: step(images, labels, gen)
 
 
+def _check_lrn_request(preset: str, device: torch.device, lrn_kernels: str | None, fuse_lrn: bool) -> None:
+    if preset in PRESETS and PRESETS[preset].lrn is None:  # an unknown preset: build_model says so
+        raise UserError(f"the {preset} preset has no LRN")
+    if lrn_kernels not in (None, *KERNELS):
+        raise UserError(f"unknown LRN kernels {lrn_kernels!r}: choose one of {', '.join(KERNELS)}")
+    if device.type != "cuda" and (fuse_lrn or (lrn_kernels or "").startswith("triton")):
+        raise UserError("LRN's Triton kernels (--lrn-kernels triton..., --fuse-lrn) need CUDA")
+
+
+def _open_training_split(data: str, batch: int):
+    """The prepared dataset's training split, checked before anything is built."""
+    if not is_prepared(data):
+        raise UserError(f"{data} is not a prepared dataset (make one with alexnet prepare)")
+    split = open_prepared(data, "train")
+    if len(split) < batch:  # an epoch would hold no full batch, and batches() would never yield
+        raise UserError(f"{data} has {len(split)} training images, fewer than one batch of {batch}")
+    if split.size < 224:  # the benchmark trains on 224x224 crops, the paper's
+        raise UserError(f"{data} holds {split.size}px images; the benchmark's 224x224 crops need 224 or more")
+    return split
+
+
+def _end_to_end(ours: Callable, split, batch: int, device: torch.device) -> Callable[[], object]:
+    """The step fed by PreparedLoader, epoch after epoch of the prepared split."""
+
+    def batches() -> Iterator:
+        epoch = 0
+        while True:
+            yield from PreparedLoader(
+                split, batch, epoch=epoch, device=device, pin_memory=device.type == "cuda", drop_last=True
+            )
+            epoch += 1
+
+    feed = batches()
+
+    def step() -> None:
+        b = next(feed)
+        ours(b.images, b.labels.remainder(1000))
+
+    return step
+
+
+def _measure(
+    candidates: dict[str, Callable[[], object]], steps: int, warmup: int, rounds: int, batch: int, device
+) -> list[Measure]:
+    for step in candidates.values():  # warm up: cuDNN autotuning, compilation, the loader's threads
+        for _ in range(warmup):
+            step()
+    measured: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):  # alternating, so that a noisy machine slows every candidate alike
+        for name, step in candidates.items():
+            measured[name].append(_timed(step, steps, batch, device))
+    return [Measure(name, statistics.median(r), r) for name, r in measured.items()]
+
+
 def run_benchmark(
     preset: str = "paper",
     batch: int = 128,
@@ -170,25 +224,12 @@ def run_benchmark(
 
     device = pick_device(device_name)
     if lrn_kernels or fuse_lrn:
-        if preset in PRESETS and PRESETS[preset].lrn is None:  # an unknown preset: build_model says so
-            raise UserError(f"the {preset} preset has no LRN")
-        if lrn_kernels not in (None, *KERNELS):
-            raise UserError(f"unknown LRN kernels {lrn_kernels!r}: choose one of {', '.join(KERNELS)}")
-        if device.type != "cuda" and (fuse_lrn or (lrn_kernels or "").startswith("triton")):
-            raise UserError("LRN's Triton kernels (--lrn-kernels triton..., --fuse-lrn) need CUDA")
+        _check_lrn_request(preset, device, lrn_kernels, fuse_lrn)
     tune_for(device)  # for every candidate, the baseline too
     precision = resolve_precision(precision, device)
     layout = resolve_channels_last(channels_last)
     cuda_graphs = resolve_cuda_graphs(cuda_graphs, device, precision, compile, distributed=False)  # as train's
-    split = None
-    if data is not None:  # checked before anything is built
-        if not is_prepared(data):
-            raise UserError(f"{data} is not a prepared dataset (make one with alexnet prepare)")
-        split = open_prepared(data, "train")
-        if len(split) < batch:  # an epoch would hold no full batch, and batches() would never yield
-            raise UserError(f"{data} has {len(split)} training images, fewer than one batch of {batch}")
-        if split.size < 224:  # the benchmark trains on 224x224 crops, the paper's
-            raise UserError(f"{data} holds {split.size}px images; the benchmark's 224x224 crops need 224 or more")
+    split = _open_training_split(data, batch) if data is not None else None
     images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
     ours = project_step(preset, device, precision, layout, compile, cuda_graphs, lrn_kernels, fuse_lrn)
@@ -199,35 +240,14 @@ def run_benchmark(
             candidates[TWIN] = eager_step(plain_twin(preset), batch, device)
     candidates[f"{preset} model-only"] = lambda: ours(images, labels)
     if split is not None:
-        pin = device.type == "cuda"
-
-        def batches() -> Iterator:
-            epoch = 0
-            while True:  # epochs of the prepared split, as many as the benchmark takes
-                yield from PreparedLoader(split, batch, epoch=epoch, device=device, pin_memory=pin, drop_last=True)
-                epoch += 1
-
-        feed = batches()
-
-        def end_to_end() -> None:
-            b = next(feed)
-            ours(b.images, b.labels.remainder(1000))
-
-        candidates[f"{preset} end-to-end"] = end_to_end
-    if cuda_graphs:  # 3 eager steps, then the capture: none of them timed
-        warmup = max(warmup, 4)
-    for step in candidates.values():  # warm up: cuDNN autotuning, compilation, the loader's threads
-        for _ in range(warmup):
-            step()
-    measured: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, step in candidates.items():
-            measured[name].append(_timed(step, steps, batch, device))
-    results = [Measure(name, statistics.median(r), r) for name, r in measured.items()]
+        candidates[f"{preset} end-to-end"] = _end_to_end(ours, split, batch, device)
+    # with CUDA graphs: 3 eager steps, then the capture, none of them timed
+    results = _measure(candidates, steps, max(warmup, 4) if cuda_graphs else warmup, rounds, batch, device)
+    device_text = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    )
     settings = {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({torch.get_num_threads()} threads)",
+        "device": device_text,
         "batch": str(batch),
         "precision": precision,
         "channels_last": str(layout),
