@@ -442,13 +442,15 @@ def test_seed_init_fc8_bias_one() -> None:
     _check_normal(layers["fc8"].weight.detach(), 0.01, "fc8")
 
 
-@pytest.mark.parametrize("preset, own", [("paper", "paper"), ("seed", "paper"), ("torchvision", "default")])
+@pytest.mark.parametrize("preset, own", [("paper", "paper"), ("torchvision", "default")])
 def test_each_preset_defaults_to_an_initialisation_that_learns(preset: str, own: str) -> None:
     """The paper's N(0, 0.01) with biases of 1 blows up and stays at chance, PyTorch's default starts with
-    vanishing logits (docs/learning.md): every preset defaults to He-normal; `alexnet info` names its own."""
+    vanishing logits (docs/learning.md): the paper and torchvision presets default to He-normal; `alexnet
+    info` names their own. The seed keeps its own: He-normal takes its loss to NaN (tests/test_learning.py)."""
     assert PRESETS[preset].default_init == "kaiming"
     assert TrainConfig(preset=preset).resolved().init == "kaiming"
     assert any("--init kaiming" in note and f"--init {own} gives" in note for note in PRESETS[preset].notes)
+    assert PRESETS["seed"].default_init == "paper"
 
 
 def test_kaiming_init() -> None:
@@ -462,10 +464,6 @@ def test_kaiming_init() -> None:
             _check_normal(w, math.sqrt(2.0 / fan_out), name)
         else:
             _check_normal(layer.weight.detach(), 0.01, name)
-    # a layer of more than 10,000 inputs does not amplify them: the seed's fc6 reads 384 x 13 x 13
-    seed = build_model("seed", init="kaiming").named_layers()
-    _check_normal(seed["fc6"].weight.detach(), 64896**-0.5, "seed fc6")
-    _check_normal(seed["fc7"].weight.detach(), 0.01, "seed fc7")
 
 
 def test_default_init_torchvision_matches_pytorch_default() -> None:
