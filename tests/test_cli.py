@@ -156,7 +156,7 @@ def test_resume_can_extend_epochs(tiny_run, tmp_path):
     shutil.copytree(run, copy)
     # the run directory named again, and the preset's own initialisation named: neither is a change;
     # DDP's bucket size is how it runs, not what it computes
-    args = ["train", "--resume", str(copy), "--run-dir", str(copy), "--init", "default", "--epochs", "2"]
+    args = ["train", "--resume", str(copy), "--run-dir", str(copy), "--init", "kaiming", "--epochs", "2"]
     assert main([*args, "--ddp-bucket-mb", "50", "--no-progress"]) == 0
     epochs = [json.loads(line)["epoch"] for line in (copy / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
