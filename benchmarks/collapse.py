@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from alexnet.data.augment import make_pixel_stats
-from alexnet.data.folders import ImageDataset, make_loader, open_split
+from alexnet.data.folders import Batch, ImageDataset, image_moments, make_loader, open_split
 from alexnet.train.config import TrainConfig
 from alexnet.train.step import TrainStep, decay_groups, make_optimizer
 
@@ -52,21 +52,6 @@ def load_pool(data: str, count: int, size: int, workers: int) -> tuple[torch.Ten
         images.append(batch.images)
         labels.append(batch.labels)
     return torch.cat(images), torch.cat(labels), len(split.classes)
-
-
-def moments(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean image and RGB covariance ([0, 1] units) of uint8 images, as alexnet.data.folders.image_moments
-    computes them."""
-    total, outer, psum = torch.zeros(images.shape[1:], dtype=torch.float64), torch.zeros(3, 3, dtype=torch.float64), 0
-    for chunk in images.split(64):
-        x = chunk.double() / 255
-        total += x.sum(0)
-        pixels = x.permute(1, 0, 2, 3).reshape(3, -1)
-        psum = psum + pixels.sum(1)
-        outer += pixels @ pixels.T
-    n = len(images) * images[0, 0].numel()
-    mean_rgb = psum / n
-    return (total / len(images)).float(), (outer / n - torch.outer(mean_rgb, mean_rgb)).float()
 
 
 def set_biases(model: nn.Module, conv: float | None, fc: float | None) -> None:
@@ -175,7 +160,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     base = TrainConfig(data=args.data, preset=args.preset, init="paper")
     pool = load_pool(args.data, args.pool, base.image_size, 2)
-    mean_image, cov = moments(pool[0])
+    # the pool's mean image and colour covariance, as a run computes its training set's
+    batches = [Batch(x, y, []) for x, y in zip(pool[0].split(64), pool[1].split(64), strict=True)]
+    mean_image, cov, _, _ = image_moments(batches)
     # variants already measured (a previous run into the same --out) are kept, not measured again
     done = out / "collapse.jsonl"
     rows = [json.loads(line) for line in done.read_text().splitlines()] if done.is_file() else []
